@@ -1,0 +1,56 @@
+"""Hugging Face checkpoint (safetensors shards) -> GGUF, streamed tensor by tensor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from localmoe.errors import ConvertError
+from localmoe.gguf.format import QUANT_CHOICES
+
+from . import arch
+from .source import Checkpoint
+from .writer import Planned, write_gguf
+
+
+@dataclass
+class Report:
+    out: Path
+    arch: str
+    tokenizer: str
+    tensors: list[Planned]
+    nbytes: int
+
+
+def convert(src: str | Path, out: str | Path, quant: str = "q8_0", progress=None, on_plan=None) -> Report:
+    """Convert checkpoint directory `src` into GGUF file `out` with large matrices in `quant`.
+    `on_plan(total_bytes)` is called once the plan is known; `progress(nbytes)` per written block."""
+    from .tokenizer import write_tokenizer
+
+    if quant not in QUANT_CHOICES:
+        raise ConvertError(f"unknown quant type {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    out = Path(out)
+    if out.is_dir():
+        raise ConvertError(f"{out}: is a directory; give the output file's name")
+    if not out.parent.is_dir():
+        raise ConvertError(f"{out.parent}: no such directory")
+    ck = Checkpoint(src)
+    mod = arch.for_config(ck.config)
+    cfg = mod.text_config(ck.config)
+    plans = mod.plan(ck, cfg)
+    kinds = []
+
+    def metadata(w):
+        mod.add_metadata(w, cfg)
+        kinds.append(write_tokenizer(w, ck.dir, cfg["vocab_size"]))
+
+    if on_plan:
+        on_plan(sum(4 * _elements(p.shape) for p in plans))
+    write_gguf(out, mod.ARCH, metadata, plans, QUANT_CHOICES[quant], progress)
+    return Report(out, mod.ARCH, kinds[0], plans, out.stat().st_size)
+
+
+def _elements(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

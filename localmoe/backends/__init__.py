@@ -1,0 +1,39 @@
+"""The kernel interface.
+
+Model code (localmoe/models/*) calls only the functions of a `Backend`; each backend (cpu, cuda)
+implements them once. Weights are `Weight`s: the GGUF's own blocks, never dequantised whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf.format import GGMLType
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight matrix as stored in the GGUF: raw blocks (rows, row_bytes), or (experts, rows, row_bytes).
+
+    `cols` is the logical input width; `rows` the output width. Computing y = x @ W.T reads the
+    blocks directly; `expert(e)` is a zero-copy view of one expert's matrix.
+    """
+    raw: np.ndarray
+    type: GGMLType
+    cols: int
+    name: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.raw.shape[-2]
+
+    @property
+    def n_experts(self) -> int:
+        return self.raw.shape[0] if self.raw.ndim == 3 else 0
+
+    def expert(self, e: int) -> "Weight":
+        return Weight(self.raw[e], self.type, self.cols, f"{self.name}[{e}]")
+
+    def expert_nbytes(self) -> int:
+        return self.raw[0].nbytes

@@ -1,0 +1,65 @@
+"""The CPU backend: the kernel interface on Numba kernels (kernels.py) and numpy."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Numba caches compiled kernels next to the module; where the install is read-only, in the user's cache.
+if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, os.W_OK):
+    os.environ["NUMBA_CACHE_DIR"] = str(Path.home() / ".cache" / "localmoe" / "numba")
+
+import numpy as np  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+
+from .. import Weight  # noqa: E402
+from ...gguf.format import GGMLType  # noqa: E402
+from . import kernels  # noqa: E402
+
+
+def kernels_cached() -> bool:
+    """Whether Numba's on-disk cache already holds compiled kernels (so no JIT wait is coming)."""
+    root = Path(os.environ["NUMBA_CACHE_DIR"]) if os.environ.get("NUMBA_CACHE_DIR") else Path(__file__).parent / "__pycache__"
+    return root.exists() and any(root.rglob("kernels.*.nbi"))
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
+        return kernels.matmul(w.raw, int(w.type), np.ascontiguousarray(x, dtype=np.float32))
+
+    def linear_heads(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
+        return np.stack([self.linear(w.expert(h), x[:, h]) for h in range(w.raw.shape[0])], axis=1)
+
+    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
+        """Rows of the embedding table for token ids (only those rows are read)."""
+        rows = w.raw[np.asarray(ids, dtype=np.int64)]
+        if w.type == GGMLType.F32:
+            return rows.view(np.float32).reshape(len(ids), w.cols).copy()
+        return dequantize(rows, w.type).reshape(len(ids), w.cols).astype(np.float32)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = x.astype(np.float32, copy=False)
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
+                   weights: np.ndarray) -> np.ndarray:
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e."""
+        return kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
+                                  down.raw, int(down.type), up.raw, int(up.type))
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale: float) -> np.ndarray:
+        """Causal attention of queries q [n, Hq, dk] at positions pos0.. over keys k [T, Hkv, dk] and
+        values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
+        n, hq, dk = q.shape
+        T, hkv, dv = v.shape
+        qg = q.reshape(n, hkv, hq // hkv, dk)
+        s = np.einsum("nkgd,tkd->nkgt", qg, k, optimize=True) * np.float32(scale)
+        future = np.arange(T)[None, :] > (pos0 + np.arange(n))[:, None]
+        s[np.broadcast_to(future[:, None, None, :], s.shape)] = -np.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = np.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        return np.einsum("nkgt,tkd->nkgd", p, v, optimize=True).reshape(n, hq, dv).astype(np.float32)

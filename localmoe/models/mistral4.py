@@ -1,0 +1,164 @@
+"""Mistral 4 (Mistral Small 4): MLA attention, routed top-k + shared experts. GGUF arch `mistral4`.
+
+Attention runs in the compressed latent (DeepSeek's "absorbed" MLA): the cache holds per token the
+normalised KV latent c (kv_lora_rank) and the rotated shared key (qk_rope_head_dim) — 320 values per
+layer for Small 4. W_kb is folded into the query and W_vb applied after attending, so keys and values
+are never expanded per head; it is the same arithmetic as Transformers' expanded form.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf.format import KEY_ATTN_SCALE
+from ..gguf.reader import GGUFFile
+from .decoder import Decoder, KVCache, weight
+from .moe import DenseFFN, Experts, moe, swiglu
+from .rope import Rope, apply_rope
+
+ARCH = "mistral4"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Fields named as in Transformers' Mistral4Config; values read from GGUF metadata."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    moe_intermediate_size: int
+    intermediate_size: int
+    first_k_dense_replace: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    n_group: int
+    topk_group: int
+    rope: Rope
+    attention_scale: float
+    llama_4_scaling_beta: float
+    llama_4_scaling_length: int
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_routed_experts
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Config":
+        a = lambda k, d=None: f.get(f"{ARCH}.{k}", d) if d is not None else f.require(f"{ARCH}.{k}")
+        kv_lora, rope_dim = a("attention.kv_lora_rank"), a("rope.dimension_count")
+        nope = a("attention.key_length_mla") - rope_dim
+        factor = a("rope.scaling.factor", 1.0) if a("rope.scaling.type", "none") == "yarn" else 1.0
+        # The softmax scale: stored exactly by our converter; for other files derived as llama.cpp does
+        # (1/sqrt(head dim) times the YaRN mscale squared, mscale = 1 + log_multiplier * ln(factor)).
+        mscale = 1.0 + a("rope.scaling.yarn_log_multiplier", 0.0) * math.log(factor) if factor > 1 else 1.0
+        scale = f.get(KEY_ATTN_SCALE, (nope + rope_dim) ** -0.5 * mscale * mscale)
+        return cls(
+            hidden_size=a("embedding_length"), num_hidden_layers=a("block_count"),
+            num_attention_heads=a("attention.head_count"), q_lora_rank=a("attention.q_lora_rank", 0),
+            kv_lora_rank=kv_lora, qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim,
+            v_head_dim=a("attention.value_length_mla"), n_routed_experts=a("expert_count"),
+            num_experts_per_tok=a("expert_used_count"), n_shared_experts=a("expert_shared_count", 0),
+            moe_intermediate_size=a("expert_feed_forward_length"), intermediate_size=a("feed_forward_length", 0),
+            first_k_dense_replace=a("leading_dense_block_count", 0),
+            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon")),
+            vocab_size=f.info("token_embd.weight").shape[0], max_position_embeddings=a("context_length"),
+            routed_scaling_factor=float(a("expert_weights_scale", 1.0)),
+            norm_topk_prob=bool(a("expert_weights_norm", False)), n_group=a("expert_group_count", 1),
+            topk_group=a("expert_group_used_count", 1),
+            rope=Rope(rope_dim, float(a("rope.freq_base")), factor, a("rope.scaling.original_context_length", 0),
+                      float(a("rope.scaling.yarn_beta_fast", 32.0)), float(a("rope.scaling.yarn_beta_slow", 1.0)),
+                      float(a("rope.scaling.yarn_attn_factor", 1.0))),
+            attention_scale=float(scale),
+            llama_4_scaling_beta=float(a("attention.temperature_scale", 0.0)),
+            llama_4_scaling_length=int(a("attention.temperature_length", 1) or 1),
+        )
+
+
+@dataclass
+class Layer:
+    q_a: object
+    q_a_norm: np.ndarray
+    q_b: object            # (or the plain q projection when q_lora_rank is 0)
+    kv_a: object
+    kv_a_norm: np.ndarray
+    k_b: object            # [heads, kv_lora, nope]
+    v_b: object            # [heads, v_head_dim, kv_lora]
+    o: object
+    experts: Experts | None
+    shared: DenseFFN | None
+    dense: DenseFFN | None
+
+
+class Model(Decoder):
+    def __init__(self, f: GGUFFile, cfg: Config, be):
+        super().__init__(f, cfg, be)
+        self.layers = [self._layer(f, i) for i in range(cfg.num_hidden_layers)]
+
+    def _layer(self, f: GGUFFile, i: int) -> Layer:
+        b = f"blk.{i}."
+        w = lambda n: weight(f, b + n + ".weight")
+        has = lambda n: b + n + ".weight" in f.tensors
+        lora = self.cfg.q_lora_rank > 0
+        ffn = lambda s: DenseFFN(w(f"ffn_gate{s}"), w(f"ffn_up{s}"), w(f"ffn_down{s}"))
+        experts = None
+        if has("ffn_gate_inp"):
+            if has("ffn_gate_up_exps"):            # llama.cpp's fused layout: gate rows, then up rows
+                gu = w("ffn_gate_up_exps")
+                I = gu.rows // 2
+                gate, up = (type(gu)(gu.raw[:, s], gu.type, gu.cols, gu.name) for s in (slice(0, I), slice(I, None)))
+            else:
+                gate, up = w("ffn_gate_exps"), w("ffn_up_exps")
+            experts = Experts(w("ffn_gate_inp"), gate, up, w("ffn_down_exps"))
+        return Layer(
+            q_a=w("attn_q_a") if lora else None, q_a_norm=f.array(b + "attn_q_a_norm.weight") if lora else None,
+            q_b=w("attn_q_b") if lora else w("attn_q"), kv_a=w("attn_kv_a_mqa"),
+            kv_a_norm=f.array(b + "attn_kv_a_norm.weight"), k_b=w("attn_k_b"), v_b=w("attn_v_b"),
+            o=w("attn_output"), experts=experts,
+            shared=ffn("_shexp") if experts is not None and has("ffn_gate_shexp") else None,
+            dense=ffn("") if experts is None else None)
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank + c.qk_rope_head_dim,)}, n_ctx)
+
+    def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        c, be, L = self.cfg, self.be, self.layers[i]
+        n, heads, nope, kvr = len(h), c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
+        q = be.linear(L.q_a, h) if L.q_a is not None else h
+        if L.q_a is not None:
+            q = be.rmsnorm(q, L.q_a_norm, c.rms_norm_eps)
+        q = be.linear(L.q_b, q).reshape(n, heads, nope + c.qk_rope_head_dim)
+        kv = be.linear(L.kv_a, h)
+        latent = be.rmsnorm(kv[:, :kvr], L.kv_a_norm, c.rms_norm_eps)
+        cos, sin = c.rope.tables(positions)
+        q_rope = apply_rope(q[..., nope:], cos, sin)
+        k_rope = apply_rope(kv[:, None, kvr:], cos, sin)[:, 0]
+        q_latent = be.linear_heads(L.k_b, np.ascontiguousarray(q[..., :nope]))     # W_kb folded into q
+        query = np.concatenate([q_latent, q_rope], axis=-1)
+        if c.llama_4_scaling_beta:
+            query *= (1 + c.llama_4_scaling_beta * np.log1p(positions // c.llama_4_scaling_length))[:, None, None].astype(np.float32)
+        cache.write(i, int(positions[0]), latent=np.concatenate([latent, k_rope], axis=-1))
+        kvc = cache.view(i, "latent", int(positions[-1]) + 1)[:, None, :]
+        o_latent = be.attention(query, kvc, kvc[..., :kvr], int(positions[0]), c.attention_scale)
+        o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending
+        return be.linear(L.o, o.reshape(n, heads * c.v_head_dim))
+
+    def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
+        c, L = self.cfg, self.layers[i]
+        if L.dense is not None:
+            return swiglu(self.be, L.dense, h)
+        y = moe(self.be, L.experts, h, c.num_experts_per_tok, self.stats, i, c.norm_topk_prob,
+                c.routed_scaling_factor, c.n_group, c.topk_group)
+        return y + swiglu(self.be, L.shared, h) if L.shared is not None else y

@@ -1,0 +1,87 @@
+"""Mixtral: grouped-query attention, top-2 routed experts. GGUF arch `llama` (as llama.cpp writes it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelFileError
+from ..gguf.reader import GGUFFile
+from .decoder import Decoder, KVCache, weight
+from .moe import Experts, moe
+from .rope import Rope, apply_rope
+
+ARCH = "llama"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Fields named as in Transformers' MixtralConfig; values read from GGUF metadata."""
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    rope: Rope
+
+    @property
+    def n_experts(self) -> int:
+        return self.num_local_experts
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Config":
+        a = lambda k, d=None: f.get(f"{ARCH}.{k}", d) if d is not None else f.require(f"{ARCH}.{k}")
+        hidden, heads = a("embedding_length"), a("attention.head_count")
+        if not a("expert_count", 0):
+            raise ModelFileError(f"{f.path}: a dense llama model (no experts); localmoe runs MoE models only")
+        head_dim = a("attention.key_length", hidden // heads)
+        return cls(
+            hidden_size=hidden, num_hidden_layers=a("block_count"), num_attention_heads=heads,
+            num_key_value_heads=a("attention.head_count_kv", heads), head_dim=head_dim,
+            num_local_experts=a("expert_count"), num_experts_per_tok=a("expert_used_count"),
+            rms_norm_eps=float(a("attention.layer_norm_rms_epsilon")),
+            vocab_size=f.info("token_embd.weight").shape[0], max_position_embeddings=a("context_length"),
+            rope=Rope(a("rope.dimension_count", head_dim), float(a("rope.freq_base", 10000.0))))
+
+
+@dataclass
+class Layer:
+    q: object
+    k: object
+    v: object
+    o: object
+    experts: Experts
+
+
+class Model(Decoder):
+    def __init__(self, f: GGUFFile, cfg: Config, be):
+        super().__init__(f, cfg, be)
+        w = lambda i, n: weight(f, f"blk.{i}.{n}.weight")
+        self.layers = [Layer(w(i, "attn_q"), w(i, "attn_k"), w(i, "attn_v"), w(i, "attn_output"),
+                             Experts(w(i, "ffn_gate_inp"), w(i, "ffn_gate_exps"), w(i, "ffn_up_exps"),
+                                     w(i, "ffn_down_exps")))
+                       for i in range(cfg.num_hidden_layers)]
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        c = self.cfg
+        row = (c.num_key_value_heads, c.head_dim)
+        return KVCache(c.num_hidden_layers, {"k": row, "v": row}, n_ctx)
+
+    def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+        c, be, L = self.cfg, self.be, self.layers[i]
+        n, hd = len(h), c.head_dim
+        cos, sin = c.rope.tables(positions)
+        q = apply_rope(be.linear(L.q, h).reshape(n, c.num_attention_heads, hd), cos, sin)
+        k = apply_rope(be.linear(L.k, h).reshape(n, c.num_key_value_heads, hd), cos, sin)
+        cache.write(i, int(positions[0]), k=k, v=be.linear(L.v, h).reshape(n, c.num_key_value_heads, hd))
+        end = int(positions[-1]) + 1
+        o = be.attention(q, cache.view(i, "k", end), cache.view(i, "v", end), int(positions[0]), hd ** -0.5)
+        return be.linear(L.o, o.reshape(n, c.num_attention_heads * hd))
+
+    def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
+        return moe(self.be, self.layers[i].experts, h, self.cfg.num_experts_per_tok, self.stats, i)
