@@ -333,6 +333,9 @@ def _write_hf(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> str:
             i = vocab.get(m.replace(" ", "", 1) if " " in m else m)
             if i is not None and scores[i] == 0.0:
                 scores[i] = -float(k + 1)
+        for i, t in enumerate(tokens):  # pieces no merge produces must come after every merge
+            if t is not None and len(t) > 1 and scores[i] == 0.0:
+                scores[i] = -1e9
         for i, t in enumerate(tokens):
             if t is not None and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t):
                 types[i] = T.BYTE

@@ -12,6 +12,7 @@ behave the same); build prompts from ids with `special_id`.
 """
 from __future__ import annotations
 
+import codecs
 import heapq
 import re
 from itertools import groupby
@@ -53,6 +54,15 @@ def _gpt2_byte_table() -> np.ndarray:
 _GPT2_TABLE = _gpt2_byte_table()  # code point of a GPT-2 byte character -> its byte, -1 elsewhere
 
 
+def _replace_bytewise(err: UnicodeDecodeError):
+    """One U+FFFD per byte of an invalid UTF-8 sequence, as sentencepiece decodes byte pieces."""
+    return "\ufffd", err.start + 1
+
+
+_BYTEWISE = "localmoe-replace-bytewise"
+codecs.register_error(_BYTEWISE, _replace_bytewise)
+
+
 class Tokenizer:
     """Common interface; see `load_tokenizer`."""
 
@@ -83,7 +93,7 @@ class Tokenizer:
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", True))
         self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         # Tokens that print nothing (mistral-common / sentencepiece skip them when decoding).
-        self._silent = (self.types == CONTROL) | (self.types == UNUSED) | (self.types == UNKNOWN)
+        self._silent: list[bool] = ((self.types == CONTROL) | (self.types == UNUSED) | (self.types == UNKNOWN)).tolist()
 
     def _id_key(self, metadata: dict, name: str, default: str, required: bool = True) -> int:
         v = metadata.get(f"tokenizer.ggml.{name}_token_id")
@@ -112,7 +122,7 @@ class Tokenizer:
             raise ModelFileError(f"the model's tokenizer has no special token {name!r}") from None
 
     def is_special(self, token_id: int) -> bool:
-        return bool(self._silent[token_id])
+        return self._silent[token_id]
 
     def piece(self, token_id: int) -> str:
         """The token's text: special tokens as their name (e.g. "[INST]"), others as decoded bytes."""
@@ -186,7 +196,7 @@ class BPETokenizer(Tokenizer):
     def decode(self, ids) -> str:
         # As mistral-common: runs of ordinary tokens decoded separately (errors replaced), specials skipped.
         out = []
-        for silent, group in groupby((int(i) for i in ids), lambda t: bool(self._silent[t])):
+        for silent, group in groupby((int(i) for i in ids), self._silent.__getitem__):
             if not silent:
                 out.append(b"".join(self._bytes[t] for t in group).decode("utf-8", "replace"))
         return "".join(out)
@@ -331,10 +341,16 @@ class SPMTokenizer(Tokenizer):
         return self._bytes[token_id]
 
     def decode(self, ids) -> str:
-        """As sentencepiece's decode: control tokens skipped, one leading space of the text dropped."""
-        data = b"".join(self._bytes[int(i)] for i in ids).decode("utf-8", "replace")
-        if self.add_space_prefix and data.startswith(" "):
-            data = data[1:]
+        """As sentencepiece's decode: control tokens skipped, the dummy-prefix space of the first piece
+        dropped, <unk> as " ⁇ ", each byte of an invalid UTF-8 sequence as U+FFFD."""
+        ids = [int(i) for i in ids]
+        # Byte runs end at every non-byte piece (normal pieces are whole characters; control ones split).
+        data = "".join(b"".join(self._bytes[t] for t in group).decode("utf-8", _BYTEWISE)
+                       for _, group in groupby(ids, self._silent.__getitem__))
+        if self.add_space_prefix:
+            first = next((i for i in ids if self._bytes[i]), None)
+            if first is not None and self.types[first] not in (BYTE, UNKNOWN) and self.tokens[first].startswith(SPACE):
+                data = data[1:]
         return data
 
 

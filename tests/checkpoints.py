@@ -34,7 +34,7 @@ def _init(model, seed: int, std: float):
 
 def make_mistral4(out: Path, *, hidden=64, layers=2, heads=4, q_lora=32, kv_lora=32, nope=16, rope=16,
                   v_dim=16, experts=8, top_k=4, moe_inter=32, shared=1, first_dense=0, inter=64,
-                  vocab=131072, seed=0, std=0.05, max_shard_size=None, tie=False, **extra):
+                  vocab=131072, seed=0, std=0.02, max_shard_size=None, tie=False, **extra):
     from transformers import Mistral4Config, Mistral4ForCausalLM
     torch.manual_seed(seed)
     cfg = Mistral4Config(
@@ -50,7 +50,7 @@ def make_mistral4(out: Path, *, hidden=64, layers=2, heads=4, q_lora=32, kv_lora
 
 
 def make_mixtral(out: Path, *, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=None, experts=8,
-                 top_k=2, inter=96, vocab=32000, seed=0, std=0.05, fused=False, max_shard_size=None):
+                 top_k=2, inter=96, vocab=32000, seed=0, std=0.02, fused=False, max_shard_size=None):
     from transformers import MixtralConfig, MixtralForCausalLM
     torch.manual_seed(seed)
     cfg = MixtralConfig(

@@ -2,8 +2,8 @@
 
 Error measure everywhere: max|y - ref| / max|ref| over the whole output, ref in float64 from the
 dequantised weights and the exact (unquantised) activation. Float weights: < 1e-5. Quantized
-weights: < 1e-2 (the kernel quantizes the activation to int8 per 32 values, as llama.cpp does;
-measured ~4e-3 to 8e-3).
+weights: < 1e-2 (the kernel quantizes the activation per 32 values with one float scale, as
+llama.cpp does, but to 16-bit integers, so the measured error is ~1e-5 to 1e-4, far inside the bound).
 """
 from __future__ import annotations
 
@@ -230,7 +230,7 @@ def test_quantize_activation():
     rng = np.random.default_rng(14)
     x = rng.standard_normal((2, 64), dtype=np.float32)
     xq, xd = K.quantize_activation(x)
-    assert xq.dtype == np.int16 and np.abs(xq).max() <= 127
+    assert xq.dtype == np.int16 and np.abs(xq.astype(np.int32)).max() <= 32767
     back = (xq.reshape(-1, 32) * xd[:, None]).reshape(x.shape)
     assert np.abs(back - x).max() <= xd.max() / 2 + 1e-7
 

@@ -39,6 +39,9 @@ QUANTIZED = (Q8_0, Q4_0)
 _BLOCK_BYTES = {Q8_0: 34, Q4_0: 18}
 _QK = 32
 
+# Decode matvecs over at most this many weight bytes run on the calling thread only.
+SERIAL_BYTES = 1 << 17
+
 # Rows handled per parallel task when several tokens share the weights (prefill): each task's rows
 # stay in L1/L2 while every token of the batch is run against them.
 _ROW_TILE = 16
@@ -289,7 +292,7 @@ _JIT = dict(cache=True, nogil=True, fastmath=True)
 
 @njit(**_JIT)
 def _quantize_rows(x, xq, xd):
-    """x float32 [m, cols] (C) -> xq int16 [m*cols] (values in [-127, 127]), xd float32 [m*cols/32]."""
+    """x float32 [m, cols] (C) -> xq int16 [m*cols] (values in [-32767, 32767]: 16-bit activations keep the quantized kernels within ~1e-5 of float), xd float32 [m*cols/32]."""
     m, cols = x.shape
     nbk = cols // 32
     for t in range(m):
@@ -300,7 +303,7 @@ def _quantize_rows(x, xq, xd):
                 a = abs(x[t, o + i])
                 if a > amax:
                     amax = a
-            d = amax / np.float32(127.0)
+            d = amax / np.float32(32767.0)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             base = t * cols + o
             for i in range(32):
@@ -309,17 +312,9 @@ def _quantize_rows(x, xq, xd):
 
 
 @njit(**_JIT)
-def _rowdot(buf, off, qt, cols, xq, xd, xf, t):
-    """Dot of the weight row at byte `off` of `buf` (type qt, `cols` values) with token t."""
-    if qt == Q8_0:
-        nbk = cols // 32
-        return _q8_0_dot(buf, off, nbk, xq, t * cols, xd, t * nbk, _F16_TABLE)
-    if qt == Q4_0:
-        nbk = cols // 32
-        return _q4_0_dot(buf, off, nbk, xq, t * cols, xd, t * nbk, _F16_TABLE)
+def _rowdot_float(buf, off, qt, cols, xf, xo):
+    """Dot of an F32/F16/BF16 row at byte `off` of `buf` with xf[xo : xo + cols]."""
     n16 = cols // 16
-    xo = t * cols
-    s = np.float32(0.0)
     if qt == F32:
         s = _f32_dot(buf, off, n16, xf, xo)
         for j in range(n16 * 16, cols):
@@ -336,6 +331,19 @@ def _rowdot(buf, off, qt, cols, xq, xd, xf, t):
 
 
 @njit(**_JIT)
+def _rowdot(buf, off, qt, cols, xq, xd, xf, t):
+    """Dot of the weight row at byte `off` of `buf` (type qt, `cols` values) with token t
+    (quantized activation xq/xd for Q8_0/Q4_0, float32 xf otherwise)."""
+    if qt == Q8_0:
+        nbk = cols // 32
+        return _q8_0_dot(buf, off, nbk, xq, t * cols, xd, t * nbk, _F16_TABLE)
+    if qt == Q4_0:
+        nbk = cols // 32
+        return _q4_0_dot(buf, off, nbk, xq, t * cols, xd, t * nbk, _F16_TABLE)
+    return _rowdot_float(buf, off, qt, cols, xf, t * cols)
+
+
+@njit(**_JIT)
 def _rowdot4(buf, off, qt, nbk, xq, xd, xo0, xo1, xo2, xo3, do0, do1, do2, do3):
     """One Q8_0/Q4_0 row against four quantized activations (offsets into xq / xd)."""
     if qt == Q8_0:
@@ -344,21 +352,50 @@ def _rowdot4(buf, off, qt, nbk, xq, xd, xo0, xo1, xo2, xo3, do0, do1, do2, do3):
 
 
 @njit(**_JIT)
-def _rows4(buf, off, qt, cols, xq, xd, xf, t0, t1, t2, t3):
-    """The row at byte `off` against activation rows t0..t3 (4-tuple of float32)."""
+def _rows4(buf, off, qt, cols, xq, xd, t0, t1, t2, t3):
+    """The Q8_0/Q4_0 row at byte `off` against quantized activation rows t0..t3 (4-tuple)."""
+    nbk = cols // 32
+    return _rowdot4(buf, off, qt, nbk, xq, xd, t0 * cols, t1 * cols, t2 * cols, t3 * cols,
+                    t0 * nbk, t1 * nbk, t2 * nbk, t3 * nbk)
+
+
+@njit(**_JIT)
+def _quantize_if(qt, x2):
+    """The int8 (in int16 lanes) activation + scales for quantized weight types, dummies otherwise."""
+    n, cols = x2.shape
     if qt == Q8_0 or qt == Q4_0:
-        nbk = cols // 32
-        return _rowdot4(buf, off, qt, nbk, xq, xd, t0 * cols, t1 * cols, t2 * cols, t3 * cols,
-                        t0 * nbk, t1 * nbk, t2 * nbk, t3 * nbk)
-    return (_rowdot(buf, off, qt, cols, xq, xd, xf, t0), _rowdot(buf, off, qt, cols, xq, xd, xf, t1),
-            _rowdot(buf, off, qt, cols, xq, xd, xf, t2), _rowdot(buf, off, qt, cols, xq, xd, xf, t3))
+        xq = np.empty(n * cols, np.int16)
+        xd = np.empty(n * (cols // 32), np.float32)
+        _quantize_rows(x2, xq, xd)
+    else:
+        xq = np.empty(1, np.int16)
+        xd = np.empty(1, np.float32)
+    return xq, xd
 
 
 @njit(parallel=True, **_JIT)
-def _matvec_kernel(buf, row_stride, rows, qt, cols, xq, xd, xf, out):
-    """n == 1: one parallel loop over rows; out float32 [rows]."""
+def _matvec_kernel(buf, row_stride, rows, qt, x2):
+    """n == 1: quantize x once, then one parallel loop over rows. Returns float32 [rows]."""
+    xq, xd = _quantize_if(qt, x2)
+    xf = x2.reshape(x2.size)
+    cols = x2.shape[1]
+    out = np.empty(rows, np.float32)
     for r in prange(rows):
         out[r] = _rowdot(buf, r * row_stride, qt, cols, xq, xd, xf, 0)
+    return out
+
+
+@njit(**_JIT)
+def _matvec_serial(buf, row_stride, rows, qt, x2):
+    """_matvec_kernel on the calling thread: for small matrices a parallel region costs more
+    (fork/join, and far more when the machine is busy) than it saves."""
+    xq, xd = _quantize_if(qt, x2)
+    xf = x2.reshape(x2.size)
+    cols = x2.shape[1]
+    out = np.empty(rows, np.float32)
+    for r in range(rows):
+        out[r] = _rowdot(buf, r * row_stride, qt, cols, xq, xd, xf, 0)
+    return out
 
 
 @njit(parallel=True, **_JIT)
@@ -441,6 +478,10 @@ def _expert_ffn_kernel(xf, ids, wts, n_experts,
         xd = np.empty(1, np.float32)
     xflat = xf.reshape(n * hidden)
 
+    # Several tokens per expert (prefill): quantized rows are run against 4 tokens at a time.
+    gu4 = (gqt == Q8_0 or gqt == Q4_0) and (uqt == Q8_0 or uqt == Q4_0)
+    d4 = dqt == Q8_0 or dqt == Q4_0
+
     # 1) h[p] = silu(gate_e x_t) * (up_e x_t), one parallel loop over (expert, row tile).
     h = np.empty((npairs, inter), np.float32)
     rt = _ROW_TILE if n > 1 else 4
@@ -451,12 +492,12 @@ def _expert_ffn_kernel(xf, ids, wts, n_experts,
         r1 = min(inter, r0 + rt)
         p0 = counts[e]
         p1 = counts[e + 1]
-        p4 = p0 + (p1 - p0) // 4 * 4
+        p4 = p0 + (p1 - p0) // 4 * 4 if gu4 else p0
         for p in range(p0, p4, 4):  # four tokens per pass over the rows: weights unpacked once
             ta, tb, tc, td = pair_tok[p], pair_tok[p + 1], pair_tok[p + 2], pair_tok[p + 3]
             for r in range(r0, r1):
-                g = _rows4(gbuf, e * g_es + (g_off + r) * g_rs, gqt, hidden, xq, xd, xflat, ta, tb, tc, td)
-                u = _rows4(ubuf, e * u_es + (u_off + r) * u_rs, uqt, hidden, xq, xd, xflat, ta, tb, tc, td)
+                g = _rows4(gbuf, e * g_es + (g_off + r) * g_rs, gqt, hidden, xq, xd, ta, tb, tc, td)
+                u = _rows4(ubuf, e * u_es + (u_off + r) * u_rs, uqt, hidden, xq, xd, ta, tb, tc, td)
                 h[p, r] = _silu1(g[0]) * u[0]
                 h[p + 1, r] = _silu1(g[1]) * u[1]
                 h[p + 2, r] = _silu1(g[2]) * u[2]
@@ -473,8 +514,11 @@ def _expert_ffn_kernel(xf, ids, wts, n_experts,
         nbk = inter // 32
         hq = np.empty(npairs * inter, np.int16)
         hd = np.empty(npairs * nbk, np.float32)
-        for p in prange(npairs):
-            _quantize_rows(h[p:p + 1], hq[p * inter:(p + 1) * inter], hd[p * nbk:(p + 1) * nbk])
+        if npairs <= 16:
+            _quantize_rows(h, hq, hd)
+        else:
+            for p in prange(npairs):
+                _quantize_rows(h[p:p + 1], hq[p * inter:(p + 1) * inter], hd[p * nbk:(p + 1) * nbk])
     else:
         hq = np.empty(1, np.int16)
         hd = np.empty(1, np.float32)
@@ -491,10 +535,10 @@ def _expert_ffn_kernel(xf, ids, wts, n_experts,
             e = used[ui]
             p0 = counts[e]
             p1 = counts[e + 1]
-            p4 = p0 + (p1 - p0) // 4 * 4
+            p4 = p0 + (p1 - p0) // 4 * 4 if d4 else p0
             for p in range(p0, p4, 4):
                 for r in range(r0, r1):
-                    v = _rows4(dbuf, e * d_es + r * d_rs, dqt, inter, hq, hd, hflat, p, p + 1, p + 2, p + 3)
+                    v = _rows4(dbuf, e * d_es + r * d_rs, dqt, inter, hq, hd, p, p + 1, p + 2, p + 3)
                     out[pair_tok[p], r] += pair_w[p] * v[0]
                     out[pair_tok[p + 1], r] += pair_w[p + 1] * v[1]
                     out[pair_tok[p + 2], r] += pair_w[p + 2] * v[2]
@@ -607,12 +651,12 @@ def matmul(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
         w = np.asarray(raw).view(np.float32).reshape(rows, cols)
         return np.ascontiguousarray(x2 @ w.T)
     buf, _, row_stride = flat_view(raw)
+    if n == 1:
+        kern = _matvec_serial if rows * row_bytes <= SERIAL_BYTES else _matvec_kernel
+        out = kern(buf, row_stride, rows, qt, x2)
+        return out if squeeze else out.reshape(1, rows)
     xq, xd = _activation(x2, (qt,))
     xf = x2.reshape(-1)
-    if n == 1:
-        out = np.empty(rows, np.float32)
-        _matvec_kernel(buf, row_stride, rows, qt, cols, xq, xd, xf, out)
-        return out if squeeze else out.reshape(1, rows)
     out = np.empty((n, rows), np.float32)
     _matmul_kernel(buf, row_stride, rows, qt, cols, n, xq, xd, xf, out)
     return out
@@ -682,7 +726,7 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """x float32 [n, cols] (cols % 32 == 0) -> (int16 values in [-127, 127] [n*cols], scales [n*cols/32])."""
+    """x float32 [n, cols] (cols % 32 == 0) -> (int16 values in [-32767, 32767] [n*cols], scales [n*cols/32])."""
     x2 = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1]))
     n, cols = x2.shape
     xq = np.empty(n * cols, np.int16)
@@ -704,6 +748,7 @@ def compile_all() -> float:
         raws[qt] = np.zeros((rows, rb), np.uint8)
         matmul(raws[qt], qt, x1)
         matmul(raws[qt], qt, x3)
+    matmul(np.zeros((SERIAL_BYTES // 64 + 1, 68), np.uint8), Q8_0, x1)  # the parallel matvec
     g = np.zeros((e, 2 * inter, cols // 32 * 34), np.uint8)
     d = np.zeros((e, cols, inter // 32 * 34), np.uint8)
     ids = np.array([[0, 2]], np.int64)
