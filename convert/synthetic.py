@@ -27,7 +27,7 @@ def write_checkpoint(d: Path, tokenizer: Path, seed: int = 0, std: float = 0.05,
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg, indent=1))
-    shutil.copy(tokenizer, d / tokenizer.name)
+    shutil.copy(tokenizer, d / ("tekken.json" if tokenizer.suffix == ".json" else "tokenizer.model"))
     rng = np.random.default_rng(seed)
     r = lambda *s: rng.standard_normal(s, dtype=np.float32) * np.float32(std)
     one = lambda n: 1 + np.float32(0.1) * rng.standard_normal(n, dtype=np.float32)

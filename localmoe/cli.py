@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 vendors click
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +22,7 @@ from .errors import InputError, LocalMoeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Quantised local inference for Mixture-of-Experts models.")
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="GGUF path or models.toml preset (default: $LOCALMOE_MODEL).")
 
@@ -168,21 +168,25 @@ def models():
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="localmoe", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("interrupted")
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
-        err.print(f"localmoe: error: {e.format_message()}", markup=False)
+    except NoArgsIsHelpError as e:
+        print(e.format_message() if hasattr(e, "format_message") else e, file=sys.stderr)
         sys.exit(2)
+    except ClickException as e:
+        _fail(e.format_message(), 2)
     except LocalMoeError as e:
-        err.print(f"localmoe: error: {e}", markup=False)
-        sys.exit(2)
+        _fail(str(e), 2)
     except BrokenPipeError:
         sys.exit(0)
     except (OSError, MemoryError) as e:
-        err.print(f"localmoe: error: {e}", markup=False)
-        sys.exit(1)
+        _fail(str(e), 1)
+
+
+def _fail(message: str, code: int) -> None:
+    """One line on stderr, then exit: bad input never shows a traceback."""
+    print(f"localmoe: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(code)

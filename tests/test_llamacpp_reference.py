@@ -16,8 +16,8 @@ pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")
 
 from checkpoints import hf_logits, make_mistral4, make_mixtral  # noqa: E402
-from llamacpp import (gguf_summary, llama_convert, llama_logits, logit_agreement,  # noqa: E402
-                      make_mistral3_wrapper)
+from llamacpp import (gguf_summary, gguf_tensor, llama_convert, llama_logits,  # noqa: E402
+                      logit_agreement, make_mistral3_wrapper)
 
 N_POS = 80  # >= 64 positions
 
@@ -77,9 +77,7 @@ def test_mixtral_gguf_layout(mixtral):
 
     # attn_q / attn_k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved
     # (NORM) RoPE layout: per head, new row 2*i + j  <-  old row j*(hd/2) + i.
-    from gguf import GGUFReader
-    r = GGUFReader(str(gguf))
-    wk = np.array(next(x for x in r.tensors if x.name == "blk.0.attn_k.weight").data)
+    wk = gguf_tensor(gguf, "blk.0.attn_k.weight")
     hf_k = model.model.layers[0].self_attn.k_proj.weight.detach().numpy()
     nkv = cfg.num_key_value_heads
     perm = hf_k.reshape(nkv, 2, hd // 2, H).swapaxes(1, 2).reshape(hf_k.shape)
@@ -134,14 +132,11 @@ def test_mistral4_gguf_layout(mistral4):
     assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "tekken"
 
     # attn_k_b = kv_b_proj's per-head k rows, transposed; attn_v_b = its v rows (no RoPE permutation)
-    from gguf import GGUFReader
-    r = GGUFReader(str(gguf))
-    get = {x.name: x for x in r.tensors}
     kvb = model.model.layers[0].self_attn.kv_b_proj.weight.detach().numpy().reshape(nh, nope + vd, kvl)
-    np.testing.assert_array_equal(np.array(get["blk.0.attn_k_b.weight"].data), kvb[:, :nope].transpose(0, 2, 1))
-    np.testing.assert_array_equal(np.array(get["blk.0.attn_v_b.weight"].data), kvb[:, nope:])
+    np.testing.assert_array_equal(gguf_tensor(gguf, "blk.0.attn_k_b.weight"), kvb[:, :nope].transpose(0, 2, 1))
+    np.testing.assert_array_equal(gguf_tensor(gguf, "blk.0.attn_v_b.weight"), kvb[:, nope:])
     gu = model.model.layers[0].mlp.experts.gate_up_proj.detach().numpy()
-    np.testing.assert_array_equal(np.array(get["blk.0.ffn_gate_up_exps.weight"].data), gu)
+    np.testing.assert_array_equal(gguf_tensor(gguf, "blk.0.ffn_gate_up_exps.weight"), gu)
 
 
 def test_mistral4_via_mistral3_wrapper(mistral4, tmp_path):

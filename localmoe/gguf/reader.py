@@ -197,6 +197,15 @@ class GGUFFile:
             return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(ti.shape)
         raise ModelFileError(f"{self.path}: tensor {name} is {type_name(ti.type)}, expected a float type")
 
+    def advise_random(self, name: str) -> None:
+        """Tell the kernel a tensor is read in scattered slices (routed experts): no readahead, so only
+        the selected experts' pages are loaded."""
+        ti, page = self.info(name), mmap.PAGESIZE
+        start = (ti.offset + page - 1) // page * page
+        end = (ti.offset + ti.nbytes) // page * page
+        if end > start:
+            self._mmap.madvise(mmap.MADV_RANDOM, start, end - start)
+
     def close(self) -> None:
         self.data = None
         try:

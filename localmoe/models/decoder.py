@@ -16,6 +16,12 @@ def weight(f: GGUFFile, name: str) -> Weight:
     return Weight(f.raw(name), ti.type, ti.shape[-1], name)
 
 
+def expert_weight(f: GGUFFile, name: str) -> Weight:
+    """A routed-experts tensor: read one expert at a time, so the file gets no readahead for it."""
+    f.advise_random(name)
+    return weight(f, name)
+
+
 class KVCache:
     """Per layer, named arrays of rows (one row per position), grown by doubling up to n_ctx."""
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
-from .decoder import Decoder, KVCache, weight
+from .decoder import Decoder, KVCache, expert_weight, weight
 from .moe import DenseFFN, Experts, moe, swiglu
 from .rope import Rope, apply_rope
 
@@ -115,12 +115,12 @@ class Model(Decoder):
         experts = None
         if has("ffn_gate_inp"):
             if has("ffn_gate_up_exps"):            # llama.cpp's fused layout: gate rows, then up rows
-                gu = w("ffn_gate_up_exps")
+                gu = expert_weight(f, b + "ffn_gate_up_exps.weight")
                 I = gu.rows // 2
                 gate, up = (type(gu)(gu.raw[:, s], gu.type, gu.cols, gu.name) for s in (slice(0, I), slice(I, None)))
             else:
-                gate, up = w("ffn_gate_exps"), w("ffn_up_exps")
-            experts = Experts(w("ffn_gate_inp"), gate, up, w("ffn_down_exps"))
+                gate, up = expert_weight(f, b + "ffn_gate_exps.weight"), expert_weight(f, b + "ffn_up_exps.weight")
+            experts = Experts(w("ffn_gate_inp"), gate, up, expert_weight(f, b + "ffn_down_exps.weight"))
         return Layer(
             q_a=w("attn_q_a") if lora else None, q_a_norm=f.array(b + "attn_q_a_norm.weight") if lora else None,
             q_b=w("attn_q_b") if lora else w("attn_q"), kv_a=w("attn_kv_a_mqa"),

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
-from .decoder import Decoder, KVCache, weight
+from .decoder import Decoder, KVCache, expert_weight, weight
 from .moe import Experts, moe
 from .rope import Rope, apply_rope
 
@@ -62,9 +62,10 @@ class Model(Decoder):
     def __init__(self, f: GGUFFile, cfg: Config, be):
         super().__init__(f, cfg, be)
         w = lambda i, n: weight(f, f"blk.{i}.{n}.weight")
+        x = lambda i, n: expert_weight(f, f"blk.{i}.{n}.weight")
         self.layers = [Layer(w(i, "attn_q"), w(i, "attn_k"), w(i, "attn_v"), w(i, "attn_output"),
-                             Experts(w(i, "ffn_gate_inp"), w(i, "ffn_gate_exps"), w(i, "ffn_up_exps"),
-                                     w(i, "ffn_down_exps")))
+                             Experts(w(i, "ffn_gate_inp"), x(i, "ffn_gate_exps"), x(i, "ffn_up_exps"),
+                                     x(i, "ffn_down_exps")))
                        for i in range(cfg.num_hidden_layers)]
 
     def new_cache(self, n_ctx: int) -> KVCache:

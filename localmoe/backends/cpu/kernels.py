@@ -3,9 +3,11 @@
 Weights stay in the GGUF's own layout (usually a view into the memory-mapped file) and are never
 dequantised whole. Supported weight types: F32, F16, BF16, Q8_0, Q4_0.
 
-How the quantized matvec works (as llama.cpp does): the activation is quantized once per call to
-int8 blocks of 32 with one float32 scale per block (kept in int16 lanes so the products map onto
-`vpmaddwd`); each weight row is then a run of integer block dot products. The inner loop over a
+How the quantized matvec works (like llama.cpp): the activation is quantized once per call to
+blocks of 32 integers with one float32 scale per block. llama.cpp uses int8 there; here the
+integers are int16 (range +-32767), which costs nothing extra because the products are taken in
+16-bit lanes anyway (`vpmaddwd`; |w| <= 128 keeps every block sum far inside int32), and leaves
+the result within ~1e-5 of the float computation. Each weight row is then a run of integer block dot products. The inner loop over a
 row's blocks is written directly in LLVM vector IR (`_q8_0_dot`, `_q4_0_dot`) — a <8 x float>
 accumulator, per block one 32-wide int multiply, pairwise int32 sums, a convert and an fma — because
 Numba's own integer typing widens every int8 product to int64 and nothing vectorises. The IR is
@@ -361,7 +363,7 @@ def _rows4(buf, off, qt, cols, xq, xd, t0, t1, t2, t3):
 
 @njit(**_JIT)
 def _quantize_if(qt, x2):
-    """The int8 (in int16 lanes) activation + scales for quantized weight types, dummies otherwise."""
+    """The int16 activation + block scales for quantized weight types, dummies otherwise."""
     n, cols = x2.shape
     if qt == Q8_0 or qt == Q4_0:
         xq = np.empty(n * cols, np.int16)
@@ -638,7 +640,7 @@ def matmul(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W.T for W stored as GGUF blocks `raw` (uint8 (rows, row_bytes)) of type `qtype`.
 
     x: float32 [cols] or [n, cols]; returns float32 [rows] or [n, rows]. Quantized types use an
-    int8-quantized copy of x (one scale per 32 values), as llama.cpp does.
+    int16-quantized copy of x (one float scale per 32 values).
     """
     qt = int(qtype)
     x = np.asarray(x, dtype=np.float32)
