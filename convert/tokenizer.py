@@ -21,15 +21,9 @@ import gguf
 
 from localmoe.errors import ConvertError
 from localmoe.gguf.format import KEY_TOKENIZER_PATTERN, KEY_TOKENIZER_VERSION
+from localmoe.tokenizer import TEKKEN_PATTERN, bytes_to_unicode
 
 T = gguf.TokenType
-
-# mistral-common's pre-tokenizer regex for tekken (tekken.json config.pattern; llama.cpp's "tekken").
-TEKKEN_PATTERN = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
-    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # Special tokens of tekken files that predate the in-file "special_tokens" list (mistral-common's
 # Tekkenizer.DEPRECATED_SPECIAL_TOKENS); the remaining slots are "<SPECIAL_{id}>".
@@ -38,19 +32,6 @@ TEKKEN_DEPRECATED_SPECIALS = (
     "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
     "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
 )
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (as in Transformers and llama.cpp)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 _BYTE_TO_CHAR = bytes_to_unicode()

@@ -37,7 +37,8 @@ SPACE = "\u2581"  # SentencePiece's "▁"
 UNK_SURFACE = " \u2047 "  # sentencepiece decodes <unk> as " ⁇ "
 
 
-def _gpt2_byte_table() -> np.ndarray:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (as in Transformers and llama.cpp)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -46,8 +47,14 @@ def _gpt2_byte_table() -> np.ndarray:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    table = np.full(max(cs) + 2, -1, dtype=np.int16)  # the last entry stands for every larger code
-    table[cs] = bs
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _gpt2_byte_table() -> np.ndarray:
+    pairs = bytes_to_unicode()
+    table = np.full(max(map(ord, pairs.values())) + 2, -1, dtype=np.int16)  # the last entry: every larger code
+    for b, c in pairs.items():
+        table[ord(c)] = b
     return table
 
 

@@ -150,3 +150,21 @@ def test_mistral4_via_mistral3_wrapper(mistral4, tmp_path):
     assert s1["tensors"] == s2["tensors"]
     ids = _ids(model.config.vocab_size, 16, seed=3, low=1000)
     np.testing.assert_array_equal(llama_logits(gguf, ids), llama_logits(g2, ids))
+
+
+@pytest.mark.parametrize("arch,outtype,max_kl", [("mixtral", "q8_0", 1e-4), ("mixtral", "q4_0", 3e-3),
+                                                  ("mistral4", "q4_0", 3e-3)])
+def test_llamacpp_quantized_outtypes(arch, outtype, max_kl, mixtral, mistral4, tmp_path):
+    """q8_0 from llama.cpp's converter; q4_0 = converter f16 -> llama_model_quantize (llama.cpp's
+    own mixed choices: tensors whose rows are not a multiple of 32 fall back, output.weight
+    becomes Q8_0 here because 64 is not a multiple of Q6_K's 256). Loose bounds: it runs and
+    stays close."""
+    hf_dir, model, _ = mixtral if arch == "mixtral" else mistral4
+    g = llama_convert(hf_dir, tmp_path / f"{arch}-{outtype}.gguf", outtype)
+    types = {v[2] for v in gguf_summary(g)["tensors"].values()}
+    assert outtype.upper() in types
+    low = 3 if arch == "mixtral" else 1000
+    ids = _ids(model.config.vocab_size, 64, seed=4, low=low)
+    a = logit_agreement(hf_logits(model, ids), llama_logits(g, ids))
+    _report(f"{arch} {outtype}", a)
+    assert a["mean_kl"] < max_kl
