@@ -20,13 +20,16 @@ TEKKEN = MC_DATA / "tekken_240718.json"
 SPM_V1 = MC_DATA / "tokenizer.model.v1"
 
 
-def _init(model, seed: int, std: float):
-    """Fresh random weights (never zeros); norms near 1 so they matter but stay stable."""
+def _init(model, seed: int, std: float, router_std: float | None = None):
+    """Fresh random weights (never zeros); norms near 1 so they matter but stay stable.
+    `router_std` > std gives confident routing (clear top-k margins), as trained routers have."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "layernorm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("mlp.gate.weight") and router_std:
+                p.copy_(router_std * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(std * torch.randn(p.shape, generator=g))
     return model.eval()
@@ -34,7 +37,8 @@ def _init(model, seed: int, std: float):
 
 def make_mistral4(out: Path, *, hidden=64, layers=2, heads=4, q_lora=32, kv_lora=32, nope=16, rope=16,
                   v_dim=16, experts=8, top_k=4, moe_inter=32, shared=1, first_dense=0, inter=64,
-                  vocab=131072, seed=0, std=0.02, max_shard_size=None, tie=False, **extra):
+                  vocab=131072, seed=0, std=0.02, router_std=None, max_shard_size=None, tie=False,
+                  **extra):
     from transformers import Mistral4Config, Mistral4ForCausalLM
     torch.manual_seed(seed)
     cfg = Mistral4Config(
@@ -43,14 +47,15 @@ def make_mistral4(out: Path, *, hidden=64, layers=2, heads=4, q_lora=32, kv_lora
         n_shared_experts=shared, n_routed_experts=experts, num_experts_per_tok=top_k,
         kv_lora_rank=kv_lora, q_lora_rank=q_lora, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
         v_head_dim=v_dim, first_k_dense_replace=first_dense, tie_word_embeddings=tie, **extra)
-    model = _init(Mistral4ForCausalLM(cfg), seed, std)
+    model = _init(Mistral4ForCausalLM(cfg), seed, std, router_std)
     _save(model, out, max_shard_size)
     shutil.copy(TEKKEN, out / "tekken.json")
     return out, model
 
 
 def make_mixtral(out: Path, *, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=None, experts=8,
-                 top_k=2, inter=96, vocab=32000, seed=0, std=0.02, fused=False, max_shard_size=None):
+                 top_k=2, inter=96, vocab=32000, seed=0, std=0.02, router_std=None, fused=False,
+                 max_shard_size=None):
     from transformers import MixtralConfig, MixtralForCausalLM
     torch.manual_seed(seed)
     cfg = MixtralConfig(
@@ -58,7 +63,7 @@ def make_mixtral(out: Path, *, hidden=64, layers=2, heads=4, kv_heads=2, head_di
         num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
         num_experts_per_tok=top_k, rope_theta=1e6, sliding_window=None, max_position_embeddings=4096,
         **({"head_dim": head_dim} if head_dim else {}))
-    model = _init(MixtralForCausalLM(cfg), seed, std)
+    model = _init(MixtralForCausalLM(cfg), seed, std, router_std)
     _save(model, out, max_shard_size)
     if fused:
         _fuse_mixtral_experts(out, cfg)

@@ -116,13 +116,6 @@ def ensure_llama_cpp_src() -> Path:
 # conversion
 # --------------------------------------------------------------------------------------------
 
-def _hf_arch(hf_dir: Path) -> tuple[str, str]:
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    arch = (cfg.get("architectures") or [""])[0]
-    mt = cfg.get("text_config", {}).get("model_type") or cfg.get("model_type", "")
-    return arch, mt
-
-
 def llama_convert(hf_dir: Path, out: Path, outtype: str = "f32", *, timeout: float = 600,
                   q4_pure: bool = False) -> Path:
     """Convert an HF checkpoint dir with llama.cpp's own converter; returns the GGUF path.

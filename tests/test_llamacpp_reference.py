@@ -12,9 +12,6 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp")
-pytest.importorskip("transformers")
-
 from checkpoints import hf_logits, make_mistral4, make_mixtral  # noqa: E402
 from llamacpp import (gguf_summary, gguf_tensor, llama_convert, llama_logits,  # noqa: E402
                       logit_agreement, make_mistral3_wrapper)
