@@ -1,13 +1,13 @@
 """Reading a Hugging Face checkpoint directory lazily: config.json plus safetensors shards.
 
-Shards are memory-mapped and parsed by hand (8-byte header length, JSON header, raw data) so BF16
-needs no torch, and any row range of a tensor can be read without loading the rest: that is what
-keeps conversion memory bounded for any model size.
+Shards are parsed by hand (8-byte header length, JSON header, raw data) so BF16 needs no torch, and
+any row range of a tensor is read with pread into a fresh buffer: no mapping keeps pages resident,
+so conversion memory stays bounded by one block whatever the model's size.
 """
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ class Checkpoint:
             shards = [self.dir / n for n in sorted(names)]
         if not shards:
             raise ConvertError(f"{self.dir}: no .safetensors files")
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self.entries: dict[str, _Entry] = {}
         for shard in shards:
             self._read_header(shard)
@@ -75,8 +75,7 @@ class Checkpoint:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise ConvertError(f"{shard}: not a safetensors file (bad header)") from None
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
-        self._maps[shard] = mm
+        self._fds[shard] = os.open(shard, os.O_RDONLY)
         base = 8 + n
         for name, meta in header.items():
             if name == "__metadata__":
@@ -125,8 +124,11 @@ class Checkpoint:
         hi = shape[0] if hi is None else hi
         inner = int(np.prod(shape[1:], dtype=np.int64))
         count = (hi - lo) * inner
-        a = np.frombuffer(self._maps[e.shard], dtype=dt, count=count, offset=e.begin + lo * inner * dt.itemsize)
-        a = a.reshape((hi - lo,) + tuple(shape[1:]))
+        nbytes = count * dt.itemsize
+        buf = os.pread(self._fds[e.shard], nbytes, e.begin + lo * inner * dt.itemsize)
+        if len(buf) != nbytes:
+            raise ConvertError(f"{e.shard}: truncated while reading {name}")
+        a = np.frombuffer(buf, dtype=dt).reshape((hi - lo,) + tuple(shape[1:]))
         if e.dtype == "BF16":
             return (a.astype(np.uint32) << 16).view(np.float32)
         return a.astype(np.float32)
