@@ -250,104 +250,22 @@ def llama_logits(gguf_path: Path, ids: list[int], *, n_ctx: int | None = None, n
     return out
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-                 11: "<q", 12: "<d"}
-
-
-def _gguf_header(path: Path) -> tuple[dict, dict, int]:
-    """Minimal fast GGUF header parser (gguf.GGUFReader decodes every vocabulary string in numpy:
-    seconds for a 131k tekken vocab). Returns (metadata, {name: (ne, type_id, offset)}, data_start).
-    String/other arrays are summarised as {"len": n, "head": first 4 items}."""
-    import mmap
-    import struct
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        pos = 4
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, pos)
-        pos += 20
-
-        def rstr():
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", mm, pos)
-            v = bytes(mm[pos + 8:pos + 8 + n]).decode("utf-8", "replace")
-            pos += 8 + n
-            return v
-
-        def rval(t):
-            nonlocal pos
-            if t == 8:
-                return rstr()
-            if t == 9:
-                (et, n) = struct.unpack_from("<IQ", mm, pos)
-                pos += 12
-                if et == 8:
-                    head = []
-                    for i in range(n):
-                        (ln,) = struct.unpack_from("<Q", mm, pos)
-                        if i < 4:
-                            head.append(bytes(mm[pos + 8:pos + 8 + ln]).decode("utf-8", "replace"))
-                        pos += 8 + ln
-                    return {"len": n, "head": head}
-                fmt = _GGUF_SCALARS[et]
-                sz = struct.calcsize(fmt)
-                vals = [struct.unpack_from(fmt, mm, pos + i * sz)[0] for i in range(min(n, 4))]
-                pos += n * sz
-                return {"len": n, "head": vals}
-            fmt = _GGUF_SCALARS[t]
-            (v,) = struct.unpack_from(fmt, mm, pos)
-            pos += struct.calcsize(fmt)
-            return v
-
-        meta = {"GGUF.version": version}
-        for _ in range(n_kv):
-            k = rstr()
-            (t,) = struct.unpack_from("<I", mm, pos)
-            pos += 4
-            meta[k] = rval(t)
-        tensors = {}
-        for _ in range(n_tensors):
-            name = rstr()
-            (nd,) = struct.unpack_from("<I", mm, pos)
-            pos += 4
-            ne = struct.unpack_from(f"<{nd}Q", mm, pos)
-            pos += 8 * nd
-            t, off = struct.unpack_from("<IQ", mm, pos)
-            pos += 12
-            tensors[name] = (tuple(int(x) for x in ne), int(t), int(off))
-        align = int(meta.get("general.alignment", 32))
-        data_start = (pos + align - 1) // align * align
-    return meta, tensors, data_start
-
-
 def gguf_summary(path: Path) -> dict:
-    """{'arch', 'metadata': {key: value}, 'tensors': {name: (numpy_shape, ggml_ne, type_name)}}.
-    Arrays (token lists, merges, ...) are summarised as {'len', 'head'}."""
-    from gguf import GGMLQuantizationType
-    meta, tensors, _ = _gguf_header(Path(path))
-    out = {name: (tuple(reversed(ne)), ne, GGMLQuantizationType(t).name) for name, (ne, t, _o) in tensors.items()}
-    return {"arch": meta.get("general.architecture"), "metadata": meta, "tensors": out}
+    """{'arch', 'metadata': {key: value}, 'tensors': {name: (numpy_shape, ggml_ne, type_name)}}."""
+    from localmoe.gguf.reader import GGUFFile
+    f = GGUFFile(path)
+    out = {name: (ti.shape, tuple(reversed(ti.shape)), ti.type.name) for name, ti in f.tensors.items()}
+    return {"arch": f.get("general.architecture"), "metadata": f.metadata, "tensors": out}
 
 
 def gguf_tensor(path: Path, name: str):
-    """One tensor as a float32 numpy array in numpy (reversed-ne) order, dequantized if needed."""
+    """One tensor as a float32 numpy array (numpy order), dequantized if needed."""
     import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
-    _meta, tensors, data_start = _gguf_header(Path(path))
-    ne, t, off = tensors[name]
-    qt = GGMLQuantizationType(t)
-    block, type_size = GGML_QUANT_SIZES[qt]
-    n = int(np.prod(ne))
-    nbytes = n // block * type_size
-    raw = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=data_start + off)
-    shape = tuple(reversed(ne))
-    if qt == GGMLQuantizationType.F32:
-        return raw.view(np.float32).reshape(shape).copy()
-    if qt == GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(shape).astype(np.float32)
-    rows = raw.reshape(*shape[:-1], shape[-1] // block * type_size)
-    return dequantize(rows, qt).astype(np.float32).reshape(shape)
+    from localmoe.gguf.reader import GGUFFile
+    f = GGUFFile(path)
+    ti = f.info(name)
+    return np.asarray(dequantize(f.raw(name), ti.type), np.float32).reshape(ti.shape).copy()
 
 
 def logit_agreement(ref, got) -> dict:
