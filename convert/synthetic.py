@@ -62,3 +62,27 @@ def write_checkpoint(d: Path, tokenizer: Path, seed: int = 0, std: float = 0.05,
             p + "mlp.shared_experts.down_proj.weight": r(H, I * cfg["n_shared_experts"])})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return d
+
+
+def random_demo(out: Path) -> Path:
+    """A small random-weight mistral4 GGUF (Small 4's layout, tekken vocabulary) for smoke runs.
+    Its text is gibberish: it shows the pipeline working, not a model's quality."""
+    import tempfile
+
+    import mistral_common
+
+    from . import convert
+
+    tekken = Path(mistral_common.__file__).parent / "data" / "tekken_240718.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_checkpoint(Path(tmp) / "hf", tekken, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                               q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+                               v_head_dim=32, n_routed_experts=16, moe_intermediate_size=128)
+        convert(src, out, "q8_0")
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(random_demo(Path(sys.argv[1])))

@@ -117,3 +117,48 @@ def hf_greedy(model, ids, n: int) -> list[int]:
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def make_mistral3_vision(out: Path, *, image_size=112, patch=14, v_hidden=64, v_layers=2, v_heads=4,
+                         v_inter=128, seed=0, std=0.02, vision_std=0.05, **text_kw):
+    """A tiny `Mistral3ForConditionalGeneration` as Small 4 is built: pixtral vision tower (SiLU-gated
+    FFN, 2D RoPE) + 2x2 patch-merger projector + mistral4 text model, untied, saved with
+    Transformers' own on-disk names. `vision_std` > std keeps the image features large enough to move
+    the logits visibly (a test that images matter, not only that they are placed)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4Config, PixtralVisionConfig
+    torch.manual_seed(seed)
+    text = dict(vocab_size=131072, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                n_routed_experts=8, num_experts_per_tok=4, kv_lora_rank=32, q_lora_rank=32,
+                qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, first_k_dense_replace=0,
+                tie_word_embeddings=False)
+    text.update(text_kw)
+    vision = PixtralVisionConfig(hidden_size=v_hidden, intermediate_size=v_inter, num_hidden_layers=v_layers,
+                                 num_attention_heads=v_heads, image_size=image_size, patch_size=patch,
+                                 hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    cfg = Mistral3Config(text_config=Mistral4Config(**text), vision_config=vision, image_token_index=10,
+                         spatial_merge_size=2, projector_hidden_act="gelu", multimodal_projector_bias=False,
+                         vision_feature_layer=-1, tie_word_embeddings=False)
+    model = _init(Mistral3ForConditionalGeneration(cfg), seed, std)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("vision_tower" in name or "multi_modal_projector" in name) and "norm" not in name:
+                p.copy_(vision_std * torch.randn(p.shape, generator=g))
+    _save(model, out, None)
+    shutil.copy(TEKKEN, out / "tekken.json")
+    return out, model
+
+
+@torch.no_grad()
+def hf_image_logits(model, ids, images) -> np.ndarray:
+    """Reference logits for one sequence whose [IMG] positions take `images` (normalised float32
+    arrays [3, H, W], each its own size), batched as Transformers' processor does: zero-padded to
+    the largest height and width, with each image's true size in `image_sizes`."""
+    H = max(im.shape[1] for im in images)
+    W = max(im.shape[2] for im in images)
+    pixels = torch.zeros(len(images), 3, H, W)
+    for i, im in enumerate(images):
+        pixels[i, :, :im.shape[1], :im.shape[2]] = torch.from_numpy(im)
+    sizes = torch.tensor([im.shape[1:] for im in images])
+    return model(torch.tensor([list(ids)]), pixel_values=pixels, image_sizes=sizes).logits[0].float().numpy()
