@@ -19,6 +19,7 @@ class Report:
     tokenizer: str
     tensors: list[Planned]
     nbytes: int
+    mmproj: Path | None = None      # the vision companion (localmoe.vision.companion_path), if written
 
 
 def convert(src: str | Path, out: str | Path, quant: str = "q8_0", progress=None, on_plan=None) -> Report:
@@ -43,10 +44,31 @@ def convert(src: str | Path, out: str | Path, quant: str = "q8_0", progress=None
         mod.add_metadata(w, cfg)
         kinds.append(write_tokenizer(w, ck.dir, cfg["vocab_size"]))
 
+    vision_plans, write_vision = _vision(ck, cfg, out, QUANT_CHOICES[quant], progress)
     if on_plan:
-        on_plan(sum(4 * _elements(p.shape) for p in plans))
+        on_plan(sum(4 * _elements(p.shape) for p in plans + vision_plans))
     write_gguf(out, mod.ARCH, metadata, plans, QUANT_CHOICES[quant], progress)
-    return Report(out, mod.ARCH, kinds[0], plans, out.stat().st_size)
+    return Report(out, mod.ARCH, kinds[0], plans, out.stat().st_size, write_vision())
+
+
+def _vision(ck, cfg: dict, out: Path, quant, progress):
+    """Plan the mmproj companion of a checkpoint with a vision tower (planned first, so a bad
+    vision config fails before anything is written). Returns (plans, write() -> path or None)."""
+    from localmoe.vision import companion_path
+
+    from . import vision
+
+    if not vision.has_vision(ck):
+        return [], lambda: None
+    vc = vision.vision_config(ck.config, cfg)
+    mean, std = vision.image_stats(ck)
+    plans = vision.plan(ck, vc, vision.img_break_id(ck))
+    path = companion_path(out)
+
+    def write():
+        write_gguf(path, vision.ARCH, lambda w: vision.add_metadata(w, vc, mean, std), plans, quant, progress)
+        return path
+    return plans, write
 
 
 def _elements(shape) -> int:

@@ -9,6 +9,9 @@
 
 Besides llama.cpp's keys we write `localmoe.tokenizer.version` (tekken's config.version, "spm" for
 SentencePiece) and, for byte-level BPE, `localmoe.tokenizer.pattern` (the pre-tokenizer regex).
+Mistral tokenizer files also give the prompt format (`localmoe.chat.format`: "mistral-" + the
+mistral-common version, from tekken's config.version or the SentencePiece file name as mistral-common
+reads it) and the reasoning efforts the model accepts (tekken's `model_settings_builder`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from pathlib import Path
 import gguf
 
 from localmoe.errors import ConvertError
-from localmoe.gguf.format import KEY_TOKENIZER_PATTERN, KEY_TOKENIZER_VERSION
+from localmoe.gguf.format import (KEY_CHAT_EFFORT_DEFAULT, KEY_CHAT_EFFORTS, KEY_CHAT_FORMAT,
+                                  KEY_TOKENIZER_PATTERN, KEY_TOKENIZER_VERSION)
 from localmoe.tokenizer import TEKKEN_PATTERN, bytes_to_unicode
 
 T = gguf.TokenType
@@ -145,7 +149,28 @@ def _write_tekken(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> str:
     writer.add_add_eos_token(False)
     writer.add_string(KEY_TOKENIZER_VERSION, version)
     writer.add_string(KEY_TOKENIZER_PATTERN, cfg.get("pattern") or TEKKEN_PATTERN)
+    _write_chat_format(writer, version, data.get("model_settings_builder"))
     return "tekken"
+
+
+def spm_version(path: Path) -> str:
+    """mistral-common's version of a SentencePiece file, from its name: "tokenizer.model.v3" -> "v3",
+    "...model.v7m1" -> "v7", a bare "tokenizer.model" -> "v1"."""
+    suffix = Path(path).name.split(".")[-1]
+    return "v1" if suffix == "model" else suffix.split("m")[0]
+
+
+def _write_chat_format(writer: gguf.GGUFWriter, version: str, settings_builder: dict | None) -> None:
+    """The prompt format and the reasoning efforts the model's settings builder accepts."""
+    writer.add_string(KEY_CHAT_FORMAT, f"mistral-{version}")
+    effort = (settings_builder or {}).get("reasoning_effort")
+    if not effort:
+        return
+    if effort.get("type") != "enum" or not effort.get("values"):
+        raise ConvertError(f"unsupported reasoning_effort settings builder: {effort}")
+    writer.add_array(KEY_CHAT_EFFORTS, [str(v) for v in effort["values"]])
+    if effort.get("default") is not None:
+        writer.add_string(KEY_CHAT_EFFORT_DEFAULT, str(effort["default"]))
 
 
 def _merges_from_ranks(ranks: dict[bytes, int], by_rank: list[bytes], strs: list[str], path: Path) -> list[str]:
@@ -206,6 +231,7 @@ def _write_spm(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> str:
     writer.add_add_space_prefix(model["add_dummy_prefix"])
     writer.add_remove_extra_whitespaces(model["remove_extra_whitespaces"])
     writer.add_string(KEY_TOKENIZER_VERSION, "spm")
+    _write_chat_format(writer, spm_version(path), None)
     return "spm"
 
 

@@ -11,6 +11,7 @@ from .errors import InputError, ModelFileError
 from .gguf.format import KEY_QUANT_FALLBACK, SUPPORTED_TYPES, type_name
 from .gguf.reader import GGUFFile
 from .models import module_for
+from .sampling import Sampler, SamplingParams
 
 PREFILL_BATCH = 128          # prompt tokens per forward pass: weights are read once per batch
 DEFAULT_CTX = 8192
@@ -61,42 +62,100 @@ class Model:
             raise InputError(f"token id out of range 0..{self.config.vocab_size - 1}")
         return ids
 
-    def prefill(self, ids, cache, last_only: bool = True) -> np.ndarray:
-        """Run prompt ids through the model in batches, appending to `cache`."""
+    def prefill(self, ids, cache, last_only: bool = True, embeds=None) -> np.ndarray:
+        """Run prompt ids through the model in batches, appending to `cache`. `embeds` = (positions,
+        vectors [k, hidden]) replaces the embeddings at those prompt positions (image tokens)."""
         out = []
         for s in range(0, len(ids), PREFILL_BATCH):
             chunk = ids[s:s + PREFILL_BATCH]
-            out.append(self.net.forward(chunk, cache, last_only=last_only and s + PREFILL_BATCH >= len(ids)))
+            out.append(self.net.forward(chunk, cache, last_only=last_only and s + PREFILL_BATCH >= len(ids),
+                                        embeds=_window(embeds, s, len(chunk))))
         return out[-1] if last_only else np.concatenate(out)
 
-    def logits(self, ids) -> np.ndarray:
-        """float32 [len(ids), vocab] logits for every position, in a fresh context."""
+    def logits(self, ids, images=None) -> np.ndarray:
+        """float32 [len(ids), vocab] logits for every position, in a fresh context. `images` (paths,
+        PIL images or normalised float32 [3, H, W] arrays) fill the [IMG] positions of `ids` in order."""
         ids = self._check_ids(ids, self.config.max_position_embeddings)
         cache = self.new_cache(len(ids))
-        return self.prefill(ids, cache, last_only=False)
+        return self.prefill(ids, cache, last_only=False, embeds=self.image_embeds(ids, images))
+
+    @property
+    def vision(self):
+        """The vision companion (`<model>.mmproj.gguf`), loaded on first use."""
+        from .vision import Vision, companion_path
+
+        if getattr(self, "_vision", None) is None:
+            path = companion_path(self.path)
+            if not path.is_file():
+                raise InputError(f"{self.path.name} has no vision companion ({path.name} not found): this model "
+                                 f"cannot read images; convert a checkpoint with a vision tower to get one")
+            vision = Vision(path, self.backend)
+            if vision.config.projection_dim != self.config.hidden_size:
+                raise ModelFileError(f"{path}: projection_dim {vision.config.projection_dim} does not match "
+                                     f"the text model's hidden size {self.config.hidden_size}")
+            self._vision = vision
+        return self._vision
+
+    def image_tokens(self, image) -> list[int]:
+        """The prompt token ids for one image ([IMG] x w + [IMG_BREAK] per row, the last [IMG_END])."""
+        return self.vision.token_ids(self.tokenizer, image)
+
+    def image_embeds(self, ids: np.ndarray, images):
+        """For prefill: (positions of [IMG] in ids, the images' projector outputs), None without images."""
+        if not images:
+            return None
+        vectors = self.vision.embeddings(images)
+        positions = np.flatnonzero(np.asarray(ids) == self.tokenizer.special_id("[IMG]"))
+        if len(positions) != len(vectors):
+            raise InputError(f"the prompt has {len(positions)} [IMG] tokens but its {len(images)} image(s) "
+                             f"need {len(vectors)}; build them with image_tokens()")
+        return positions, vectors
 
     def generate(self, ids, max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
                  stop: tuple[int, ...] | None = None) -> Iterator[int]:
         """Yield up to max_tokens new token ids (greedy at temperature 0), stopping after EOS."""
-        ids = self._check_ids(ids, self.n_ctx)
+        sampler = Sampler(SamplingParams(temperature=temperature, seed=seed))
+        return self.generate_from(self.new_cache(), ids, sampler, max_tokens, stop)
+
+    def generate_from(self, cache, ids, sampler: Sampler | None = None, max_tokens: int = 64,
+                      stop: tuple[int, ...] | None = None) -> Iterator[int]:
+        """Append ids to `cache` (which may already hold earlier turns: they are not recomputed), then
+        yield up to max_tokens sampled ids, stopping after a stop id (EOS by default) or a full context."""
+        ids = self._check_ids(ids, cache.n_ctx - cache.length)
+        sampler = sampler or Sampler()
         stop = set(stop if stop is not None else (self.tokenizer.eos_id,))
-        rng = np.random.default_rng(seed)
-        cache = self.new_cache()
+        return self._sample_loop(ids, cache, sampler, max_tokens, stop)
+
+    def _sample_loop(self, ids, cache, sampler, max_tokens, stop) -> Iterator[int]:
         logits = self.prefill(ids, cache)[-1]
         for _ in range(max_tokens):
-            tok = sample(logits, temperature, rng)
+            tok = sampler(logits)
             yield tok
-            if tok in stop or cache.length >= self.n_ctx:
+            if tok in stop or cache.length >= cache.n_ctx:
                 return
             logits = self.net.forward(np.array([tok]), cache, last_only=True)[-1]
 
+    @property
+    def chat_format(self):
+        """The prompt format recorded by the converter (`localmoe.chat`)."""
+        if not hasattr(self, "_chat_format"):
+            from .chat import ChatFormat
+            self._chat_format = ChatFormat.from_metadata(self.file.metadata, self.tokenizer)
+        return self._chat_format
 
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    return int(rng.choice(len(p), p=p / p.sum()))
+    def chat_tokens(self, messages: list[dict], effort: str | None = None) -> list[int]:
+        """Prompt ids of a conversation ({"role": "system"|"user"|"assistant", "content": str} dicts,
+        ending with a user message) in the model's own format, ready for the assistant's reply."""
+        return self.chat_format.encode(messages, effort)
+
+
+def _window(embeds, start: int, n: int):
+    """The part of (positions, vectors) that falls in prompt positions [start, start+n), made relative."""
+    if embeds is None:
+        return None
+    positions, vectors = embeds
+    keep = (positions >= start) & (positions < start + n)
+    return (positions[keep] - start, vectors[keep]) if keep.any() else None
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:

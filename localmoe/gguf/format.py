@@ -51,3 +51,7 @@ KEY_QUANT_FALLBACK = "localmoe.quant_fallback"         # tensors kept in F16 bec
 KEY_SOURCE_ARCH = "localmoe.source_architecture"       # the HF class the file was converted from
 KEY_TOKENIZER_VERSION = "localmoe.tokenizer.version"   # e.g. "v15" (tekken) or "v1"/"v3" (SentencePiece)
 KEY_TOKENIZER_PATTERN = "localmoe.tokenizer.pattern"   # byte-level BPE pre-tokenizer regex (tiktoken pat_str)
+KEY_PROJECTOR_NORM_EPS = "localmoe.vision.projector_norm_epsilon"  # mm.input_norm eps (the text rms_norm_eps)
+KEY_CHAT_FORMAT = "localmoe.chat.format"               # prompt format, e.g. "mistral-v15", "mistral-v1"
+KEY_CHAT_EFFORTS = "localmoe.chat.reasoning_efforts"   # accepted reasoning_effort values ([] = no setting)
+KEY_CHAT_EFFORT_DEFAULT = "localmoe.chat.reasoning_effort_default"  # the settings builder's default

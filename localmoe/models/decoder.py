@@ -87,10 +87,14 @@ class Decoder:
         self.ffn_norm = [f.array(f"blk.{i}.ffn_norm.weight") for i in range(L)]
         self.stats = Stats(L, cfg.n_experts)
 
-    def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+    def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False, embeds=None) -> np.ndarray:
+        """`embeds` = (rows, vectors): inputs that replace the token embeddings at those rows of `ids`
+        (image features at [IMG] positions, as Transformers' masked_scatter)."""
         be, eps = self.be, self.cfg.rms_norm_eps
         positions = np.arange(cache.length, cache.length + len(ids))
         x = be.embed(self.embed_tokens, ids)
+        if embeds is not None:
+            x[embeds[0]] = embeds[1]
         for i in range(self.cfg.num_hidden_layers):
             x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
             x = x + self.ffn(i, be.rmsnorm(x, self.ffn_norm[i], eps))

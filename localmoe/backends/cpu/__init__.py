@@ -31,7 +31,7 @@ class CPUBackend:
 
     def linear_heads(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
-        return np.stack([self.linear(w.expert(h), x[:, h]) for h in range(w.raw.shape[0])], axis=1)
+        return kernels.matmul_heads(w.raw, int(w.type), x)
 
     def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
         """Rows of the embedding table for token ids (only those rows are read)."""
@@ -55,11 +55,13 @@ class CPUBackend:
         values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
         n, hq, dk = q.shape
         T, hkv, dv = v.shape
-        qg = q.reshape(n, hkv, hq // hkv, dk)
-        s = np.einsum("nkgd,tkd->nkgt", qg, k, optimize=True) * np.float32(scale)
-        future = np.arange(T)[None, :] > (pos0 + np.arange(n))[:, None]
-        s[np.broadcast_to(future[:, None, None, :], s.shape)] = -np.inf
+        g = hq // hkv
+        qg = q.reshape(n, hkv, g, dk).transpose(1, 0, 2, 3).reshape(hkv, n * g, dk)   # rows: (query, head)
+        s = np.matmul(qg, k.transpose(1, 2, 0)) * np.float32(scale)                   # [hkv, n*g, T]
+        query_pos = pos0 + np.repeat(np.arange(n), g)
+        s[:, np.arange(T)[None, :] > query_pos[:, None]] = -np.inf
         s -= s.max(axis=-1, keepdims=True)
         p = np.exp(s)
         p /= p.sum(axis=-1, keepdims=True)
-        return np.einsum("nkgt,tkd->nkgd", p, v, optimize=True).reshape(n, hq, dv).astype(np.float32)
+        o = np.matmul(p, v.transpose(1, 0, 2))                                         # [hkv, n*g, dv]
+        return o.reshape(hkv, n, g, dv).transpose(1, 0, 2, 3).reshape(n, hq, dv).astype(np.float32)

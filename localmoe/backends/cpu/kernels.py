@@ -424,6 +424,22 @@ def _matmul_kernel(buf, row_stride, rows, qt, cols, n, xq, xd, xf, out):
                 out[t, r] = _rowdot(buf, r * row_stride, qt, cols, xq, xd, xf, t)
 
 
+@njit(parallel=True, **_JIT)
+def _heads_kernel(buf, head_stride, row_stride, heads, rows, qt, x2, n):
+    """Per-head matrices (MLA's attn_k_b / attn_v_b): out[t, h, r] = W[h, r] . x[t, h], with x2 the
+    activations as [n * heads, cols]. One parallel loop over all heads' rows."""
+    xq, xd = _quantize_if(qt, x2)
+    xf = x2.reshape(x2.size)
+    cols = x2.shape[1]
+    out = np.empty((n, heads, rows), np.float32)
+    for hr in prange(heads * rows):
+        h = hr // rows
+        off = h * head_stride + (hr - h * rows) * row_stride
+        for t in range(n):
+            out[t, h, hr - h * rows] = _rowdot(buf, off, qt, cols, xq, xd, xf, t * heads + h)
+    return out
+
+
 @njit(**_JIT)
 def _silu1(g):
     return g / (np.float32(1.0) + np.exp(-g))
@@ -664,6 +680,19 @@ def matmul(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def matmul_heads(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
+    """y[n, heads, rows] = per head h: x[n, h] @ W[h].T, for W stored as `raw` uint8
+    (heads, rows, row_bytes) — one call for all heads instead of one per head."""
+    qt = int(qtype)
+    n, heads, cols = x.shape
+    if raw.shape[0] != heads:
+        raise ValueError(f"{raw.shape[0]} weight heads for {heads} activation heads")
+    _check_type(qt, cols, raw.shape[2])
+    buf, head_stride, row_stride = flat_view(raw)
+    x2 = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(n * heads, cols))
+    return _heads_kernel(buf, head_stride, row_stride, heads, raw.shape[1], qt, x2, n)
+
+
 def expert_ffn(x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
                gate: np.ndarray, gate_type: int, down: np.ndarray, down_type: int,
                up: np.ndarray | None = None, up_type: int | None = None) -> np.ndarray:
@@ -750,6 +779,7 @@ def compile_all() -> float:
         raws[qt] = np.zeros((rows, rb), np.uint8)
         matmul(raws[qt], qt, x1)
         matmul(raws[qt], qt, x3)
+        matmul_heads(np.stack([raws[qt]] * 2), qt, np.stack([x3, x3], axis=1))
     matmul(np.zeros((SERIAL_BYTES // 64 + 1, 68), np.uint8), Q8_0, x1)  # the parallel matvec
     g = np.zeros((e, 2 * inter, cols // 32 * 34), np.uint8)
     d = np.zeros((e, cols, inter // 32 * 34), np.uint8)

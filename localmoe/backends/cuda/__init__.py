@@ -1,0 +1,183 @@
+"""The CUDA backend: the kernel interface of CPUBackend on numba.cuda kernels (kernels.py).
+
+Weights are uploaded once, on first use, as the GGUF's own bytes (a `Weight` -> device array cache
+keyed by the stored array's address, shape, strides and type) and never dequantised. Activations
+arrive and leave as host numpy arrays: every method uploads its inputs and copies its result back
+(the routed experts' intermediate stays on the GPU). This is the first, correct version; keeping
+activations resident and capturing the decode step in a CUDA graph is the next step (docs/PERFORMANCE.md).
+
+Importing this package needs neither numba-cuda nor a GPU; `available()` says whether one is usable.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import Weight
+
+
+def available() -> tuple[bool, str]:
+    """(True, device name) when numba.cuda imports and sees a GPU, else (False, why not)."""
+    try:
+        from ._numba import cuda
+    except Exception as e:  # numba-cuda missing or broken
+        return False, f"numba.cuda does not import: {e}"
+    try:
+        if not cuda.is_available():
+            return False, "no CUDA GPU"
+        name = getattr(cuda.get_current_device(), "name", b"CUDA simulator")
+        return True, name.decode() if isinstance(name, bytes) else str(name)
+    except Exception as e:
+        return False, f"no CUDA GPU: {e}"
+
+
+def _key(a: np.ndarray, t: int = -1):
+    return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str, t)
+
+
+class CUDABackend:
+    name = "cuda"
+
+    def __init__(self):
+        ok, why = available()
+        if not ok:
+            raise RuntimeError(why)
+        from . import kernels as K
+        from ._numba import cuda
+        self.K, self.cuda = K, cuda
+        self.device_name = why
+        self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
+        self._weights: dict = {}          # key -> (host array kept alive, device array, fast)
+        self._vectors: dict = {}          # norm weights and other float vectors
+        self._ints: dict = {}             # cached index arrays
+        self.bytes_uploaded = 0           # weight bytes host -> device so far
+
+    # -- weights ----------------------------------------------------------------------------------
+    def upload(self, w: Weight):
+        """The device copy of a weight's stored blocks: (device array, fast); uploaded on first use."""
+        k = _key(w.raw, int(w.type))
+        hit = self._weights.get(k)
+        if hit is None:
+            raw = np.ascontiguousarray(w.raw).reshape(-1)
+            if raw.dtype != np.uint8:
+                raw = raw.view(np.uint8)
+            fast = self.K.fast_ok(int(w.type), w.cols)
+            dev = self.cuda.to_device(raw.view(np.uint32) if fast else raw)
+            self.bytes_uploaded += raw.nbytes
+            hit = self._weights[k] = (w.raw, dev, fast)
+        return hit[1], hit[2]
+
+    def _vector(self, v: np.ndarray):
+        k = _key(v)
+        hit = self._vectors.get(k)
+        if hit is None:
+            hit = self._vectors[k] = (v, self.cuda.to_device(np.ascontiguousarray(v, dtype=np.float32)))
+        return hit[1]
+
+    def _arange(self, n: int):
+        k = ("arange", n)
+        if k not in self._ints:
+            self._ints[k] = self.cuda.to_device(np.arange(n, dtype=np.int32))
+        return self._ints[k]
+
+    def _zeros(self, n: int):
+        k = ("zeros", n)
+        if k not in self._ints:
+            self._ints[k] = self.cuda.to_device(np.zeros(n, dtype=np.int32))
+        return self._ints[k]
+
+    # -- the batched gemv -------------------------------------------------------------------------
+    def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None):
+        """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2)."""
+        qt, cols, rows = int(w.type), w.cols, w.rows
+        dev, fast = self.upload(w)
+        dev2 = self.upload(w2)[0] if w2 is not None else dev
+        fast_k, kern = self.K.gemv_kernel(qt, cols, w2 is not None)
+        y = out if out is not None else self.cuda.device_array((P, rows), np.float32)
+        row_bytes = w.raw.shape[-1]
+        mat_bytes = row_bytes * rows
+        gx = max(1, min((rows + self.K.WARPS - 1) // self.K.WARPS, max(1, 2 * self.sms // P)))
+        if fast_k:
+            shmem = 4 * (cols + cols // 64 + 1)
+            kern[(gx, P), self.K.THREADS, 0, shmem](dev, dev2, mats, xidx, x_dev, y, rows, cols, mat_bytes // 4)
+        else:
+            kern[(gx, P), self.K.THREADS](dev, dev2, mats, xidx, x_dev, y, rows, cols, row_bytes, mat_bytes)
+        return y
+
+    # -- the kernel interface ---------------------------------------------------------------------
+    def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
+        x = np.asarray(x, dtype=np.float32)
+        squeeze = x.ndim == 1
+        x2 = np.ascontiguousarray(x.reshape(-1, w.cols))
+        n = len(x2)
+        y = self.gemv(w, self._zeros(n), self._arange(n), self.cuda.to_device(x2), n).copy_to_host()
+        return y[0] if squeeze else y
+
+    def linear_heads(self, w: Weight, x: np.ndarray) -> np.ndarray:
+        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
+        n, heads, cols = x.shape
+        P = n * heads
+        k = ("heads", n, heads)
+        if k not in self._ints:
+            self._ints[k] = self.cuda.to_device(np.tile(np.arange(heads, dtype=np.int32), n))
+        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(P, cols)
+        y = self.gemv(w, self._ints[k], self._arange(P), self.cuda.to_device(x2), P).copy_to_host()
+        return y.reshape(n, heads, w.rows)
+
+    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
+        """Rows of the embedding table for token ids, dequantised on the host from the mapped file
+        (only those rows are read; the result is needed on the host by the model code anyway)."""
+        from ..cpu import CPUBackend
+        return CPUBackend.embed(None, w, ids)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        xd = self.cuda.to_device(x2)
+        out = self.cuda.device_array_like(xd)
+        self.K.rmsnorm_kernel[len(x2), self.K.THREADS](xd, self._vector(weight), out, np.float32(eps))
+        return out.copy_to_host().reshape(x.shape)
+
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
+                   weights: np.ndarray) -> np.ndarray:
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e."""
+        x = np.asarray(x, dtype=np.float32)
+        squeeze = x.ndim == 1
+        x2 = np.ascontiguousarray(x.reshape(-1, gate.cols))
+        n = len(x2)
+        ids2 = np.asarray(ids).reshape(n, -1)
+        k = ids2.shape[1]
+        P = n * k
+        if ids2.min() < 0 or ids2.max() >= gate.n_experts:
+            raise ValueError("expert id out of range")
+        mats = self.cuda.to_device(ids2.astype(np.int32).reshape(P))
+        tok = self.cuda.to_device(np.repeat(np.arange(n, dtype=np.int32), k))
+        xd = self.cuda.to_device(x2)
+        if int(gate.type) == int(up.type):
+            h = self.gemv(gate, mats, tok, xd, P, w2=up)                 # silu(gate x) * up x, fused
+        else:
+            g = self.gemv(gate, mats, tok, xd, P).copy_to_host()
+            u = self.gemv(up, mats, tok, xd, P).copy_to_host()
+            h = self.cuda.to_device(np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, dtype=np.float32))
+        yp = self.gemv(down, mats, self._arange(P), h, P)
+        wd = self.cuda.to_device(np.ascontiguousarray(np.asarray(weights, dtype=np.float32).reshape(n, k)))
+        y = self.cuda.device_array((n, down.rows), np.float32)
+        gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
+        self.K.combine_kernel[(gx, n), self.K.THREADS](yp, wd, y)
+        out = y.copy_to_host()
+        return out[0] if squeeze else out
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale: float) -> np.ndarray:
+        """Causal attention of queries q [n, Hq, dk] at positions pos0.. over keys k [T, Hkv, dk] and
+        values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
+        n, hq, dk = q.shape
+        T, hkv, dv = v.shape
+        c = self.cuda
+        qd = c.to_device(np.ascontiguousarray(q, dtype=np.float32))
+        kd = c.to_device(np.ascontiguousarray(k, dtype=np.float32))
+        vd = c.to_device(np.ascontiguousarray(v, dtype=np.float32))
+        out = c.device_array((n, hq, dv), np.float32)
+        s = c.device_array((n, hq, max(T, 1)), np.float32)
+        self.K.attention_kernel[(n, hq), self.K.THREADS](qd, kd, vd, out, s, int(pos0), np.float32(scale), T,
+                                                         hq // hkv)
+        return out.copy_to_host()
