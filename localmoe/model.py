@@ -18,10 +18,18 @@ DEFAULT_CTX = 8192
 
 
 def make_backend(name: str = "cpu"):
+    """"cpu", "cuda", or "auto" (CUDA when numba.cuda sees a GPU, else CPU)."""
+    if name in ("cuda", "auto"):
+        from .backends.cuda import CUDABackend, available
+        ok, why = available()
+        if ok:
+            return CUDABackend()
+        if name == "cuda":
+            raise InputError(f"backend 'cuda' is not usable here: {why}")
     if name in ("cpu", "auto"):
         from .backends.cpu import CPUBackend
         return CPUBackend()
-    raise InputError(f"unknown backend {name!r}; available: cpu")
+    raise InputError(f"unknown backend {name!r}; available: cpu, cuda, auto")
 
 
 class Model:

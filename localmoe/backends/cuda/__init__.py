@@ -50,6 +50,7 @@ class CUDABackend:
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
         self.bytes_uploaded = 0           # weight bytes host -> device so far
+        self.launches = 0                 # kernel launches so far (for launches per token)
 
     # -- weights ----------------------------------------------------------------------------------
     def upload(self, w: Weight):
@@ -91,16 +92,11 @@ class CUDABackend:
         qt, cols, rows = int(w.type), w.cols, w.rows
         dev, fast = self.upload(w)
         dev2 = self.upload(w2)[0] if w2 is not None else dev
-        fast_k, kern = self.K.gemv_kernel(qt, cols, w2 is not None)
         y = out if out is not None else self.cuda.device_array((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
-        mat_bytes = row_bytes * rows
-        gx = max(1, min((rows + self.K.WARPS - 1) // self.K.WARPS, max(1, 2 * self.sms // P)))
-        if fast_k:
-            shmem = 4 * (cols + cols // 64 + 1)
-            kern[(gx, P), self.K.THREADS, 0, shmem](dev, dev2, mats, xidx, x_dev, y, rows, cols, mat_bytes // 4)
-        else:
-            kern[(gx, P), self.K.THREADS](dev, dev2, mats, xidx, x_dev, y, rows, cols, row_bytes, mat_bytes)
+        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
+                           fused=w2 is not None)
+        self.launches += 1
         return y
 
     # -- the kernel interface ---------------------------------------------------------------------
@@ -136,6 +132,7 @@ class CUDABackend:
         xd = self.cuda.to_device(x2)
         out = self.cuda.device_array_like(xd)
         self.K.rmsnorm_kernel[len(x2), self.K.THREADS](xd, self._vector(weight), out, np.float32(eps))
+        self.launches += 1
         return out.copy_to_host().reshape(x.shape)
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
@@ -164,6 +161,7 @@ class CUDABackend:
         y = self.cuda.device_array((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         self.K.combine_kernel[(gx, n), self.K.THREADS](yp, wd, y)
+        self.launches += 1
         out = y.copy_to_host()
         return out[0] if squeeze else out
 
@@ -180,4 +178,5 @@ class CUDABackend:
         s = c.device_array((n, hq, max(T, 1)), np.float32)
         self.K.attention_kernel[(n, hq), self.K.THREADS](qd, kd, vd, out, s, int(pos0), np.float32(scale), T,
                                                          hq // hkv)
+        self.launches += 1
         return out.copy_to_host()

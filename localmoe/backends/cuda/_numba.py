@@ -5,7 +5,12 @@ numba-cuda 0.30.4 calls `numpy.row_stack` at import time, which numpy 2.5 remove
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# Small grids are normal here (tiny models, per-token kernels): no warning per launch.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack

@@ -34,6 +34,7 @@ ESIZE = {F32: 4, F16: 2, BF16: 2}
 
 WARPS = 8
 THREADS = 32 * WARPS
+BLOCKS_PER_SM = 2          # gemv grid: this many blocks per SM, split over the P products (bench_cuda sweeps it)
 _TWO112 = float32(5.192296858534828e+33)   # 2**112: rebias an fp16 exponent into fp32
 
 
@@ -266,6 +267,17 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
     if key not in _CACHE:
         _CACHE[key] = (_make_fast if fast else _make_generic)(qt, fused)
     return fast, _CACHE[key]
+
+
+def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False):
+    """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
+    kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps."""
+    fast, kern = gemv_kernel(qt, cols, fused)
+    gx = max(1, min((rows + WARPS - 1) // WARPS, max(1, BLOCKS_PER_SM * sms // P)))
+    if fast:
+        kern[(gx, P), THREADS, 0, 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
+    else:
+        kern[(gx, P), THREADS](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
 
 
 # -- the rest -----------------------------------------------------------------------------------------

@@ -1,0 +1,147 @@
+"""The CUDA backend against the CPU backend (same GGUF bytes, same inputs).
+
+Without a usable GPU every GPU test skips ("no CUDA GPU"); the backend-selection test runs everywhere.
+The model-level tests read the reference set written by tests/cuda_refs.py (GGUFs + CPU logits) from
+$LOCALMOE_CUDA_REFS (default .cudaref).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localmoe.backends import Weight
+from localmoe.backends.cuda import available
+from localmoe.gguf.format import GGMLType
+
+GPU, WHY = available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no CUDA GPU")
+REFS = Path(os.environ.get("LOCALMOE_CUDA_REFS", Path(__file__).parent.parent / ".cudaref"))
+
+TYPES = [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F32, GGMLType.F16, GGMLType.BF16]
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+def mean_kl(ref: np.ndarray, ours: np.ndarray) -> float:
+    def logsm(z):
+        z = z.astype(np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lp, lq = logsm(ref), logsm(ours)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def make_weight(rng, shape, t) -> Weight:
+    from gguf.quants import quantize
+    a = rng.standard_normal(shape).astype(np.float32)
+    if t == GGMLType.F32:
+        raw = a.view(np.uint8).reshape(*shape[:-1], -1)
+    elif t == GGMLType.F16:
+        raw = a.astype(np.float16).view(np.uint8).reshape(*shape[:-1], -1)
+    else:
+        raw = quantize(a, t)
+    return Weight(raw, t, shape[-1], f"{t.name}{shape}")
+
+
+def test_backend_selection():
+    from localmoe.errors import InputError
+    from localmoe.model import make_backend
+    assert make_backend("auto").name == ("cuda" if GPU else "cpu")
+    if not GPU:
+        with pytest.raises(InputError, match="cuda"):
+            make_backend("cuda")
+
+
+@pytest.fixture(scope="module")
+def backends():
+    from localmoe.backends.cpu import CPUBackend
+    from localmoe.backends.cuda import CUDABackend
+    return CUDABackend(), CPUBackend()
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols", [(300, 4096), (64, 2048), (40, 96), (17, 32)])
+@pytest.mark.parametrize("n", [1, 5])
+def test_linear(backends, t, rows, cols, n):
+    gpu, cpu = backends
+    rng = np.random.default_rng(rows * cols + n)
+    w = make_weight(rng, (rows, cols), t)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    assert rel(gpu.linear(w, x), cpu.linear(w, x)) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+def test_linear_heads(backends, t):
+    gpu, cpu = backends
+    rng = np.random.default_rng(1)
+    w = make_weight(rng, (4, 64, 128), t)
+    x = rng.standard_normal((3, 4, 128)).astype(np.float32)
+    assert rel(gpu.linear_heads(w, x), cpu.linear_heads(w, x)) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("n", [1, 6])
+def test_expert_ffn(backends, t, fused, n):
+    gpu, cpu = backends
+    rng = np.random.default_rng(n + 7 * fused)
+    E, H, I, k = 8, 256, 128, 3
+    if fused:   # mistral4's layout: gate and up are views of one [E, 2I, H] tensor
+        gu = make_weight(rng, (E, 2 * I, H), t)
+        gate, up = (Weight(gu.raw[:, s], t, H) for s in (slice(0, I), slice(I, None)))
+    else:
+        gate, up = make_weight(rng, (E, I, H), t), make_weight(rng, (E, I, H), t)
+    down = make_weight(rng, (E, H, I), t)
+    x = rng.standard_normal((n, H)).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
+    wts = rng.random((n, k)).astype(np.float32)
+    assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts), cpu.expert_ffn(gate, up, down, x, ids, wts)) < 1e-4
+
+
+@needs_gpu
+def test_rmsnorm_attention(backends):
+    gpu, cpu = backends
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 320)).astype(np.float32)
+    nw = rng.standard_normal(320).astype(np.float32)
+    assert rel(gpu.rmsnorm(x, nw, 1e-6), cpu.rmsnorm(x, nw, 1e-6)) < 1e-5
+    for n, T, pos0, hq, hkv, dk, dv in [(3, 7, 4, 8, 2, 40, 24), (1, 300, 299, 4, 1, 320, 256), (6, 6, 0, 4, 4, 16, 16)]:
+        q = rng.standard_normal((n, hq, dk)).astype(np.float32)
+        k = rng.standard_normal((T, hkv, dk)).astype(np.float32)
+        v = rng.standard_normal((T, hkv, dv)).astype(np.float32)
+        assert rel(gpu.attention(q, k, v, pos0, 0.2), cpu.attention(q, k, v, pos0, 0.2)) < 1e-5
+
+
+CASES = [(c, q) for c in ("mistral4", "mixtral") for q in ("f32", "q8_0", "q4_0")]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case,quant", CASES, ids=[f"{c}-{q}" for c, q in CASES])
+def test_model_matches_cpu(case, quant, capsys):
+    path = REFS / f"{case}-{quant}.gguf"
+    if not path.exists():
+        pytest.skip(f"no reference set at {REFS} (python tests/cuda_refs.py {REFS})")
+    import localmoe
+    ids = np.load(REFS / f"{case}.ids.npy")
+    ref = np.load(REFS / f"{case}-{quant}.logits.npy")
+    m = localmoe.load(path, backend="cuda")
+    ours = m.logits(ids)
+    d, kl = rel(ours, ref), mean_kl(ref, ours)
+    greedy_ref = np.load(REFS / f"{case}-{quant}.greedy.npy")
+    greedy = np.array(list(m.generate(ids[:8], max_tokens=len(greedy_ref), stop=())))
+    agree = float((greedy == greedy_ref).mean())
+    with capsys.disabled():
+        print(f"\n  {case} {quant}: max|diff|/max|logit| {d:.2e}, mean KL {kl:.2e}, "
+              f"top-1 {float((ours.argmax(-1) == ref.argmax(-1)).mean()):.1%}, greedy {len(greedy)} tokens "
+              f"{agree:.1%} identical")
+    assert d < 1e-3 and kl < 1e-4
+    if quant == "f32":
+        assert list(greedy) == list(greedy_ref)
