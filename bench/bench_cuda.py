@@ -1,16 +1,23 @@
 """GPU kernel bandwidth vs a measured device-to-device copy (numba.cuda), in one run.
 
-    python bench/bench_cuda.py [--model PATH.gguf]
+    python bench/bench_cuda.py [--sweep] [--model PATH.gguf] [--prefill N]
 
-1. The yardstick: device-to-device copy of 1 GiB (cudaMemcpy DtoD, and our own copy kernel),
-   GB/s counting bytes read + written.
-2. Q4_0 / Q8_0 gemv at Mistral Small 4's shapes, weight bytes read per second:
-   * `batched`: one launch over NMAT distinct matrices of that shape (>= 1 GiB in all, so nothing is
+On the device machine (numba-cuda needs `numpy.row_stack`, aliased in localmoe/backends/cuda/_numba.py;
+gguf from the carried wheel):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 bench/bench_cuda.py --sweep
+
+1. The yardstick: device-to-device copy of 1 GiB (cudaMemcpy DtoD), GB/s counting bytes read + written.
+2. Correctness of every gemv variant on fresh random blocks (vs a float64 numpy reference) and its
+   bandwidth at Mistral Small 4's shapes, weight bytes read per second:
+   * `batched`: one launch over n distinct matrices of the shape (>= 1 GiB in all, so nothing is
      served from L2): the kernel's streaming rate at the shape;
-   * `single`: one launch per matrix, rotating over the same NMAT matrices (what one call costs,
-     launch overhead included).
-   Ratio = gemv GB/s / copy GB/s.
-3. With --model: decode tok/s of the CUDA backend on that GGUF, launches per token.
+   * `single`: one launch per matrix, rotating over the same n matrices (launch overhead included);
+   * `experts`: fused gate+up (silu(g) * u) of 4 random experts of a [128, 2048, 4096] tensor per launch.
+   Ratio = gemv GB/s / copy GB/s. --sweep times every variant (warps per block, blocks per SM,
+   direct / staged loads) and then uses the best per type.
+3. With --model: decode tok/s of the CUDA backend on that GGUF, launches per token; --prefill N: prompt
+   tok/s for an N-token prompt.
 """
 from __future__ import annotations
 
@@ -26,8 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from localmoe.backends.cuda import available  # noqa: E402
 
 Q4_0, Q8_0 = 2, 8
+BS = {Q4_0: 18, Q8_0: 34}
+NAME = {Q4_0: "Q4_0", Q8_0: "Q8_0"}
 SHAPES = [("attn 4096x4096", 4096, 4096), ("expert gate/up 2048x4096", 2048, 4096),
           ("expert down 4096x2048", 4096, 2048), ("head 131072x4096", 131072, 4096)]
+VARIANTS = [dict(warps=w, direct=True, bps=b) for w in (4, 8, 16) for b in (2, 4, 8)] + \
+           [dict(warps=w, direct=False, bps=b) for w in (2, 4) for b in (4, 8)]
 
 
 def timeit(cuda, fn, reps: int) -> float:
@@ -45,10 +56,32 @@ def timeit(cuda, fn, reps: int) -> float:
     return float(np.median(ts))
 
 
+def random_blocks(rng, qt, nbytes):
+    """Random Q4_0/Q8_0 blocks with sane fp16 scales (2^-8 .. 2^-6): no inf/nan."""
+    host = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    blk = host.reshape(-1, BS[qt])
+    blk[:, :2] = (rng.uniform(2 ** -8, 2 ** -6, len(blk)).astype(np.float16)).view(np.uint8).reshape(-1, 2)
+    return host
+
+
+def dequant(raw, qt, rows, cols):
+    b = raw.reshape(rows, cols // 32, BS[qt])
+    d = b[..., :2].copy().view(np.float16).astype(np.float64)
+    if qt == Q4_0:
+        q = b[..., 2:]
+        v = np.concatenate([(q & 15).astype(np.int64) - 8, (q >> 4).astype(np.int64) - 8], -1)
+    else:
+        v = b[..., 2:].view(np.int8).astype(np.int64)
+    return (v * d).reshape(rows, cols)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-kernels", action="store_true")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -57,103 +90,184 @@ def main() -> None:
     from localmoe.backends.cuda._numba import cuda
     dev = cuda.get_current_device()
     sms = dev.MULTIPROCESSOR_COUNT
-    print(f"device: {name}, {sms} SMs, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(f"device: {name}, {sms} SMs, {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
 
     n = 1 << 28                     # 1 GiB of uint32
-    src = cuda.device_array(n, np.uint32)
+    src = cuda.to_device(np.random.default_rng(0).integers(0, 2 ** 32, n, dtype=np.uint32))
     dst = cuda.device_array(n, np.uint32)
-    K.copy_kernel[sms * 8, 256](src, dst)
-    t_memcpy = timeit(cuda, lambda: dst.copy_to_device(src), 10)
-    t_kcopy = timeit(cuda, lambda: K.copy_kernel[sms * 8, 256](src, dst), 10)
-    copy_bw = 2 * 4 * n / t_memcpy / 1e9
-    print(f"d2d copy (cudaMemcpy) {copy_bw:7.0f} GB/s   copy kernel {2 * 4 * n / t_kcopy / 1e9:7.0f} GB/s  (read+write)")
+    copy_bw = 2 * 4 * n / timeit(cuda, lambda: dst.copy_to_device(src), 10) / 1e9
+    copy_bw2 = 2 * 4 * n / timeit(cuda, lambda: dst.copy_to_device(src), 10) / 1e9
+    print(f"d2d copy (cudaMemcpy, 1 GiB) {copy_bw:7.0f} GB/s, again {copy_bw2:7.0f} GB/s (read+write)", flush=True)
+    copy_bw = max(copy_bw, copy_bw2)
     del src, dst
+    if args.no_kernels:
+        return model_bench(args, copy_bw)
 
-    def sweep_bps(qt, bs, rows, cols):
-        """Batched GB/s for each BLOCKS_PER_SM; returns {bps: GB/s}."""
-        mat_bytes = rows * cols // 32 * bs
+    rng = np.random.default_rng(1)
+    # -- correctness of each variant (fresh random data, poisoned output) --------------------------
+    bad = 0
+    failed = set()
+    for qt in (Q4_0, Q8_0):
+        for rows, cols, P, fused in ((300, 4096, 3, False), (96, 2048, 2, True), (40, 256, 2, False),
+                                     (8, 8192, 1, False), (64, 1024, 5, True), (6, 16384, 2, True)):
+            E = 3
+            raw = random_blocks(rng, qt, E * rows * cols // 32 * BS[qt])
+            raw2 = random_blocks(rng, qt, E * rows * cols // 32 * BS[qt])
+            x = rng.standard_normal((P, cols)).astype(np.float32)
+            mats = rng.integers(0, E, P).astype(np.int32)
+            wf = [dequant(raw.reshape(E, -1)[e], qt, rows, cols) for e in range(E)]
+            wf2 = [dequant(raw2.reshape(E, -1)[e], qt, rows, cols) for e in range(E)]
+            ref = np.stack([wf[m] @ x[p].astype(np.float64) for p, m in enumerate(mats)])
+            if fused:
+                u = np.stack([wf2[m] @ x[p].astype(np.float64) for p, m in enumerate(mats)])
+                ref = ref / (1 + np.exp(-ref)) * u
+            W, W2 = cuda.to_device(raw.view(np.uint32)), cuda.to_device(raw2.view(np.uint32))
+            dm, dx = cuda.to_device(mats), cuda.to_device(x)
+            dxi = cuda.to_device(np.arange(P, dtype=np.int32))
+            for v in VARIANTS:
+                y = cuda.to_device(np.full((P, rows), np.nan, np.float32))
+                try:
+                    K.launch_fast2(qt, cols, rows, W, W2, dm, dxi, dx, y, P, rows * cols // 32 * BS[qt], sms, fused,
+                                   **v)
+                except Exception as e:          # e.g. too many threads for the kernel's registers
+                    if str(v) not in failed:
+                        print(f"  launch failed {NAME[qt]} fused={fused} {v}: {str(e)[:60]}")
+                    failed.add(str(v))
+                    continue
+                out = y.copy_to_host()
+                err = float(np.abs(out - ref).max() / np.abs(ref).max()) if np.isfinite(out).all() else np.inf
+                if not err < 1e-4:
+                    bad += 1
+                    print(f"  WRONG {NAME[qt]} {rows}x{cols} P={P} fused={fused} {v}: rel err {err:.2e}")
+    print(f"correctness: {bad} failures over {2 * 6 * len(VARIANTS)} (type, shape, variant) checks", flush=True)
+
+    # -- bandwidth ---------------------------------------------------------------------------------
+    def setup(qt, rows, cols):
+        mat_bytes = rows * cols // 32 * BS[qt]
         nmat = max(1, min(64, (1 << 30) // mat_bytes + 1))
-        host = np.random.default_rng(1).integers(0, 256, nmat * mat_bytes, dtype=np.uint8)
-        host.reshape(-1, bs)[:, 1] = 0x24
-        W = cuda.to_device(host.view(np.uint32))
-        x = cuda.to_device(np.ones((1, cols), np.float32))
-        mats = cuda.to_device(np.arange(nmat, dtype=np.int32))
-        xidx = cuda.to_device(np.zeros(nmat, np.int32))
-        yb = cuda.device_array((nmat, rows), np.float32)
-        res = {}
-        for bps in (2, 4, 8, 16):
-            K.BLOCKS_PER_SM = bps
-            t = timeit(cuda, lambda: K.launch_gemv(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes // rows,
-                                                   mat_bytes, sms), 10)
-            res[bps] = nmat * mat_bytes / t / 1e9
-        return res
+        W = cuda.to_device(random_blocks(rng, qt, nmat * mat_bytes).view(np.uint32))
+        return W, mat_bytes, nmat
 
-    best = {}
-    for qt, bs, rows, cols in ((Q4_0, 18, 4096, 4096), (Q4_0, 18, 131072, 4096), (Q8_0, 34, 131072, 4096)):
-        res = sweep_bps(qt, bs, rows, cols)
-        for k, v in res.items():
-            best[k] = best.get(k, 0.0) + v
-        print(f"BLOCKS_PER_SM sweep, type {qt} {rows}x{cols}: " + ", ".join(f"{k}: {v:.0f} GB/s" for k, v in res.items()))
-    K.BLOCKS_PER_SM = max(best, key=best.get)
-    _, kq4 = K.gemv_kernel(Q4_0, 4096, False)
-    _, kq8 = K.gemv_kernel(Q8_0, 4096, False)
-    regs = [next(iter(k.get_regs_per_thread().values())) if isinstance(k.get_regs_per_thread(), dict)
-            else k.get_regs_per_thread() for k in (kq4, kq8)]
-    print(f"using BLOCKS_PER_SM = {K.BLOCKS_PER_SM}; registers per thread Q4_0 {regs[0]}, Q8_0 {regs[1]}")
+    results = {}
+    for qt in (Q4_0, Q8_0):
+        for label, rows, cols in SHAPES:
+            W, mat_bytes, nmat = setup(qt, rows, cols)
+            x = cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32))
+            mats = cuda.to_device(np.arange(nmat, dtype=np.int32))
+            xidx = cuda.to_device(np.zeros(nmat, np.int32))
+            yb = cuda.device_array((nmat, rows), np.float32)
+            row_bytes = mat_bytes // rows
+            old = timeit(cuda, lambda: K.launch_gemv_v1(qt, cols, rows, W, W, mats, xidx, x, yb, nmat,
+                                                                  row_bytes, mat_bytes, sms), 10)
+            res = {"old": nmat * mat_bytes / old / 1e9}
+            for v in (VARIANTS if args.sweep else [K.FAST2[qt]]):
+                if str(v) in failed:
+                    continue
+                t = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms,
+                                                        False, **v), 10)
+                res[(v["warps"], v["direct"], v["bps"])] = nmat * mat_bytes / t / 1e9
+            results[(qt, label)] = (res, W, mat_bytes, nmat, rows, cols)
+            best = max((k for k in res if k != "old"), key=res.get)
+            print(f"{NAME[qt]} {label:26} old {res['old']:6.0f} GB/s, best {best} {res[best]:6.0f} GB/s "
+                  f"({res[best] / copy_bw:.1%})", flush=True)
+            del W, yb
+    if args.sweep:
+        print("\nsweep (GB/s; key = warps/block, direct loads, blocks/SM):")
+        for qt in (Q4_0, Q8_0):
+            keys = [k for k in results[(qt, SHAPES[0][0])][0] if k != "old"]
+            tot = {k: sum(results[(qt, s[0])][0][k] / copy_bw for s in SHAPES) for k in keys}
+            for k in sorted(keys, key=lambda k: -tot[k])[:6]:
+                print(f"  {NAME[qt]} {k}: " + ", ".join(f"{results[(qt, s[0])][0][k]:.0f}" for s in SHAPES)
+                      + f"  (mean ratio {tot[k] / len(SHAPES):.1%})")
+            k = max(keys, key=tot.get)
+            K.FAST2[qt] = dict(warps=k[0], direct=k[1], bps=k[2])
+            print(f"  -> {NAME[qt]} uses {K.FAST2[qt]}")
 
     rows_out = []
-    for qt, qname, bs in ((Q4_0, "Q4_0", 18), (Q8_0, "Q8_0", 34)):
+    for qt in (Q4_0, Q8_0):
         for label, rows, cols in SHAPES:
-            mat_bytes = rows * cols // 32 * bs
-            nmat = max(1, min(64, (1 << 30) // mat_bytes + 1))
-            total = nmat * mat_bytes
-            rng = np.random.default_rng(0)
-            host = rng.integers(0, 256, total, dtype=np.uint8)
-            # sane fp16 scales (2^-6 .. 2^-5) at every block start: no inf/nan
-            blk = host.reshape(-1, bs)
-            blk[:, 1] = 0x24
-            W = cuda.to_device(host.view(np.uint32))
-            del host, blk
+            mat_bytes = rows * cols // 32 * BS[qt]
+            W, mat_bytes, nmat = setup(qt, rows, cols)
             x = cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32))
-            zero1 = cuda.to_device(np.zeros(1, np.int32))
             mats = cuda.to_device(np.arange(nmat, dtype=np.int32))
             xidx = cuda.to_device(np.zeros(nmat, np.int32))
             yb = cuda.device_array((nmat, rows), np.float32)
             y1 = cuda.device_array((1, rows), np.float32)
-            row_bytes = mat_bytes // rows
-
-            def batched():
-                K.launch_gemv(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, row_bytes, mat_bytes, sms)
+            zero1 = cuda.to_device(np.zeros(1, np.int32))
             singles = [cuda.to_device(np.array([m], np.int32)) for m in range(nmat)]
+            tb = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms), 10)
 
             def single():
                 for m in range(nmat):
-                    K.launch_gemv(qt, cols, rows, W, W, singles[m], zero1, x, y1, 1, row_bytes, mat_bytes, sms)
-            tb = timeit(cuda, batched, 10)
+                    K.launch_fast2(qt, cols, rows, W, W, singles[m], zero1, x, y1, 1, mat_bytes, sms)
             ts = timeit(cuda, single, 5) / nmat
-            bw_b, bw_s = total / tb / 1e9, mat_bytes / ts / 1e9
-            rows_out.append((qname, label, mat_bytes / 1e6, nmat, bw_b, bw_b / copy_bw, ts * 1e6, bw_s, bw_s / copy_bw))
+            bw_b, bw_s = nmat * mat_bytes / tb / 1e9, mat_bytes / ts / 1e9
+            rows_out.append((NAME[qt], label, mat_bytes / 1e6, nmat, bw_b, bw_b / copy_bw, ts * 1e6, bw_s, bw_s / copy_bw))
             del W, yb
-    print(f"\n{'type':5} {'shape':26} {'MB':>7} {'n':>3} {'batched GB/s':>12} {'ratio':>6} {'single us':>9} "
+    # routed experts: fused gate+up of 4 random experts per launch out of a 128-expert tensor
+    ex = []
+    for qt in (Q4_0, Q8_0):
+        E, I, H = 128, 2048, 4096
+        mat_bytes = I * H // 32 * BS[qt]
+        G = cuda.to_device(random_blocks(rng, qt, E * mat_bytes).view(np.uint32))
+        Uw = cuda.to_device(random_blocks(rng, qt, E * mat_bytes).view(np.uint32))
+        x = cuda.to_device(rng.standard_normal((1, H)).astype(np.float32))
+        xidx = cuda.to_device(np.zeros(4, np.int32))
+        y = cuda.device_array((4, I), np.float32)
+        sets = [cuda.to_device(rng.choice(E, 4, replace=False).astype(np.int32)) for _ in range(32)]
+        it = iter(range(10 ** 9))
+        t = timeit(cuda, lambda: K.launch_fast2(qt, H, I, G, Uw, sets[next(it) % 32], xidx, x, y, 4, mat_bytes, sms,
+                                                True), 30)
+        ex.append((NAME[qt], 8 * mat_bytes / 1e6, t * 1e6, 8 * mat_bytes / t / 1e9))
+        del G, Uw
+    print(f"\ncopy {copy_bw:.0f} GB/s; variants in use: Q4_0 {K.FAST2[Q4_0]}, Q8_0 {K.FAST2[Q8_0]}")
+    print(f"{'type':5} {'shape':26} {'MB':>7} {'n':>3} {'batched GB/s':>12} {'ratio':>6} {'single us':>9} "
           f"{'GB/s':>6} {'ratio':>6}")
     for r in rows_out:
         print(f"{r[0]:5} {r[1]:26} {r[2]:7.1f} {r[3]:3d} {r[4]:12.0f} {r[5]:6.1%} {r[6]:9.1f} {r[7]:6.0f} {r[8]:6.1%}")
+    for r in ex:
+        print(f"{r[0]:5} experts: fused gate+up, 4 of 128, {r[1]:.1f} MB per launch: {r[2]:.1f} us = {r[3]:.0f} GB/s "
+              f"({r[3] / copy_bw:.1%})")
+    model_bench(args, copy_bw)
 
-    if args.model:
-        import localmoe
+
+def model_bench(args, copy_bw) -> None:
+    if not args.model:
+        return
+    import localmoe
+    t0 = time.perf_counter()
+    m = localmoe.load(args.model, backend="cuda", n_ctx=max(4096, args.prefill + args.tokens + 64))
+    ids = [1] + list(range(1000, 1015))
+    list(m.generate(ids, max_tokens=2, stop=()))      # upload + compile
+    be = m.backend
+    print(f"\nmodel {args.model}: load+warm-up {time.perf_counter() - t0:.1f} s, "
+          f"weights on GPU {be.bytes_uploaded / 1e9:.2f} GB", flush=True)
+    cache = m.new_cache()
+    m.prefill(np.array(ids), cache)
+    l0, b0 = be.launches, m.stats.expert_bytes
+    steps = args.tokens
+    tok = np.array([5])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = m.net.forward(tok, cache, last_only=True)
+    cuda_sync(be)
+    dt = (time.perf_counter() - t0) / steps
+    print(f"decode: {1 / dt:.1f} tok/s ({dt * 1e3:.2f} ms/token), kernel launches per token "
+          f"{(be.launches - l0) / steps:.0f}", flush=True)
+    if args.prefill:
+        rng = np.random.default_rng(0)
+        prompt = np.concatenate([[1], rng.integers(1000, m.config.vocab_size, args.prefill - 1)])
+        cache = m.new_cache()
         t0 = time.perf_counter()
-        m = localmoe.load(args.model, backend="cuda")
-        ids = [1] + list(range(1000, 1015))
-        list(m.generate(ids, max_tokens=2, stop=()))      # upload + compile
-        be = m.backend
-        print(f"\nmodel {args.model}: load+warm-up {time.perf_counter() - t0:.1f} s, "
-              f"weights on GPU {be.bytes_uploaded / 1e6:.1f} MB")
-        l0 = be.launches
-        t0 = time.perf_counter()
-        n = len(list(m.generate(ids, max_tokens=args.tokens, stop=())))
+        m.prefill(prompt, cache)
+        cuda_sync(be)
         dt = time.perf_counter() - t0
-        print(f"decode+prefill(16): {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
-              f"kernel launches per token ~{(be.launches - l0) / (n + 1):.0f}")
+        print(f"prefill {args.prefill} tokens: {dt:.2f} s = {args.prefill / dt:.0f} tok/s", flush=True)
+
+
+def cuda_sync(be):
+    from localmoe.backends.cuda._numba import cuda
+    cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ multiplies matrix `mats[p]` of a (possibly 3-D: experts / heads) weight by activ
 and writes y[p]. `linear` (P = tokens, one matrix), `linear_heads` (P = tokens x heads) and the
 routed experts (P = token x slot pairs, matrix = expert id) are all this one kernel.
 
-Two kernel families:
-  * fast Q4_0 / Q8_0 (cols % 64 == 0): the weight is read as uint32 words. A pair of blocks is
+Three kernel families:
+  * fast2 Q4_0 / Q8_0 (cols % 256 == 0, cols / 256 a power of 2: every Small 4 matrix): int16
+    activations and dp2a integer dot products, 16-byte loads; described above `_make_fast2`.
+  * fast Q4_0 / Q8_0 (cols % 64 == 0, the rest): the weight is read as uint32 words. A pair of blocks is
     9 words (Q4_0: 2 x 18 bytes) or 17 words (Q8_0: 2 x 34 bytes), so every pair starts 4-byte
     aligned. Each warp owns one row at a time; it loads a chunk of the row into shared memory with
     fully coalesced 4-byte loads (all of the chunk's loads issued before the first use), then each
@@ -15,7 +17,8 @@ Two kernel families:
     conflict-free). Persistent grid: blocks loop over rows.
   * generic (any supported type, any cols): one warp per row, byte loads. Used for F32/F16/BF16 and
     for odd shapes of tiny test models.
-Everything accumulates in float32 (no activation quantization, unlike the CPU kernels).
+fast2 quantizes activations to int16 per 32-block exactly as the CPU kernels do; fast and generic
+accumulate float32 activations.
 """
 from __future__ import annotations
 
@@ -272,12 +275,324 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps."""
+    if fast2_ok(qt, cols):
+        return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused)
+    launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused)
+
+
+def launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False):
+    """The float32 kernels (fast: cols % 64 == 0 on Q4_0/Q8_0; generic: anything)."""
     fast, kern = gemv_kernel(qt, cols, fused)
     gx = max(1, min((rows + WARPS - 1) // WARPS, max(1, BLOCKS_PER_SM * sms // P)))
     if fast:
         kern[(gx, P), THREADS, 0, 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
     else:
         kern[(gx, P), THREADS](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
+
+
+# -- fast2: Q4_0 / Q8_0 on int16 activations with dp2a (cols % 256 == 0, cols / 256 a power of 2) -----
+#
+# The CPU kernels' scheme on the GPU: each block quantizes its activation row once into shared memory
+# as int16 per 32-block (d = max|x| / 32767, q = rint(x / d), exactly as backends/cpu/kernels.py), and
+# a 32-value block's dot product is integer: dp2a (2 x int16 * 2 x 8-bit, accumulated in int32) over
+# the raw bytes, so a quant word of 8 nibbles costs 3 logic ops + 4 dp2a and no int->float converts.
+# block result = float(idot) * d_w * d_x, as on the CPU.
+# Weights are read as "units" of 8 blocks (256 values): Q4_0 144 bytes = 9 x 16 B, Q8_0 272 = 17 x 16 B,
+# so every unit starts 16-byte aligned and is read with 16-byte loads. A matrix is a flat run of units
+# (rows are contiguous): a warp task is 32 consecutive units (lane = unit), i.e. 32/U rows when a row
+# has U < 32 units, or one row of U >= 32 units; a segmented shuffle sum finishes each row.
+# direct=True: each lane loads its own unit (9/17 x 16 B, stride 144/272 B across the warp: every
+# sector is touched by two neighbouring lanes' loads); direct=False: the warp loads the 32 units
+# coalesced (lane + 32 i) into a shared stage, then each lane reads its unit back (conflict-free:
+# unit stride 36/68 words = 4 mod 32).
+# x layout in shared memory (int32 words = int16 pairs): unit cu at word cu * 132 (128 + 4 pad, so
+# lanes on different units hit different banks), then per 32-block d_x (float bits) at XW + 9 cu + b
+# and the block's int16 sum (Q4_0's -8 offset) at XW + 9 U + 9 cu + b.
+
+from llvmlite import ir as _ir  # noqa: E402
+from numba.core import types as _t  # noqa: E402
+from numba.core.extending import intrinsic as _intrinsic  # noqa: E402
+
+_I32 = _ir.IntType(32)
+_I64 = _ir.IntType(64)
+
+
+def _asm(builder, rtype, argtypes, text, constraints, args, side_effect=False):
+    fn = _ir.InlineAsm(_ir.FunctionType(rtype, argtypes), text, constraints, side_effect=side_effect)
+    return builder.call(fn, args)
+
+
+def _i32s(context, builder, sig, args):
+    return [context.cast(builder, v, t, _t.int32) for v, t in zip(args, sig.args)]
+
+
+@_intrinsic
+def ldg4(typingctx, arr, idx):
+    """4 uint32 words at word index idx (16-byte aligned) of a global uint32 array: ld.global.nc.v4."""
+    rt = _t.UniTuple(_t.uint32, 4)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], _t.int64)
+        addr = builder.ptrtoint(builder.gep(ary.data, [i]), _I64)
+        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I64],
+                 "{.reg .u64 g; cvta.to.global.u64 g, $4; ld.global.nc.v4.u32 {$0,$1,$2,$3}, [g];}",
+                 "=r,=r,=r,=r,l", [addr])
+        return context.make_tuple(builder, rt, [builder.extract_value(r, k) for k in range(4)])
+    return rt(arr, idx), codegen
+
+
+@_intrinsic
+def lds4(typingctx, arr, idx):
+    """4 words at word index idx (16-byte aligned) of a shared uint32/int32 array: ld.shared.v4."""
+    rt = _t.UniTuple(_t.uint32, 4)
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], _t.int64)
+        addr = builder.ptrtoint(builder.gep(ary.data, [i]), _I64)
+        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I64],
+                 "{.reg .u64 s; cvta.to.shared.u64 s, $4; ld.shared.v4.u32 {$0,$1,$2,$3}, [s];}",
+                 "=r,=r,=r,=r,l,~{memory}", [addr], side_effect=True)
+        return context.make_tuple(builder, rt, [builder.extract_value(r, k) for k in range(4)])
+    return rt(arr, idx), codegen
+
+
+@_intrinsic
+def sts4(typingctx, arr, idx, a, b, c, d):
+    """Store 4 words at word index idx (16-byte aligned) of a shared array: st.shared.v4."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], _t.int64)
+        addr = builder.ptrtoint(builder.gep(ary.data, [i]), _I64)
+        vals = [context.cast(builder, v, t, _t.int32) for v, t in zip(args[2:], sig.args[2:])]
+        _asm(builder, _ir.VoidType(), [_I64] + [_I32] * 4,
+             "{.reg .u64 s; cvta.to.shared.u64 s, $0; st.shared.v4.u32 [s], {$1,$2,$3,$4};}",
+             "l,r,r,r,r,~{memory}", [addr] + vals, side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(arr, idx, a, b, c, d), codegen
+
+
+@_intrinsic
+def smem_word_skew(typingctx, arr):
+    """Words to skip from arr[0] (a shared array) to the next 16-byte boundary of the shared window
+    (numba declares dynamic shared memory 4-byte aligned only; v4 accesses need 16)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        addr = builder.ptrtoint(ary.data, _I64)
+        return _asm(builder, _I32, [_I64],
+                    "{.reg .u64 s; .reg .b32 w; cvta.to.shared.u64 s, $1; cvt.u32.u64 w, s; neg.s32 w, w; "
+                    "and.b32 w, w, 15; shr.u32 $0, w, 2;}", "=r,l", [addr])
+    return _t.int32(arr), codegen
+
+
+@_intrinsic
+def q4dot(typingctx, q, x0, x1, x2, x3, acc):
+    """acc + sum over the 4 low nibbles of q (x pairs x0, x1) and 4 high nibbles (x2, x3): unsigned
+    nibbles times int16 activations, 3 logic ops + 4 dp2a."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32] * 6,
+                    "{.reg .b32 lo, hi, t; and.b32 lo, $1, 0x0F0F0F0F; shr.u32 hi, $1, 4; "
+                    "and.b32 hi, hi, 0x0F0F0F0F; dp2a.lo.s32.u32 t, $2, lo, $6; dp2a.hi.s32.u32 t, $3, lo, t; "
+                    "dp2a.lo.s32.u32 t, $4, hi, t; dp2a.hi.s32.u32 $0, $5, hi, t;}",
+                    "=r,r,r,r,r,r,r", _i32s(context, builder, sig, args))
+    return _t.int32(q, x0, x1, x2, x3, acc), codegen
+
+
+@_intrinsic
+def q8dot(typingctx, q, x0, x1, acc):
+    """acc + the 4 signed bytes of q times the int16 pairs x0, x1: 2 dp2a."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32] * 4,
+                    "{.reg .b32 t; dp2a.lo.s32.s32 t, $2, $1, $4; dp2a.hi.s32.s32 $0, $3, $1, t;}",
+                    "=r,r,r,r,r", _i32s(context, builder, sig, args))
+    return _t.int32(q, x0, x1, acc), codegen
+
+
+@_intrinsic
+def hi16lo16(typingctx, a, b):
+    """(a >> 16) | (b << 16): the word that starts 2 bytes into a (prmt)."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32] * 2, "prmt.b32 $0, $1, $2, 0x5432;", "=r,r,r",
+                    _i32s(context, builder, sig, args))
+    return _t.int32(a, b), codegen
+
+
+def _half_f32(hi: bool):
+    @_intrinsic
+    def h(typingctx, w):
+        def codegen(context, builder, sig, args):
+            pick = "h" if hi else "l"
+            return _asm(builder, _ir.FloatType(), [_I32],
+                        "{.reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, %s;}" % pick, "=f,r",
+                        _i32s(context, builder, sig, args))
+        return _t.float32(w), codegen
+    return h
+
+
+lo_f16 = _half_f32(False)   # float32 of the fp16 in the low 16 bits of a word
+hi_f16 = _half_f32(True)
+
+
+def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
+    """Source lines: acc += this lane's unit (words {W}0..) against x unit cu (int16 in sm)."""
+    L = []
+    PW = 9 if qt == Q4_0 else 17          # words per pair of blocks
+    NQ = 4 if qt == Q4_0 else 8           # quant words per block
+    for b in range(8):
+        k = b // 2
+        base = PW * k
+        if b % 2 == 0:
+            L.append(f"dw = lo_f16({W}{base})")
+            qs = [f"hi16lo16({W}{base + j}, {W}{base + j + 1})" for j in range(NQ)]
+        else:
+            L.append(f"dw = hi_f16({W}{base + NQ})")
+            qs = [f"{W}{base + NQ + 1 + j}" for j in range(NQ)]
+        L.append(f"xo = xu + {16 * b}")
+        L.append("a0, a1, a2, a3 = lds4(sm, xo)")
+        L.append("a4, a5, a6, a7 = lds4(sm, xo + 4)")
+        L.append("a8, a9, a10, a11 = lds4(sm, xo + 8)")
+        L.append("a12, a13, a14, a15 = lds4(sm, xo + 12)")
+        if qt == Q4_0:
+            L.append(f"s = q4dot({qs[0]}, a0, a1, a8, a9, zero)")
+            for j in range(1, 4):
+                L.append(f"s = q4dot({qs[j]}, a{2 * j}, a{2 * j + 1}, a{8 + 2 * j}, a{9 + 2 * j}, s)")
+            L.append(f"s = s - (sm[sb + {XSUM_OFF_TOKEN} + {b}] << 3)")
+        else:
+            L.append(f"s = q8dot({qs[0]}, a0, a1, zero)")
+            for j in range(1, 8):
+                L.append(f"s = q8dot({qs[j]}, a{2 * j}, a{2 * j + 1}, s)")
+        L.append(f"{acc} += float32(s) * dw * libdevice.int_as_float(sm[sb + {b}])")
+    return [ind + s for s in L]
+
+
+XSUM_OFF_TOKEN = "nsb"
+
+
+def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
+    UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
+    UW = 4 * UV                            # words per unit
+    mats = ["W"] + (["W2"] if fused else [])
+    accs = ["acc"] + (["acc2"] if fused else [])
+    src = [
+        "def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u):",
+        "    sm = cuda.shared.array(0, int32)",
+        "    sk = smem_word_skew(sm)",
+        "    p = cuda.blockIdx.y",
+        "    tid = cuda.threadIdx.x",
+        "    lane = tid & 31",
+        "    warp = tid >> 5",
+        "    xr = xidx[p]",
+        "    U = cols >> 8",
+        "    XW = sk + U * 132",
+        "    ST = XW + 18 * U + ((4 - ((18 * U) & 3)) & 3)",
+        "    nsb = 9 * U",
+        "    zero = int32(0)",
+        # quantize x row xr: one 32-block per warp iteration, lane = element
+        f"    for blk in range(warp, cols >> 5, {warps}):",
+        "        v = x[xr, blk * 32 + lane]",
+        "        a = abs(v)",
+        "        for o in (16, 8, 4, 2, 1):",
+        "            a = max(a, cuda.shfl_xor_sync(0xffffffff, a, o))",
+        "        d = a / float32(32767.0)",
+        "        inv = float32(1.0) / d if d > float32(0.0) else float32(0.0)",
+        "        q = int32(libdevice.rintf(v * inv))",
+        "        qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
+        "        cu = blk >> 3",
+        "        b = blk & 7",
+        "        if (lane & 1) == 0:",
+        "            sm[sk + cu * 132 + b * 16 + (lane >> 1)] = (q & 0xffff) | (qn << 16)",
+        "        qs = q",
+        "        for o in (16, 8, 4, 2, 1):",
+        "            qs += cuda.shfl_xor_sync(0xffffffff, qs, o)",
+        "        if lane == 0:",
+        "            sm[XW + cu * 9 + b] = libdevice.float_as_int(d)",
+        "            sm[XW + nsb + cu * 9 + b] = qs",
+        "    cuda.syncthreads()",
+        "    SEG = min(U, 32)",
+        "    CPT = max(1, U >> 5)",
+        "    total = rows * U",
+        "    ntask = (total + 32 * CPT - 1) // (32 * CPT)",
+        "    mb = int64(mats[p]) * mat_words",
+        f"    sbase = ST + warp * {32 * UW}",
+        f"    for t in range(cuda.blockIdx.x * {warps} + warp, ntask, cuda.gridDim.x * {warps}):",
+    ]
+    src += [f"        {a} = float32(0.0)" for a in accs]
+    src += [
+        "        for c in range(CPT):",
+        "            u0 = (t * CPT + c) * 32",
+        "            u = u0 + lane",
+        "            cu = u & (U - 1)",
+        "            xu = sk + cu * 132",
+        "            sb = XW + cu * 9",
+    ]
+    for m, a in zip(mats, accs):
+        if direct:
+            src.append(f"            ub = mb + min(u, total - 1) * {UW}")
+            for i in range(UV):
+                src.append(f"            {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4({m}, ub + {4 * i})")
+        else:
+            src.append(f"            nv = min(32, total - u0) * {UV}")
+            src.append(f"            cb = mb + u0 * {UW}")
+            for i in range(UV):
+                src.append(f"            vi = min(lane + {32 * i}, nv - 1)")
+                src.append(f"            r0, r1, r2, r3 = ldg4({m}, cb + 4 * vi)")
+                src.append(f"            sts4(sm, sbase + {4 * 32 * i} + 4 * lane, r0, r1, r2, r3)")
+            src.append("            cuda.syncwarp()")
+            for i in range(UV):
+                src.append(f"            {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
+                           f"lds4(sm, sbase + lane * {UW} + {4 * i})")
+            src.append("            cuda.syncwarp()")
+        src += _unit_code(qt, f"{m}w", a, "            ")
+    for a in accs:
+        src += [f"        for o in (16, 8, 4, 2, 1):",
+                f"            if o < SEG:",
+                f"                {a} += cuda.shfl_xor_sync(0xffffffff, {a}, o)"]
+    src += [
+        "        if (lane & (SEG - 1)) == 0:",
+        "            row = (t * CPT * 32 + lane) >> log2u",
+        "            if row < rows:",
+        "                y[p, row] = silu(acc) * acc2" if fused else "                y[p, row] = acc",
+    ]
+    text = "\n".join(src)
+    g = dict(cuda=cuda, int32=int32, int64=int64, uint32=uint32, float32=float32, libdevice=libdevice,
+             ldg4=ldg4, lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16, lo_f16=lo_f16,
+             hi_f16=hi_f16, silu=silu, min=min, max=max, abs=abs)
+    exec(compile(text, f"<fast2 {qt} fused={fused} warps={warps} direct={direct}>", "exec"), g)
+    k = cuda.jit(g["kern"])
+    k.source_text = text
+    return k
+
+
+def fast2_ok(qt: int, cols: int) -> bool:
+    u = cols // 256
+    return qt in (Q4_0, Q8_0) and cols % 256 == 0 and u & (u - 1) == 0
+
+
+# Chosen by `bench/bench_cuda.py --sweep` on an H100 (2026-11-23): best mean ratio over Small 4's four shapes.
+# The staged variants (direct=False) were slower, and their fused forms failed to launch (CUDA_ERROR_INVALID_VALUE).
+FAST2 = {Q4_0: dict(warps=16, direct=True, bps=2), Q8_0: dict(warps=16, direct=True, bps=8)}
+
+
+def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool):
+    key = ("fast2", qt, fused, warps, direct)
+    if key not in _CACHE:
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct)
+    return _CACHE[key]
+
+
+def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
+                 bps=None):
+    cfg = FAST2[qt]
+    warps = warps or cfg["warps"]
+    direct = cfg["direct"] if direct is None else direct
+    bps = bps or cfg["bps"]
+    kern = fast2_kernel(qt, fused, warps, direct)
+    U = cols // 256
+    ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
+    gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
+    shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
+    kern[(gx, P), 32 * warps, 0, shared](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1)
 
 
 # -- the rest -----------------------------------------------------------------------------------------
