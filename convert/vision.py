@@ -4,7 +4,7 @@ llama.cpp keeps the vision tower out of the text GGUF, in a companion "mmproj" f
 `clip` (`clip.projector_type = "pixtral"`); the names, layout and metadata keys here are those of its
 converter (`conversion/llava.py`, `LlavaVisionModel`, HF path). In particular q/k rows are permuted
 per head from Transformers' rotate-half order into interleaved pairs (`LlamaModel.permute`), so the
-runtime rotates pairs as it does for the text model. See docs/LLAMACPP.md, section (f).
+runtime rotates pairs as it does for the text model. See docs/ARCHITECTURE.md, "Vision".
 """
 from __future__ import annotations
 
