@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from .errors import InputError, ModelFileError
 from .gguf.format import KEY_CHAT_EFFORT_DEFAULT, KEY_CHAT_EFFORTS, KEY_CHAT_FORMAT
 from .sampling import Sampler, SamplingParams
@@ -36,17 +38,47 @@ def check_messages(messages: list[dict]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise InputError("a conversation needs at least one user message")
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InputError(f"bad message {m!r}: expected {{'role': one of {ROLES}, 'content': str}}")
-    turns = [m for m in messages if m["role"] != "system"]
-    if [m["role"] for m in messages[:len(messages) - len(turns)]] != ["system"] * (len(messages) - len(turns)):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not _valid_content(m):
+            raise InputError(f"bad message {m!r}: expected {{'role': one of {ROLES}, 'content': str}} "
+                             f"(a user message may also hold a list of text and image parts)")
+    roles = [m["role"] for m in messages]
+    n_system = roles.count("system")
+    if roles[:n_system] != ["system"] * n_system:
         raise InputError("system messages must come before the first user message")
-    if [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) + ["user"] * (len(turns) % 2) \
-            or len(turns) % 2 == 0:
+    turns = roles[n_system:]
+    if turns != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
         raise InputError("messages must alternate user/assistant, starting and ending with a user message")
-    if any(m["role"] == "assistant" and not m["content"] for m in turns):
+    if any(m["role"] == "assistant" and not m["content"] for m in messages):
         raise InputError("an assistant message has no content")
     return messages
+
+
+def _valid_content(m: dict) -> bool:
+    c = m.get("content")
+    if isinstance(c, str):
+        return True
+    return m.get("role") == "user" and isinstance(c, list) and all(
+        isinstance(p, dict) and ((p.get("type") == "text" and isinstance(p.get("text"), str))
+                                 or (p.get("type") == "image" and p.get("image") is not None)) for p in c)
+
+
+def with_images(messages: list[dict], images) -> list[dict]:
+    """The conversation with `images` attached to the last user message, before its text — the order
+    mistral-common uses ([ImageChunk..., TextChunk])."""
+    if not images:
+        return messages
+    last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    content = messages[last]["content"]
+    parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+    out = list(messages)
+    out[last] = {"role": "user", "content": [{"type": "image", "image": im} for im in images] + parts}
+    return out
+
+
+def message_images(messages: list[dict]) -> list:
+    """The images of a conversation in prompt order."""
+    return [p["image"] for m in messages if isinstance(m.get("content"), list) for p in m["content"]
+            if p["type"] == "image"]
 
 
 def _version_number(fmt: str) -> int:
@@ -88,7 +120,8 @@ class ChatFormat:
             raise InputError(f"unknown effort {effort!r}; this model accepts: {', '.join(self.efforts)}")
         return effort
 
-    def encode(self, messages: list[dict], effort: str | None = None) -> list[int]:
+    def encode(self, messages: list[dict], effort: str | None = None, image_tokens=None) -> list[int]:
+        """Prompt ids; image parts of user messages become `image_tokens(image)` ids in place."""
         check_messages(messages)
         effort = self.check_effort(effort)
         tok, v = self.tokenizer, self.version
@@ -101,10 +134,17 @@ class ChatFormat:
                 ids += [tok.special_id("[SYSTEM_PROMPT]"), *tok.encode(s, bos=False), tok.special_id("[/SYSTEM_PROMPT]")]
         system_at = users[0] if v == 1 else users[-1]
         for i, m in enumerate(turns):
-            text = m["content"]
+            text, images = m["content"], []
+            if isinstance(text, list):
+                images = [p["image"] for p in text if p["type"] == "image"]
+                if images and (v < 7 or image_tokens is None):
+                    raise InputError("this model reads no images" if image_tokens is None else
+                                     f"images need a prompt format of v7 or later (this model: {self.name})")
             if m["role"] == "assistant":
                 ids += tok.encode(text if v == 1 else text.rstrip(" "), bos=False) + [tok.eos_id]
                 continue
+            if isinstance(text, list):
+                text = "".join(p["text"] for p in text if p["type"] == "text")
             if v < 7 and systems and i == system_at:
                 text = "\n\n".join(systems) + "\n\n" + text
             if v == 1:
@@ -112,7 +152,9 @@ class ChatFormat:
                 continue
             if v >= 15 and i == users[0] and effort is not None:
                 ids += self._settings(effort)
-            ids += [tok.special_id("[INST]"), *tok.encode(text, bos=False), tok.special_id("[/INST]")]
+            body = [t for p in m["content"] for t in (image_tokens(p["image"]) if p["type"] == "image" else
+                                                      tok.encode(p["text"], bos=False))] if images else tok.encode(text, bos=False)
+            ids += [tok.special_id("[INST]"), *body, tok.special_id("[/INST]")]
         return ids
 
     def _settings(self, effort: str) -> list[int]:
@@ -128,7 +170,7 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.markers = {i: name for name in (THINK, END_THINK) if (i := tokenizer._named.get(name)) is not None}
+        self.markers = {tokenizer.special_id(name): name for name in (THINK, END_THINK) if has_special(tokenizer, name)}
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def feed(self, token_id: int) -> str:
@@ -140,6 +182,14 @@ class TokenText:
 
     def finish(self) -> str:
         return self.utf8.decode(b"", final=True)
+
+
+def has_special(tokenizer, name: str) -> bool:
+    try:
+        tokenizer.special_id(name)
+        return True
+    except ModelFileError:
+        return False
 
 
 def _held_suffix(text: str, needles) -> int:
@@ -278,6 +328,7 @@ class Session:
         self.stops = list(stops)
         self.cache = model.new_cache()
         self.cached: list[int] = []        # the ids whose keys and values are in self.cache
+        self.vectors: dict[str, np.ndarray] = {}   # image projector outputs, by path
         self.last: Reply | None = None
 
     # conversation state ------------------------------------------------------------------------------
@@ -285,9 +336,9 @@ class Session:
         self.model.chat_format.check_effort(effort)
         self.effort = effort
 
-    def conversation(self, user_text: str | None = None) -> list[dict]:
+    def conversation(self, user_text: str | None = None, images=()) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        tail = [{"role": "user", "content": user_text}] if user_text is not None else []
+        tail = with_images([{"role": "user", "content": user_text}], list(images)) if user_text is not None else []
         return head + self.messages + tail
 
     def reset(self) -> None:
@@ -313,41 +364,64 @@ class Session:
         self.system = "\n\n".join(m["content"] for m in systems) or None
         self.messages, self.effort, self.params = list(rest), effort, params
 
-    def fit(self, user_text: str) -> tuple[list[int], int]:
+    def fit(self, user_text: str, images=()) -> tuple[list[int], int]:
         """Prompt ids for the next turn, dropping the oldest turns while the prompt plus room for the
-        reply exceeds the context. Returns (ids, number of turns dropped)."""
+        reply exceeds the context. Returns (ids, number of turns dropped); a message too long even
+        alone is refused before anything is dropped."""
         n_ctx = self.cache.n_ctx
+        head = [m for m in self.conversation() if m["role"] == "system"]
+        alone = len(self.model.chat_tokens(head + [{"role": "user", "content": user_text}], self.effort, images))
+        if alone >= n_ctx:
+            raise InputError(f"prompt of {alone} tokens is longer than the context ({n_ctx} tokens)")
         dropped = 0
         while True:
-            ids = self.model.chat_tokens(self.conversation(user_text), self.effort)
+            ids = self.model.chat_tokens(self.conversation(user_text, images), self.effort)
             if len(ids) + min(self.max_tokens, n_ctx // 4) <= n_ctx or not self.messages:
-                break
+                return ids, dropped
             del self.messages[:2]
             dropped += 1
-        if len(ids) >= n_ctx:
-            raise InputError(f"prompt of {len(ids)} tokens is longer than the context ({n_ctx} tokens)")
-        return ids, dropped
 
     # generation --------------------------------------------------------------------------------------
-    def send(self, user_text: str, reply: Reply) -> Iterator[tuple[str, str]]:
+    def send(self, user_text: str, reply: Reply, images=()) -> Iterator[tuple[str, str]]:
         """One chat turn: stream ("notice"|"thinking"|"answer", text) parts, collected into `reply`.
-        The exchange joins the history when the turn ends, also when it was interrupted (keeping what
-        was answered so far); a turn without any answer is withdrawn."""
-        ids, dropped = self.fit(user_text)
+        `images` (paths) go before the text of this user message. The exchange joins the history when
+        the turn ends, also when it was interrupted (keeping what was answered so far); a turn without
+        any answer is withdrawn."""
+        ids, dropped = self.fit(user_text, images)
         if dropped:
             yield "notice", (f"the conversation outgrew the context ({self.cache.n_ctx} tokens): "
                              f"dropped the oldest {dropped} turn{'s' * (dropped > 1)}")
+        user = with_images([{"role": "user", "content": user_text}], list(images))
         try:
-            yield from self.complete(ids, reply)
+            yield from self.complete(ids, reply, message_images(self.conversation() + user))
         finally:
             if reply.answer.strip():
-                self.messages += [{"role": "user", "content": user_text},
-                                  {"role": "assistant", "content": reply.answer}]
+                self.messages += user + [{"role": "assistant", "content": reply.answer}]
 
-    def complete(self, ids: list[int], reply: Reply) -> Iterator[tuple[str, str]]:
-        """Generate after prompt `ids`, reusing the cached prefix; parts are streamed and collected."""
+    def _image_vectors(self, image) -> np.ndarray:
+        """The projector outputs of one image, computed once per conversation (keyed by its path)."""
+        key = str(image)
+        if key not in self.vectors:
+            self.vectors[key] = self.model.vision.embeddings([image])
+        return self.vectors[key]
+
+    def _embeds(self, ids: list[int], keep: int, images: list):
+        """(positions in ids[keep:], vectors) for the [IMG] tokens not already in the cache."""
+        if not images:
+            return None
+        img = np.flatnonzero(np.asarray(ids) == self.model.tokenizer.special_id("[IMG]"))
+        vectors = np.concatenate([self._image_vectors(im) for im in images])
+        if len(img) != len(vectors):
+            raise InputError(f"the prompt has {len(img)} [IMG] tokens for {len(vectors)} image vectors")
+        new = img >= keep
+        return (img[new] - keep, vectors[new]) if new.any() else None
+
+    def complete(self, ids: list[int], reply: Reply, images=()) -> Iterator[tuple[str, str]]:
+        """Generate after prompt `ids` (whose [IMG] tokens belong to `images`, in order), reusing the
+        cached prefix; parts are streamed and collected."""
         m, st = self.model, reply.stats
         keep = min(common_prefix(self.cached, ids), len(ids) - 1)
+        embeds = self._embeds(ids, keep, list(images))
         self.cache.truncate(keep)
         st.prompt_tokens, st.reused_tokens = len(ids), keep
         fed = list(ids)
@@ -361,7 +435,7 @@ class Session:
         t_first = None
         st.stop_reason = "max_tokens"
         try:
-            for tok in m.generate_from(self.cache, ids[keep:], Sampler(self.params), self.max_tokens):
+            for tok in m.generate_from(self.cache, ids[keep:], Sampler(self.params), self.max_tokens, embeds=embeds):
                 t_first = t_first or time.perf_counter()
                 st.decode_tokens += 1
                 fed.append(tok)

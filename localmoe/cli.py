@@ -5,9 +5,8 @@ stderr and exit code 2; stdout carries only generated text.
 """
 from __future__ import annotations
 
-import codecs
+import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,9 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0
 from rich.console import Console
 from rich.table import Table
 
+from .chat import DEFAULT_MAX_TOKENS
 from .errors import InputError, LocalMoeError
+from .sampling import SamplingParams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Quantised local inference for Mixture-of-Experts models.")
@@ -49,48 +50,113 @@ def _announce_jit() -> None:
         err.print("[dim]Compiling kernels for this machine (first run only, about a minute)...[/dim]")
 
 
-@app.command()
-def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, if piped, comes before it."),
-        model: Optional[str] = ModelOpt,
-        max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1),
-        temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0),
-        seed: Optional[int] = typer.Option(None, "--seed"),
-        ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context length (default 8192)."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Speed and expert statistics on stderr.")):
-    """Generate a continuation of PROMPT (raw text) and stream it to stdout."""
+# Options shared by `run` and `chat`.
+SystemOpt = typer.Option(None, "--system", "-s", help="System prompt.")
+EffortOpt = typer.Option(None, "--effort", "-e", help="Reasoning effort, e.g. none or high (as the model accepts).")
+TopPOpt = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep tokens up to this probability mass.")
+TopKOpt = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off).")
+MinPOpt = typer.Option(0.0, "--min-p", help="Drop tokens below min-p x the top probability.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed for sampling.")
+MaxTokensOpt = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", min=1, help="Most tokens per reply.")
+StopOpt = typer.Option(None, "--stop", help="Stop at this text (repeatable); it is not printed.")
+CtxOpt = typer.Option(None, "--ctx", min=16, help="Context length (default 8192).")
+HideThinkingOpt = typer.Option(False, "--hide-thinking", help="On a terminal, do not show the model's thinking.")
+ShowThinkingOpt = typer.Option(False, "--show-thinking", help="In a pipe, send the thinking to stderr.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Speed and expert statistics on stderr.")
+ImageOpt = typer.Option(None, "--image", "-i", help="An image for the (first) message (repeatable).")
+
+
+def _load(model: Optional[str], ctx: Optional[int]):
     from .model import load
 
-    text = _prompt_text(prompt)
     _announce_jit()
     t0 = time.perf_counter()
     m = load(_model_name(model), n_ctx=ctx)
-    t_load = time.perf_counter() - t0
-    ids = m.tokenizer.encode(text, bos=True)
-    out = sys.stdout
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    t1 = time.perf_counter()
-    t_first, n = None, 0
-    for tok in m.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed):
-        if t_first is None:
-            t_first = time.perf_counter()
-        n += 1
-        if tok == m.tokenizer.eos_id:
-            break
-        out.write(utf8.decode(m.tokenizer.token_bytes(tok)))
-        out.flush()
-    out.write(utf8.decode(b"", final=True) + "\n")
-    out.flush()
+    return m, time.perf_counter() - t0
+
+
+def _thinking_choice(show: bool, hide: bool) -> Optional[bool]:
+    if show and hide:
+        raise InputError("--show-thinking and --hide-thinking exclude each other")
+    return True if show else False if hide else None
+
+
+@app.command()
+def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, if piped, comes before it."),
+        model: Optional[str] = ModelOpt,
+        system: Optional[str] = SystemOpt,
+        effort: Optional[str] = EffortOpt,
+        raw: bool = typer.Option(False, "--raw", help="Continue the text as is, without the chat format."),
+        temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 (default): greedy."),
+        top_p: float = TopPOpt, top_k: int = TopKOpt, min_p: float = MinPOpt, seed: Optional[int] = SeedOpt,
+        max_tokens: int = MaxTokensOpt,
+        stop: Optional[list[str]] = StopOpt,
+        ctx: Optional[int] = CtxOpt,
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON object: thinking, answer, stats."),
+        hide_thinking: bool = HideThinkingOpt, show_thinking: bool = ShowThinkingOpt,
+        image: Optional[list[str]] = ImageOpt,
+        verbose: bool = VerboseOpt):
+    """Answer PROMPT in the model's chat format (or continue raw text) and stream it to stdout."""
+    from .chat import Reply, Session
+    from .display import Printer
+
+    thinking = _thinking_choice(show_thinking, hide_thinking)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    if raw and (system or effort or image):
+        raise InputError("--system, --effort and --image need the chat format; leave out --raw")
+    text = _prompt_text(prompt)
+    m, t_load = _load(model, ctx)
+    session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
+    reply = Reply()
+    if raw:
+        parts = session.complete(m.tokenizer.encode(text, bos=True), reply)
+    else:
+        session.set_effort(effort)
+        parts = session.send(text, reply, images=image or ())
+    printer = Printer(terminal=False if json_out else None, show_thinking=thinking)
+    interrupted = False
+    try:
+        for kind, part in parts:
+            if not json_out:
+                printer.write(kind, part)
+    except KeyboardInterrupt:
+        parts.close()
+        interrupted = True
+    if json_out:
+        print(json.dumps(reply.as_dict(), ensure_ascii=False), flush=True)
+    else:
+        printer.end()
     if verbose:
-        t_end = time.perf_counter()
-        s = m.stats
-        t_first = t_first or t_end
-        decode_s = t_end - t_first
-        per_tok = s.expert_bytes / max(1, s.tokens)
-        err.print(f"load {t_load:.2f} s | prompt {len(ids)} tok, {len(ids) / max(t_first - t1, 1e-9):.1f} tok/s | "
-                  f"time to first token {t_first - t1:.2f} s | decode {n} tok, "
-                  f"{max(0, n - 1) / max(decode_s, 1e-9):.1f} tok/s | peak RSS "
-                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB | experts read "
-                  f"{s.expert_reads} ({s.expert_bytes / 2**20:.1f} MiB, {per_tok / 2**20:.2f} MiB/token)")
+        err.print(f"load {t_load:.2f} s | {reply.stats.line()}")
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+@app.command()
+def chat(model: Optional[str] = ModelOpt,
+         system: Optional[str] = SystemOpt,
+         effort: Optional[str] = EffortOpt,
+         temperature: float = typer.Option(0.7, "--temperature", "-t", help="0: greedy."),
+         top_p: float = TopPOpt, top_k: int = TopKOpt, min_p: float = MinPOpt, seed: Optional[int] = SeedOpt,
+         max_tokens: int = MaxTokensOpt,
+         stop: Optional[list[str]] = StopOpt,
+         ctx: Optional[int] = CtxOpt,
+         image: Optional[list[str]] = ImageOpt,
+         hide_thinking: bool = HideThinkingOpt):
+    """Chat in the terminal: streamed replies, /help for commands, Ctrl-C stops a reply, Ctrl-D leaves."""
+    from .chat import Session
+    from .registry import home
+    from .repl import Chat, setup_history
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    m, _ = _load(model, ctx)
+    session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
+    session.set_effort(effort)
+    save_history = setup_history(home() / "chat_history")
+    try:
+        Chat(session, Console(highlight=False), show_thinking=not hide_thinking, images=image or ()).run(input)
+    finally:
+        save_history()
 
 
 @app.command()
@@ -103,22 +169,28 @@ def info(path: Path = typer.Argument(..., help="A GGUF file."),
     from .gguf.reader import GGUFFile
     from .models import module_for
 
+    from .vision import companion_path, describe
+
     f = GGUFFile(path)
     arch = f.require("general.architecture")
-    cfg = module_for(arch).Config.from_gguf(f)
     out = Console(highlight=False)
-    n_params = sum(_count(t.shape) for t in f.tensors.values())
-    out.print(f"[bold]{path}[/bold]  {f.size / 2**30:.2f} GiB, {len(f.tensors)} tensors, {n_params / 1e6:.1f} M parameters")
-    out.print(f"architecture: {arch}  ({f.get('localmoe.source_architecture', 'converted elsewhere')})")
-    fields = ", ".join(f"{k}={v}" for k, v in vars(cfg).items() if not k.startswith("rope"))
-    out.print(f"config: {fields}")
-    out.print(f"rope: {cfg.rope}")
-    types = Counter(t.type.name for t in f.tensors.values())
-    out.print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
-    fallback = list(f.get(KEY_QUANT_FALLBACK, []))
-    out.print(f"kept in F16 (rows not a multiple of 32): {', '.join(fallback) if fallback else 'none'}")
-    out.print(f"tokenizer: {f.get('tokenizer.ggml.model', '?')} ({f.get('tokenizer.ggml.pre', '')}), "
-              f"{len(f.get('tokenizer.ggml.tokens', []))} tokens")
+    vision = [f] if arch == "clip" else [GGUFFile(p) for p in [companion_path(path)] if p.is_file()]
+    if arch != "clip":          # a vision companion (mmproj) given on its own has only the vision lines
+        cfg = module_for(arch).Config.from_gguf(f)
+        n_params = sum(_count(t.shape) for t in f.tensors.values())
+        out.print(f"[bold]{path}[/bold]  {f.size / 2**30:.2f} GiB, {len(f.tensors)} tensors, {n_params / 1e6:.1f} M parameters")
+        out.print(f"architecture: {arch}  ({f.get('localmoe.source_architecture', 'converted elsewhere')})")
+        fields = ", ".join(f"{k}={v}" for k, v in vars(cfg).items() if not k.startswith("rope"))
+        out.print(f"config: {fields}")
+        out.print(f"rope: {cfg.rope}")
+        types = Counter(t.type.name for t in f.tensors.values())
+        out.print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(types.items())))
+        fallback = list(f.get(KEY_QUANT_FALLBACK, []))
+        out.print(f"kept in F16 (rows not a multiple of 32): {', '.join(fallback) if fallback else 'none'}")
+        out.print(f"tokenizer: {f.get('tokenizer.ggml.model', '?')} ({f.get('tokenizer.ggml.pre', '')}), "
+                  f"{len(f.get('tokenizer.ggml.tokens', []))} tokens")
+    for line in (line for v in vision for line in describe(v)):
+        out.print(line)
     if tensors:
         table = Table("tensor", "shape", "type", "MiB", box=None, pad_edge=False)
         for t in f.tensors.values():
@@ -155,19 +227,27 @@ def convert(src: Path = typer.Argument(..., help="Hugging Face checkpoint direct
 
 @app.command()
 def models():
-    """List the model presets of models.toml and whether their files are present."""
-    from .registry import home, presets
+    """List the model presets of models.toml: size, accepted efforts, and whether the file is present."""
+    from .registry import home, preset_file, presets
 
-    table = Table("name", "architecture", "description", "file", box=None, pad_edge=False)
+    out = Console(highlight=False)
     for name, p in presets().items():
-        path = home() / p["file"].format(quant=p["default_quant"])
-        table.add_row(name, p["architecture"], p["description"], str(path) if path.is_file() else "not converted")
-    Console().print(table)
+        quant = p.get("default_quant")
+        facts = [f"{p['sizes_gb'][quant]} GB as {quant}" if quant in p.get("sizes_gb", {}) else "",
+                 f"efforts: {', '.join(p['efforts'])}" if p.get("efforts") else "", f"needs {p['hardware_minimum']}" if p.get("hardware_minimum") else ""]
+        path = preset_file(p)
+        state = "present" if path.is_file() else "not bundled yet" if p.get("bundled") else "not converted"
+        out.print(f"[bold]{name}[/bold]  {p['description']}")
+        if any(facts):
+            out.print("  " + " | ".join(f for f in facts if f))
+        out.print(f"  file: {path} ({state})")
+    err.print(f"files under {home()} (set LOCALMOE_HOME to change); `localmoe run -m NAME` uses one")
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="localmoe", standalone_mode=False)
+        if app(args=argv, prog_name="localmoe", standalone_mode=False) == 130:
+            raise KeyboardInterrupt      # typer returns Ctrl-C as exit code 130 in this mode
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

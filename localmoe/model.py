@@ -126,16 +126,17 @@ class Model:
         return self.generate_from(self.new_cache(), ids, sampler, max_tokens, stop)
 
     def generate_from(self, cache, ids, sampler: Sampler | None = None, max_tokens: int = 64,
-                      stop: tuple[int, ...] | None = None) -> Iterator[int]:
+                      stop: tuple[int, ...] | None = None, embeds=None) -> Iterator[int]:
         """Append ids to `cache` (which may already hold earlier turns: they are not recomputed), then
-        yield up to max_tokens sampled ids, stopping after a stop id (EOS by default) or a full context."""
+        yield up to max_tokens sampled ids, stopping after a stop id (EOS by default) or a full context.
+        `embeds` (positions in ids, vectors) replace those positions' token embeddings (images)."""
         ids = self._check_ids(ids, cache.n_ctx - cache.length)
         sampler = sampler or Sampler()
         stop = set(stop if stop is not None else (self.tokenizer.eos_id,))
-        return self._sample_loop(ids, cache, sampler, max_tokens, stop)
+        return self._sample_loop(ids, cache, sampler, max_tokens, stop, embeds)
 
-    def _sample_loop(self, ids, cache, sampler, max_tokens, stop) -> Iterator[int]:
-        logits = self.prefill(ids, cache)[-1]
+    def _sample_loop(self, ids, cache, sampler, max_tokens, stop, embeds=None) -> Iterator[int]:
+        logits = self.prefill(ids, cache, embeds=embeds)[-1]
         for _ in range(max_tokens):
             tok = sampler(logits)
             yield tok
@@ -151,10 +152,14 @@ class Model:
             self._chat_format = ChatFormat.from_metadata(self.file.metadata, self.tokenizer)
         return self._chat_format
 
-    def chat_tokens(self, messages: list[dict], effort: str | None = None) -> list[int]:
+    def chat_tokens(self, messages: list[dict], effort: str | None = None, images=None) -> list[int]:
         """Prompt ids of a conversation ({"role": "system"|"user"|"assistant", "content": str} dicts,
-        ending with a user message) in the model's own format, ready for the assistant's reply."""
-        return self.chat_format.encode(messages, effort)
+        ending with a user message) in the model's own format, ready for the assistant's reply.
+        `images` attach to the last user message before its text; a user message's content may also be
+        a list of {"type": "text", "text": ..} / {"type": "image", "image": ..} parts. Pass the same
+        images, in prompt order (`chat.message_images`), to `logits` / `generate_from`."""
+        from .chat import with_images
+        return self.chat_format.encode(with_images(messages, images), effort, self.image_tokens)
 
 
 def _window(embeds, start: int, n: int):

@@ -1,4 +1,5 @@
-"""models.toml: named presets resolved to GGUF files under $LOCALMOE_HOME."""
+"""models.toml: named presets resolved to GGUF files under $LOCALMOE_HOME (or, for a bundled preset,
+inside the installed package)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 from .errors import InputError
 
 REGISTRY = Path(__file__).with_name("models.toml")
+BUNDLED = Path(__file__).with_name("data")
 
 
 def home() -> Path:
@@ -18,14 +20,23 @@ def presets() -> dict[str, dict]:
     return tomllib.loads(REGISTRY.read_text())
 
 
+def preset_file(p: dict, quant: str | None = None) -> Path:
+    """Where a preset's GGUF lives (whether or not it is there)."""
+    if p.get("bundled"):
+        return BUNDLED / p["file"]
+    return home() / p["file"].format(quant=quant or p["default_quant"])
+
+
 def preset_path(name: str, quant: str | None = None) -> Path:
     table = presets()
     if name not in table:
-        raise InputError(f"unknown model {name!r}: not a file and not a preset ({', '.join(table)})")
+        raise InputError(f"unknown model {name!r}: not a file and not a preset (presets: {', '.join(table)})")
     p = table[name]
-    quant = quant or p["default_quant"]
-    path = home() / p["file"].format(quant=quant)
-    if not path.is_file():
-        raise InputError(f"model {name!r} is not converted yet: download {p['hf_id']} and run "
-                         f"`localmoe convert CHECKPOINT_DIR {path} --quant {quant}`")
-    return path
+    path = preset_file(p, quant)
+    if path.is_file():
+        return path
+    if p.get("bundled"):
+        raise InputError(f"model {name!r} is not bundled with this installation of localmoe yet ({path} is absent); "
+                         f"use a converted model instead (`localmoe models` lists them)")
+    raise InputError(f"model {name!r} is not converted yet: download {p['hf_id']} and run "
+                     f"`localmoe convert CHECKPOINT_DIR {path} --quant {quant or p['default_quant']}`")

@@ -2,6 +2,7 @@
 conversations, for every tokenizer version mistral-common ships a file for (and Small 4's v15)."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -18,7 +19,7 @@ from localmoe.gguf.format import KEY_CHAT_EFFORT_DEFAULT, KEY_CHAT_EFFORTS, KEY_
 from localmoe.gguf.reader import GGUFFile
 from localmoe.tokenizer import load_tokenizer
 
-from checkpoints import make_mistral4, make_mixtral
+from checkpoints import make_mixtral
 from test_tokenizer import _gguf
 from tokenizer_files import MC_DATA, SPM_V1, SPM_V3, TEKKEN_V3, write_tekken_v15
 
@@ -52,29 +53,50 @@ def tokenizer_gguf(tmp_path, src, name, vocab_size) -> dict:
 
 
 # (tokenizer file, name in the checkpoint, embedding rows, expected format)
-FILES = {
-    "spm-v1": (SPM_V1, "tokenizer.model", 32000, "mistral-v1"),
-    "spm-v2": (MC_DATA / "mistral_instruct_tokenizer_240216.model.v2", "tokenizer.model.v2", 32768, "mistral-v2"),
-    "spm-v3": (SPM_V3, "tokenizer.model.v3", 32768, "mistral-v3"),
-    "spm-v7": (MC_DATA / "mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768, "mistral-v7"),
-    "tekken-v3": (TEKKEN_V3, "tekken.json", 131072, "mistral-v3"),
-    "tekken-v7": (MC_DATA / "tekken_240911.json", "tekken.json", 131072, "mistral-v7"),
+SPM_FILES = {
+    "v1": (SPM_V1, "tokenizer.model", 32000),
+    "v2": (MC_DATA / "mistral_instruct_tokenizer_240216.model.v2", "tokenizer.model.v2", 32768),
+    "v3": (SPM_V3, "tokenizer.model.v3", 32768),
+    "v7": (MC_DATA / "mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768),
 }
 
 
-@pytest.mark.parametrize("kind", FILES)
-def test_older_formats_equal_mistral_common(tmp_path, kind):
-    src, name, vocab, fmt_name = FILES[kind]
-    md = tokenizer_gguf(tmp_path, src, name, vocab)
-    assert md[KEY_CHAT_FORMAT] == fmt_name and KEY_CHAT_EFFORTS not in md
-    fmt = ChatFormat.from_metadata(md, load_tokenizer(md))
-    mt = MistralTokenizer.from_file(str(tmp_path / "src" / name))
-    rng = random.Random(kind)
-    for _ in range(12):
+def assert_like_mistral_common(fmt: ChatFormat, mt: MistralTokenizer, seed: str, n: int = 12) -> None:
+    rng = random.Random(seed)
+    for _ in range(n):
         msgs = conversation(rng)
         assert fmt.encode(msgs) == reference(mt, msgs, None), msgs
     with pytest.raises(InputError, match="no reasoning effort"):
         fmt.encode([{"role": "user", "content": "hi"}], effort="high")
+
+
+@pytest.mark.parametrize("version", SPM_FILES)
+def test_sentencepiece_formats_equal_mistral_common(tmp_path, version):
+    src, name, vocab = SPM_FILES[version]
+    md = tokenizer_gguf(tmp_path, src, name, vocab)
+    assert md[KEY_CHAT_FORMAT] == f"mistral-{version}" and KEY_CHAT_EFFORTS not in md
+    mt = MistralTokenizer.from_file(str(tmp_path / "src" / name))
+    assert_like_mistral_common(ChatFormat.from_metadata(md, load_tokenizer(md)), mt, version)
+
+
+@pytest.mark.parametrize("version", ["v3", "v7"])
+def test_tekken_formats_equal_mistral_common(tmp_path_factory, tekken_v3_md, version):
+    """tekken_240718.json is v3; mistral-common ships no tekken file of version 7, so the same
+    vocabulary relabelled v7 stands in for it (the format depends only on the version)."""
+    tmp = tmp_path_factory.mktemp(f"tekken-{version}")
+    data = json.loads(TEKKEN_V3.read_text(encoding="utf-8"))
+    data["config"]["version"] = version
+    (tmp / "tekken.json").write_text(json.dumps(data), encoding="utf-8")
+    md = tekken_v3_md
+    assert md[KEY_CHAT_FORMAT] == "mistral-v3" and KEY_CHAT_EFFORTS not in md
+    fmt = ChatFormat.from_metadata({**md, KEY_CHAT_FORMAT: f"mistral-{version}"}, load_tokenizer(md))
+    assert_like_mistral_common(fmt, MistralTokenizer.from_file(str(tmp / "tekken.json")), version)
+
+
+@pytest.fixture(scope="module")
+def tekken_v3_md(tmp_path_factory) -> dict:
+    """The GGUF metadata of tekken_240718.json, written once (writing a tekken vocabulary takes ~10 s)."""
+    return tokenizer_gguf(tmp_path_factory.mktemp("tekken"), TEKKEN_V3, "tekken.json", 131072)
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +157,12 @@ def test_unknown_or_missing_format(v15):
         ChatFormat.from_metadata({k: v for k, v in md.items() if k != KEY_CHAT_FORMAT}, tok)
 
 
-def test_model_chat_tokens_after_conversion(tmp_path):
+def test_model_chat_tokens_after_conversion(tmp_path, scripted_gguf):
     """The converter records the format in real model files; m.chat_tokens equals mistral-common."""
-    src, _ = make_mistral4(tmp_path / "s4", layers=1, experts=4, top_k=2)
-    write_tekken_v15(src / "tekken.json")
-    convert(src, tmp_path / "s4.gguf", "q8_0")
     msrc, _ = make_mixtral(tmp_path / "mx", layers=1, experts=4)
     convert(msrc, tmp_path / "mx.gguf", "q8_0")
     rng = random.Random(4)
-    for gguf, ref_file, effort in ((tmp_path / "s4.gguf", src / "tekken.json", "high"),
+    for gguf, ref_file, effort in ((scripted_gguf, scripted_gguf.parent / "hf" / "tekken.json", "high"),
                                    (tmp_path / "mx.gguf", msrc / "tokenizer.model", None)):
         m = localmoe.load(gguf)
         mt = MistralTokenizer.from_file(str(ref_file))
