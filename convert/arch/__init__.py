@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 from localmoe.errors import ConvertError
+from localmoe.gguf.format import KEY_SOURCE_ARCH
 
 MODULES = ("mistral4", "mixtral")
 
@@ -19,6 +20,22 @@ def for_config(config: dict):
             return mod
     raise ConvertError(f"unsupported architecture {archs or config.get('model_type')!r}; "
                        f"supported: mistral4, mistral3 (with a mistral4 text model), mixtral")
+
+
+def base_metadata(w, arch: str, cfg: dict) -> None:
+    """The keys every llama.cpp transformer file has, from the Hugging Face config's names."""
+    w.add_name(cfg.get("_name_or_path") or arch)
+    for key, value in [
+        ("block_count", cfg["num_hidden_layers"]),
+        ("context_length", cfg["max_position_embeddings"]),
+        ("embedding_length", cfg["hidden_size"]),
+        ("feed_forward_length", cfg["intermediate_size"]),
+        ("vocab_size", cfg["vocab_size"]),
+        ("attention.head_count", cfg["num_attention_heads"]),
+        ("attention.layer_norm_rms_epsilon", float(cfg["rms_norm_eps"])),
+    ]:
+        kv(w, f"{arch}.{key}", value)
+    kv(w, KEY_SOURCE_ARCH, cfg["source_architecture"])
 
 
 def kv(w, key: str, value) -> None:

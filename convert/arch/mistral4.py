@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 
 from localmoe.errors import ConvertError
-from localmoe.gguf.format import KEY_ATTN_SCALE, KEY_ROPE_INTERLEAVED, KEY_SOURCE_ARCH
+from localmoe.gguf.format import KEY_ATTN_SCALE, KEY_ROPE_INTERLEAVED
 
 from ..writer import Planned, copied, whole
-from . import kv
+from . import base_metadata, kv
 
 ARCH = "mistral4"
 HF_ARCHITECTURES = ("Mistral4ForCausalLM", "Mistral3ForConditionalGeneration")
@@ -87,21 +87,14 @@ def add_metadata(w, cfg: dict) -> None:
         raise ConvertError(f"rope dimension {nums['rope_dim']} != qk_rope_head_dim {cfg['qk_rope_head_dim']}")
     if rp["rope_type"] not in ("yarn", "default"):
         raise ConvertError(f"mistral4 rope type {rp['rope_type']!r} is not supported")
-    w.add_name(cfg.get("_name_or_path") or "mistral4")
+    base_metadata(w, ARCH, cfg)
     for key, value in [
-        ("block_count", cfg["num_hidden_layers"]),
-        ("context_length", cfg["max_position_embeddings"]),
-        ("embedding_length", cfg["hidden_size"]),
-        ("feed_forward_length", cfg["intermediate_size"]),
-        ("vocab_size", cfg["vocab_size"]),
-        ("attention.head_count", cfg["num_attention_heads"]),
         ("attention.head_count_kv", 1),                      # MLA as MQA over the latent (llama.cpp)
         ("attention.kv_lora_rank", cfg["kv_lora_rank"]),
         ("attention.key_length", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]),
         ("attention.value_length", cfg["kv_lora_rank"]),
         ("attention.key_length_mla", cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]),
         ("attention.value_length_mla", cfg["v_head_dim"]),
-        ("attention.layer_norm_rms_epsilon", float(cfg["rms_norm_eps"])),
         ("leading_dense_block_count", cfg["first_k_dense_replace"]),
         ("expert_feed_forward_length", cfg["moe_intermediate_size"]),
         ("expert_count", cfg["n_routed_experts"]),
@@ -133,7 +126,6 @@ def add_metadata(w, cfg: dict) -> None:
            int(rp.get("original_max_position_embeddings") or cfg["max_position_embeddings"]))
     kv(w, KEY_ATTN_SCALE, float(nums["scale"]))
     kv(w, KEY_ROPE_INTERLEAVED, bool(cfg["rope_interleave"]))
-    kv(w, KEY_SOURCE_ARCH, cfg["source_architecture"])
 
 
 def plan(ck, cfg: dict) -> list[Planned]:

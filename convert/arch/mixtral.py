@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from localmoe.errors import ConvertError
-from localmoe.gguf.format import KEY_ROPE_INTERLEAVED, KEY_SOURCE_ARCH
+from localmoe.gguf.format import KEY_ROPE_INTERLEAVED
 
 from ..writer import Planned, copied, whole
-from . import kv
+from . import base_metadata, kv
 
 ARCH = "llama"
 HF_ARCHITECTURES = ("MixtralForCausalLM",)
@@ -41,18 +41,11 @@ def text_config(config: dict) -> dict:
 
 def add_metadata(w, cfg: dict) -> None:
     a = f"{ARCH}."
-    w.add_name(cfg.get("_name_or_path") or "mixtral")
+    base_metadata(w, ARCH, cfg)
     for key, value in [
-        ("block_count", cfg["num_hidden_layers"]),
-        ("context_length", cfg["max_position_embeddings"]),
-        ("embedding_length", cfg["hidden_size"]),
-        ("feed_forward_length", cfg["intermediate_size"]),
-        ("vocab_size", cfg["vocab_size"]),
-        ("attention.head_count", cfg["num_attention_heads"]),
         ("attention.head_count_kv", cfg["num_key_value_heads"]),
         ("attention.key_length", cfg["head_dim"]),
         ("attention.value_length", cfg["head_dim"]),
-        ("attention.layer_norm_rms_epsilon", float(cfg["rms_norm_eps"])),
         ("expert_count", cfg["num_local_experts"]),
         ("expert_used_count", cfg["num_experts_per_tok"]),
         ("rope.dimension_count", cfg["head_dim"]),
@@ -60,7 +53,6 @@ def add_metadata(w, cfg: dict) -> None:
     ]:
         kv(w, a + key, value)
     kv(w, KEY_ROPE_INTERLEAVED, True)
-    kv(w, KEY_SOURCE_ARCH, cfg["source_architecture"])
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
