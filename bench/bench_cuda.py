@@ -1,6 +1,7 @@
 """GPU kernel bandwidth vs a measured device-to-device copy (numba.cuda), in one run.
 
     python bench/bench_cuda.py [--sweep] [--model PATH.gguf] [--prefill N]
+    python bench/bench_cuda.py --full-scale PATH.gguf --tokenizer tekken_240718.json [--prefill 2048]
 
 On the device machine (numba-cuda needs `numpy.row_stack`, aliased in localmoe/backends/cuda/_numba.py;
 gguf from the carried wheel):
@@ -16,8 +17,21 @@ gguf from the carried wheel):
    * `experts`: fused gate+up (silu(g) * u) of 4 random experts of a [128, 2048, 4096] tensor per launch.
    Ratio = gemv GB/s / copy GB/s. --sweep times every variant (warps per block, blocks per SM,
    direct / staged loads) and then uses the best per type.
-3. With --model: decode tok/s of the CUDA backend on that GGUF, launches per token; --prefill N: prompt
-   tok/s for an N-token prompt.
+3. With --model: decode tok/s of the CUDA backend on that GGUF (all weights resident, warmed up),
+   bytes read per token (dense weights + the routed experts' share k/E of each expert tensor + one
+   embedding row) and the HBM roofline copy GB/s / bytes per token, kernel launches and backend calls
+   per token, the host cost of one launch (and the launches' share of the step), --profile: a cProfile
+   breakdown of the decode step's host time (launch, copies, allocations), and with --prefill N the
+   prompt tok/s for an N-token prompt (batches of 128, progress printed; it stops after
+   --prefill-budget seconds and reports the part done).
+4. --full-scale PATH: first writes a random-weight GGUF with Mistral Small 4's exact shapes
+   (convert.synthetic.write_random_gguf: 36 layers, 128 experts top-4 + shared, MLA, 131072 vocab;
+   --quant q4_0 is ~67 GB) to PATH unless it exists, then runs 3. on it (no kernel sweep). PATH must be
+   on a filesystem with room: on the 64 GB-disk GPU machine, a tmpfs, e.g.
+       mkdir -p /mnt/lm && mount -t tmpfs -o size=100G tmpfs /mnt/lm
+       python3 bench/bench_cuda.py --full-scale /mnt/lm/small4-q4_0.gguf \
+           --tokenizer .scratch/fullscale/tekken_240718.json --prefill 2048 --tokens 32 --profile
+   (the tekken file is mistral_common/data/tekken_240718.json, copied into the ignored, carried folder).
 """
 from __future__ import annotations
 
@@ -82,10 +96,19 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--full-scale", metavar="PATH", help="write (unless present) and benchmark a random Small 4 GGUF")
+    ap.add_argument("--quant", default="q4_0", help="--full-scale's quant type")
+    ap.add_argument("--tokenizer", help="--full-scale's tekken .json (default: mistral_common's)")
+    ap.add_argument("--dims", default="", help="--full-scale's shape overrides, e.g. num_hidden_layers=2,vocab_size=4096 "
+                    "(convert.synthetic.SMALL4 keys; for smoke runs)")
+    ap.add_argument("--profile", action="store_true", help="cProfile 8 decode steps: where the host time goes")
+    ap.add_argument("--prefill-budget", type=float, default=300.0, help="seconds after which prefill stops")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
         sys.exit(f"bench_cuda: {name}")
+    if args.full_scale:
+        write_full_scale(args)
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda._numba import cuda
     dev = cuda.get_current_device()
@@ -231,38 +254,185 @@ def main() -> None:
     model_bench(args, copy_bw)
 
 
+def write_full_scale(args) -> None:
+    """Write the random Small 4-shaped GGUF to args.full_scale unless it is there; benchmark it."""
+    path = Path(args.full_scale)
+    args.model, args.no_kernels = str(path), True
+    if path.exists():
+        print(f"full scale: using existing {path} ({path.stat().st_size / 1e9:.2f} GB)", flush=True)
+        return
+    from convert.synthetic import write_random_gguf
+    done = [0, 0]
+    t0 = time.perf_counter()
+
+    def progress(n):
+        done[0] += n
+        if done[0] - done[1] >= 8e9:
+            done[1] = done[0]
+            print(f"  written {done[0] / 1e9:.0f} GB, {time.perf_counter() - t0:.0f} s", flush=True)
+    dims = {k: int(v) for k, v in (kv.split("=") for kv in args.dims.split(",") if kv)}
+    write_random_gguf(path, args.quant, seed=0, tokenizer=args.tokenizer, progress=progress, **dims)
+    dt = time.perf_counter() - t0
+    print(f"full scale: wrote {path} ({path.stat().st_size / 1e9:.2f} GB, random {args.quant}, Small 4 shapes) "
+          f"in {dt:.0f} s", flush=True)
+
+
+def active_bytes(f, k: int, n_experts: int) -> tuple[int, int, int]:
+    """Weight bytes one decode token reads: (dense incl. head, routed experts = k/E of each expert
+    tensor, one embedding row)."""
+    dense = routed = 0
+    emb = 0
+    for name, ti in f.tensors.items():
+        if name.endswith("_exps.weight"):
+            routed += ti.nbytes * k // n_experts
+        elif name == "token_embd.weight":
+            emb = ti.row_bytes
+        else:
+            dense += ti.nbytes
+    return dense, routed, emb
+
+
 def model_bench(args, copy_bw) -> None:
     if not args.model:
         return
     import localmoe
+    from localmoe.backends.cuda._numba import cuda
     t0 = time.perf_counter()
     m = localmoe.load(args.model, backend="cuda", n_ctx=max(4096, args.prefill + args.tokens + 64))
+    t_open = time.perf_counter() - t0
     ids = [1] + list(range(1000, 1015))
-    list(m.generate(ids, max_tokens=2, stop=()))      # upload + compile
-    be = m.backend
-    print(f"\nmodel {args.model}: load+warm-up {time.perf_counter() - t0:.1f} s, "
-          f"weights on GPU {be.bytes_uploaded / 1e9:.2f} GB", flush=True)
+    list(m.generate(ids, max_tokens=2, stop=()))      # upload every weight + compile
+    be, c = m.backend, m.config
+    free, total = cuda.current_context().get_memory_info()
+    print(f"\nmodel {args.model} ({m.file.size / 1e9:.2f} GB): open {t_open:.1f} s, upload + compile + 2 tokens "
+          f"{time.perf_counter() - t0 - t_open:.1f} s; weights on GPU {be.bytes_uploaded / 1e9:.2f} GB, "
+          f"GPU memory free {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB", flush=True)
+
+    calls = {}                                          # backend calls by method (each: upload + copy back)
+    for meth in ("linear", "linear_heads", "rmsnorm", "expert_ffn", "attention", "embed"):
+        def counted(*a, _f=getattr(be, meth), _n=meth, **kw):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **kw)
+        setattr(be, meth, counted)
+
     cache = m.new_cache()
     m.prefill(np.array(ids), cache)
-    l0, b0 = be.launches, m.stats.expert_bytes
+    rng = np.random.default_rng(0)
+    for _ in range(4):                                  # warm-up decode steps
+        m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
+    cuda.synchronize()
     steps = args.tokens
-    tok = np.array([5])
+    toks = rng.integers(1000, c.vocab_size, steps)
+    l0, b0, calls0, u0 = be.launches, m.stats.expert_bytes, dict(calls), be.bytes_uploaded
     t0 = time.perf_counter()
-    for _ in range(steps):
-        logits = m.net.forward(tok, cache, last_only=True)
-    cuda_sync(be)
+    for t in toks:
+        m.net.forward(np.array([int(t)]), cache, last_only=True)
+    cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    print(f"decode: {1 / dt:.1f} tok/s ({dt * 1e3:.2f} ms/token), kernel launches per token "
-          f"{(be.launches - l0) / steps:.0f}", flush=True)
+    launches = (be.launches - l0) / steps
+    per_call = {k: (calls[k] - calls0.get(k, 0)) / steps for k in calls}
+    n_calls = sum(v for k, v in per_call.items() if k != "embed")
+    dense, routed, emb = active_bytes(m.file, c.num_experts_per_tok, c.n_routed_experts)
+    per_tok = dense + routed + emb
+    roof = copy_bw * 1e9 / per_tok
+    print(f"decode (single stream, resident, context {len(ids) + 4}..{len(ids) + 4 + steps}): {1 / dt:.2f} tok/s "
+          f"({dt * 1e3:.2f} ms/token) over {steps} tokens; weight bytes uploaded meanwhile "
+          f"{be.bytes_uploaded - u0}", flush=True)
+    print(f"bytes read per token: {per_tok / 1e9:.3f} GB = dense {dense / 1e9:.3f} (incl. head) + routed experts "
+          f"{routed / 1e9:.3f} ({c.num_experts_per_tok} of {c.n_routed_experts} x {c.num_hidden_layers} layers) "
+          f"+ embedding row; counted by m.stats: {(m.stats.expert_bytes - b0) / steps / 1e9:.3f} GB of experts/token")
+    print(f"HBM roofline: copy {copy_bw:.0f} GB/s / {per_tok / 1e9:.3f} GB = {roof:.0f} tok/s; "
+          f"measured {1 / dt:.2f} tok/s = {1 / dt / roof:.2%} of it")
+
+    # host-side cost of one launch and of one tiny backend call (GPU work negligible)
+    K = be.K
+    eps = np.float32(c.rms_norm_eps)
+    xh = np.ones((1, c.hidden_size), np.float32)
+    wv = np.ones(c.hidden_size, np.float32)
+    xd, wd = cuda.to_device(xh), be._vector(wv)
+    out = cuda.device_array_like(xd)
+    K.rmsnorm_kernel[1, K.THREADS](xd, wd, out, eps)
+    cuda.synchronize()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        K.rmsnorm_kernel[1, K.THREADS](xd, wd, out, eps)
+    cuda.synchronize()
+    t_launch = (time.perf_counter() - t0) / n
+    rms = calls.get("rmsnorm")
+    be.rmsnorm(xh, wv, eps)
+    n = 500
+    t0 = time.perf_counter()
+    for _ in range(n):
+        be.rmsnorm(xh, wv, eps)
+    t_call = (time.perf_counter() - t0) / n
+    calls["rmsnorm"] = rms
+    print(f"launches per token {launches:.0f}; backend calls per token {n_calls:.0f} ("
+          + ", ".join(f"{k} {v:.0f}" for k, v in per_call.items()) + ")")
+    print(f"host cost: {t_launch * 1e6:.1f} us per kernel launch from Python (4 preallocated array args): the "
+          f"launches alone {launches * t_launch * 1e3:.1f} ms/token = {launches * t_launch / dt:.0%} of the step; "
+          f"{t_call * 1e6:.0f} us per tiny backend call (upload + launch + copy back; varies between runs: "
+          f"--profile gives the breakdown); HBM time at copy speed {per_tok / copy_bw / 1e6:.2f} ms/token "
+          f"= {per_tok / copy_bw / 1e9 / dt:.1%} of the step", flush=True)
+
+    if args.profile:
+        try:
+            profile_decode(m, cache, rng, 8)
+        except Exception as e:          # a diagnostic: never lose the prefill figure to it
+            print(f"profile failed: {e!r}")
+
     if args.prefill:
-        rng = np.random.default_rng(0)
-        prompt = np.concatenate([[1], rng.integers(1000, m.config.vocab_size, args.prefill - 1)])
+        prompt = np.concatenate([[1], rng.integers(1000, c.vocab_size, args.prefill - 1)])
         cache = m.new_cache()
+        from localmoe.model import PREFILL_BATCH
         t0 = time.perf_counter()
-        m.prefill(prompt, cache)
-        cuda_sync(be)
+        done = 0
+        for s in range(0, len(prompt), PREFILL_BATCH):
+            chunk = prompt[s:s + PREFILL_BATCH]
+            m.net.forward(chunk, cache, last_only=s + PREFILL_BATCH >= len(prompt))
+            cuda.synchronize()
+            done += len(chunk)
+            el = time.perf_counter() - t0
+            print(f"  prefill {done}/{len(prompt)} tokens: {el:.1f} s ({done / el:.0f} tok/s)", flush=True)
+            if el > args.prefill_budget and done < len(prompt):
+                print(f"  prefill stopped after {el:.0f} s (--prefill-budget)")
+                break
         dt = time.perf_counter() - t0
-        print(f"prefill {args.prefill} tokens: {dt:.2f} s = {args.prefill / dt:.0f} tok/s", flush=True)
+        print(f"prefill {done} tokens{'' if done == len(prompt) else f' of {len(prompt)}'} in batches of "
+              f"{PREFILL_BATCH}: {dt:.2f} s = {done / dt:.1f} tok/s", flush=True)
+
+
+def profile_decode(m, cache, rng, steps: int) -> None:
+    """cProfile `steps` decode steps; print the host time by category and the top functions."""
+    import cProfile
+    import pstats
+
+    from localmoe.backends.cuda._numba import cuda
+    toks = rng.integers(1000, m.config.vocab_size, steps)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for t in toks:
+        m.net.forward(np.array([int(t)]), cache, last_only=True)
+    cuda.synchronize()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    st = pstats.Stats(prof)
+    # cumulative seconds of the outermost entry points of each kind (numba-cuda's own functions)
+    cats = {"kernel launch (numba dispatch, incl. launch config)": ("dispatcher", ("__call__",)),
+            "host->device copies (to_device)": ("", ("to_device",)),
+            "device->host copies (copy_to_host)": ("", ("copy_to_host",)),
+            "device allocations (device_array, device_array_like)": ("", ("device_array", "device_array_like")),
+            "CUDA backend methods, total": ("backends/cuda/__init__", ("linear", "linear_heads", "rmsnorm",
+                                                                        "expert_ffn", "attention", "embed"))}
+    print(f"\nprofile of {steps} decode steps (cProfile inflates Python-heavy code): {wall / steps * 1e3:.1f} ms/token")
+    for label, (where, names) in cats.items():
+        tot = 0.0
+        for (fn, _line, name), (_cc, _nc, _tt, ct, _callers) in st.stats.items():
+            if name in names and where in fn.replace("\\", "/") and ("numba" in fn or where):
+                tot += ct
+        print(f"  {label:55} {tot / steps * 1e3:8.2f} ms/token  {tot / wall:6.1%}")
+    st.sort_stats("tottime").print_stats(18)
 
 
 def cuda_sync(be):

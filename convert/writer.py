@@ -27,6 +27,7 @@ class Planned:
     chunks: Callable[[], Iterable[np.ndarray]]
     keep_f32: bool = False                 # norms and routers stay F32
     type: GGMLType = field(default=GGMLType.F32)
+    encoded: bool = False                  # chunks are already `type`'s bytes (uint8), written as they are
 
 
 def whole(name: str, shape, fn: Callable[[], np.ndarray], keep_f32: bool = False) -> Planned:
@@ -68,7 +69,8 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     for p in plans:
-        p.type = choose_type(p, quant)
+        if not p.encoded:
+            p.type = choose_type(p, quant)
     fallback = [p.name for p in plans if p.type == GGMLType.F16 and quant not in (GGMLType.F16, GGMLType.F32)]
     try:
         w = GGUFWriter(tmp, arch)
@@ -92,8 +94,8 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
         for p in plans:
             written, expected = 0, int(np.prod(p.shape[:-1], dtype=np.int64)) * row_bytes(p.type, p.shape[-1])
             for block in p.chunks():
-                data = encode(block, p.type)
-                fout.write(data.tobytes())
+                data = np.ascontiguousarray(block).view(np.uint8) if p.encoded else encode(block, p.type)
+                fout.write(data if p.encoded else data.tobytes())
                 written += data.nbytes
                 if progress:
                     progress(data.nbytes)
