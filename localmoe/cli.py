@@ -63,15 +63,16 @@ CtxOpt = typer.Option(None, "--ctx", min=16, help="Context length (default 8192)
 HideThinkingOpt = typer.Option(False, "--hide-thinking", help="On a terminal, do not show the model's thinking.")
 ShowThinkingOpt = typer.Option(False, "--show-thinking", help="In a pipe, send the thinking to stderr.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Speed and expert statistics on stderr.")
+BackendOpt = typer.Option("cpu", "--backend", help="cpu, cuda, or auto (CUDA when a GPU is usable).")
 ImageOpt = typer.Option(None, "--image", "-i", help="An image for the (first) message (repeatable).")
 
 
-def _load(model: Optional[str], ctx: Optional[int]):
+def _load(model: Optional[str], ctx: Optional[int], backend: str = "cpu"):
     from .model import load
 
     _announce_jit()
     t0 = time.perf_counter()
-    m = load(_model_name(model), n_ctx=ctx)
+    m = load(_model_name(model), backend=backend, n_ctx=ctx)
     return m, time.perf_counter() - t0
 
 
@@ -95,6 +96,7 @@ def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, i
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object: thinking, answer, stats."),
         hide_thinking: bool = HideThinkingOpt, show_thinking: bool = ShowThinkingOpt,
         image: Optional[list[str]] = ImageOpt,
+        backend: str = BackendOpt,
         verbose: bool = VerboseOpt):
     """Answer PROMPT in the model's chat format (or continue raw text) and stream it to stdout."""
     from .chat import Reply, Session
@@ -105,7 +107,7 @@ def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, i
     if raw and (system or effort or image):
         raise InputError("--system, --effort and --image need the chat format; leave out --raw")
     text = _prompt_text(prompt)
-    m, t_load = _load(model, ctx)
+    m, t_load = _load(model, ctx, backend)
     session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
     reply = Reply()
     if raw:
@@ -142,6 +144,7 @@ def chat(model: Optional[str] = ModelOpt,
          stop: Optional[list[str]] = StopOpt,
          ctx: Optional[int] = CtxOpt,
          image: Optional[list[str]] = ImageOpt,
+         backend: str = BackendOpt,
          hide_thinking: bool = HideThinkingOpt):
     """Chat in the terminal: streamed replies, /help for commands, Ctrl-C stops a reply, Ctrl-D leaves."""
     from .chat import Session
@@ -149,7 +152,7 @@ def chat(model: Optional[str] = ModelOpt,
     from .repl import Chat, setup_history
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-    m, _ = _load(model, ctx)
+    m, _ = _load(model, ctx, backend)
     session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
     session.set_effort(effort)
     save_history = setup_history(home() / "chat_history")

@@ -131,6 +131,12 @@ def test_usage_errors(good):
     assert_clean_error(localmoe("run", "-m", good[1], stdin=""), "no prompt")
 
 
+def test_backend_choice(good):
+    assert_clean_error(localmoe("run", "-m", good[1], "--backend", "tpu", "hi"), "unknown backend", "tpu")
+    r = localmoe("run", "-m", good[1], "--backend", "auto", "--raw", "-n", "2", "hi")   # no GPU here: the CPU
+    assert r.returncode == 0, r.stderr
+
+
 def test_prompt_longer_than_context(good):
     assert_clean_error(localmoe("run", "-m", good[1], "--ctx", "16", "word " * 100), "longer than the context")
 
