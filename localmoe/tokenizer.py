@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import heapq
 import re
+from abc import ABC, abstractmethod
 from itertools import groupby
 
 import numpy as np
@@ -70,7 +71,7 @@ _BYTEWISE = "localmoe-replace-bytewise"
 codecs.register_error(_BYTEWISE, _replace_bytewise)
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Common interface; see `load_tokenizer`."""
 
     kind: str           # "tekken", "bpe" (other byte-level BPE) or "spm"
@@ -137,14 +138,17 @@ class Tokenizer:
             return self.tokens[token_id]
         return self.token_bytes(token_id).decode("utf-8", "replace")
 
+    @abstractmethod
     def _encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of plain text (no BOS/EOS, special-token strings not parsed)."""
 
+    @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
-        raise NotImplementedError
+        """The raw bytes of one token (b"" for special tokens), for streaming output."""
 
+    @abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Text of ids, special tokens skipped."""
 
 
 class BPETokenizer(Tokenizer):
