@@ -53,3 +53,32 @@ def test_we_run_llamacpp_gguf(ckpt, quant):
     path = llama_convert(src, d / f"llama-{quant}.gguf", quant, **({"q4_pure": True} if quant == "q4_0" else {}))
     check(f"{arch} {quant}: ours vs llama.cpp on llama.cpp's file", localmoe.load(path).logits(ids),
           llama_logits(path, ids))
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_our_blocks_are_ggmls_blocks(ckpt, quant):
+    """Our Q8_0/Q4_0 blocks equal, byte for byte, what ggml's C quantizer (llama_model_quantize, every
+    tensor in the type) makes of the same f32 weights — and gguf.quants.quantize of them."""
+    import gguf
+    from gguf.quants import quantize
+
+    from llamacpp import llama_quantize
+    from localmoe.gguf.reader import GGUFFile
+
+    arch, d, src, ids = ckpt
+    f32 = d / "ours-f32-for-blocks.gguf"
+    convert(src, f32, "f32")
+    ours_path = d / f"ours-blocks-{quant}.gguf"
+    convert(src, ours_path, quant)
+    ggml = GGUFFile(llama_quantize(f32, d / f"ggml-{quant}.gguf", quant, pure=True))
+    ours, ref = GGUFFile(ours_path), GGUFFile(f32)
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    compared = 0
+    for name, ti in ours.tensors.items():
+        if ti.type != qtype:
+            continue
+        assert np.array_equal(np.asarray(ours.raw(name)), quantize(ref.array(name), qtype)), name
+        if ggml.tensors[name].type == qtype:
+            assert np.array_equal(np.asarray(ours.raw(name)), np.asarray(ggml.raw(name))), name
+            compared += 1
+    assert compared >= 10
