@@ -332,14 +332,14 @@ def model_bench(args, copy_bw) -> None:
     launches = (be.launches - l0) / steps
     per_call = {k: (calls[k] - calls0.get(k, 0)) / steps for k in calls}
     n_calls = sum(v for k, v in per_call.items() if k != "embed")
-    dense, routed, emb = active_bytes(m.file, c.num_experts_per_tok, c.n_routed_experts)
+    dense, routed, emb = active_bytes(m.file, c.num_experts_per_tok, c.n_experts)
     per_tok = dense + routed + emb
     roof = copy_bw * 1e9 / per_tok
     print(f"decode (single stream, resident, context {len(ids) + 4}..{len(ids) + 4 + steps}): {1 / dt:.2f} tok/s "
           f"({dt * 1e3:.2f} ms/token) over {steps} tokens; weight bytes uploaded meanwhile "
           f"{be.bytes_uploaded - u0}", flush=True)
     print(f"bytes read per token: {per_tok / 1e9:.3f} GB = dense {dense / 1e9:.3f} (incl. head) + routed experts "
-          f"{routed / 1e9:.3f} ({c.num_experts_per_tok} of {c.n_routed_experts} x {c.num_hidden_layers} layers) "
+          f"{routed / 1e9:.3f} ({c.num_experts_per_tok} of {c.n_experts} x {c.num_hidden_layers} layers) "
           f"+ embedding row; counted by m.stats: {(m.stats.expert_bytes - b0) / steps / 1e9:.3f} GB of experts/token")
     print(f"HBM roofline: copy {copy_bw:.0f} GB/s / {per_tok / 1e9:.3f} GB = {roof:.0f} tok/s; "
           f"measured {1 / dt:.2f} tok/s = {1 / dt / roof:.2%} of it")

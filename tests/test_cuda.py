@@ -24,7 +24,27 @@ TYPES = [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F32, GGMLType.F16, GGMLType.BF16
 
 
 def rel(a, b) -> float:
-    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+    """Relative max difference of a GPU result a (must be a device array: activations stay on the GPU)
+    from a host reference b."""
+    if not isinstance(b, np.ndarray) or hasattr(a, "__cuda_array_interface__"):
+        import cupy
+        assert isinstance(a, cupy.ndarray), f"backend returned {type(a)}, not a device array"
+        a = cupy.asnumpy(a)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_rope_tables_cached_slices_are_exact():
+    """The per-backend cached rope tables (one table for 0..N-1, sliced) equal Rope.tables bit for bit,
+    plain and YaRN, across a regrowth of the cache."""
+    from localmoe.backends.cpu import CPUBackend
+    from localmoe.models.rope import Rope, rope_tables
+    be = CPUBackend()
+    for rope in (Rope(64, 10000.0), Rope(64, 1e6, 128.0, 8192, 32.0, 1.0, 1.3)):
+        for p0, n in [(0, 1), (0, 37), (5, 1), (255, 1), (256, 1), (300, 128), (1000, 3), (7, 600)]:
+            pos = np.arange(p0, p0 + n)
+            cos, sin = rope_tables(be, rope, pos)
+            ref = rope.tables(pos)
+            assert cos.dtype == np.float32 and np.array_equal(cos, ref[0]) and np.array_equal(sin, ref[1])
 
 
 def mean_kl(ref: np.ndarray, ours: np.ndarray) -> float:

@@ -25,9 +25,10 @@ def expert_weight(f: GGUFFile, name: str) -> Weight:
 class KVCache:
     """Per layer, named arrays of rows (one row per position), grown by doubling up to n_ctx."""
 
-    def __init__(self, n_layers: int, rows: dict[str, tuple[int, ...]], n_ctx: int):
-        self.n_ctx, self.length, self.rows = n_ctx, 0, rows
-        self.layers = [{k: np.zeros((min(n_ctx, 256),) + s, np.float32) for k, s in rows.items()}
+    def __init__(self, n_layers: int, rows: dict[str, tuple[int, ...]], n_ctx: int, xp=np):
+        """xp: the array namespace the rows live in (the backend's: numpy, or cupy on the GPU)."""
+        self.n_ctx, self.length, self.rows, self.xp = n_ctx, 0, rows, xp
+        self.layers = [{k: xp.zeros((min(n_ctx, 256),) + s, np.float32) for k, s in rows.items()}
                        for _ in range(n_layers)]
 
     def write(self, layer: int, pos0: int, **values: np.ndarray) -> None:
@@ -35,7 +36,7 @@ class KVCache:
         for k, v in values.items():
             end = pos0 + len(v)
             if end > len(store[k]):
-                grown = np.zeros((min(self.n_ctx, max(end, 2 * len(store[k]))),) + self.rows[k], np.float32)
+                grown = self.xp.zeros((min(self.n_ctx, max(end, 2 * len(store[k]))),) + self.rows[k], np.float32)
                 grown[:len(store[k])] = store[k]
                 store[k] = grown
             store[k][pos0:end] = v
@@ -88,13 +89,14 @@ class Decoder:
         self.stats = Stats(L, cfg.n_experts)
 
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False, embeds=None) -> np.ndarray:
-        """`embeds` = (rows, vectors): inputs that replace the token embeddings at those rows of `ids`
+        """Logits [n or 1, vocab] as a host numpy array; activations and the cache stay in `be.xp`.
+        `embeds` = (rows, vectors): inputs that replace the token embeddings at those rows of `ids`
         (image features at [IMG] positions, as Transformers' masked_scatter)."""
         be, eps = self.be, self.cfg.rms_norm_eps
         positions = np.arange(cache.length, cache.length + len(ids))
         x = be.embed(self.embed_tokens, ids)
         if embeds is not None:
-            x[embeds[0]] = embeds[1]
+            x[be.xp.asarray(embeds[0])] = be.xp.asarray(embeds[1])
         for i in range(self.cfg.num_hidden_layers):
             x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
             x = x + self.ffn(i, be.rmsnorm(x, self.ffn_norm[i], eps))
@@ -102,4 +104,4 @@ class Decoder:
         self.stats.tokens += len(ids)
         self.stats.forward_calls += 1
         h = be.rmsnorm(x[-1:] if last_only else x, self.norm, eps)
-        return be.linear(self.lm_head, h)
+        return be.to_host(be.linear(self.lm_head, h))       # logits on the host, for sampling

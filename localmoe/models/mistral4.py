@@ -16,7 +16,7 @@ from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, expert_weight, weight
 from .moe import DenseFFN, Experts, moe, swiglu
-from .rope import Rope, apply_rope
+from .rope import Rope, apply_rope, rope_tables
 
 ARCH = "mistral4"
 
@@ -131,7 +131,7 @@ class Model(Decoder):
 
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank + c.qk_rope_head_dim,)}, n_ctx)
+        return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank + c.qk_rope_head_dim,)}, n_ctx, self.be.xp)
 
     def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
@@ -142,14 +142,15 @@ class Model(Decoder):
         q = be.linear(L.q_b, q).reshape(n, heads, nope + c.qk_rope_head_dim)
         kv = be.linear(L.kv_a, h)
         latent = be.rmsnorm(kv[:, :kvr], L.kv_a_norm, c.rms_norm_eps)
-        cos, sin = c.rope.tables(positions)
-        q_rope = apply_rope(q[..., nope:], cos, sin)
-        k_rope = apply_rope(kv[:, None, kvr:], cos, sin)[:, 0]
-        q_latent = be.linear_heads(L.k_b, np.ascontiguousarray(q[..., :nope]))     # W_kb folded into q
-        query = np.concatenate([q_latent, q_rope], axis=-1)
+        xp = be.xp
+        cos, sin = rope_tables(be, c.rope, positions)
+        q_rope = apply_rope(q[..., nope:], cos, sin, xp)
+        k_rope = apply_rope(kv[:, None, kvr:], cos, sin, xp)[:, 0]
+        q_latent = be.linear_heads(L.k_b, xp.ascontiguousarray(q[..., :nope]))     # W_kb folded into q
+        query = xp.concatenate([q_latent, q_rope], axis=-1)
         if c.llama_4_scaling_beta:
-            query *= (1 + c.llama_4_scaling_beta * np.log1p(positions // c.llama_4_scaling_length))[:, None, None].astype(np.float32)
-        cache.write(i, int(positions[0]), latent=np.concatenate([latent, k_rope], axis=-1))
+            query *= (1 + c.llama_4_scaling_beta * xp.log1p(xp.asarray(positions // c.llama_4_scaling_length)))[:, None, None].astype(np.float32)
+        cache.write(i, int(positions[0]), latent=xp.concatenate([latent, k_rope], axis=-1))
         kvc = cache.view(i, "latent", int(positions[-1]) + 1)[:, None, :]
         o_latent = be.attention(query, kvc, kvc[..., :kvr], int(positions[0]), c.attention_scale)
         o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending

@@ -9,7 +9,7 @@ from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, expert_weight, weight
 from .moe import Experts, moe
-from .rope import Rope, apply_rope
+from .rope import Rope, apply_rope, rope_tables
 
 ARCH = "llama"
 
@@ -71,14 +71,14 @@ class Model(Decoder):
     def new_cache(self, n_ctx: int) -> KVCache:
         c = self.cfg
         row = (c.num_key_value_heads, c.head_dim)
-        return KVCache(c.num_hidden_layers, {"k": row, "v": row}, n_ctx)
+        return KVCache(c.num_hidden_layers, {"k": row, "v": row}, n_ctx, self.be.xp)
 
     def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
         n, hd = len(h), c.head_dim
-        cos, sin = c.rope.tables(positions)
-        q = apply_rope(be.linear(L.q, h).reshape(n, c.num_attention_heads, hd), cos, sin)
-        k = apply_rope(be.linear(L.k, h).reshape(n, c.num_key_value_heads, hd), cos, sin)
+        cos, sin = rope_tables(be, c.rope, positions)
+        q = apply_rope(be.linear(L.q, h).reshape(n, c.num_attention_heads, hd), cos, sin, be.xp)
+        k = apply_rope(be.linear(L.k, h).reshape(n, c.num_key_value_heads, hd), cos, sin, be.xp)
         cache.write(i, int(positions[0]), k=k, v=be.linear(L.v, h).reshape(n, c.num_key_value_heads, hd))
         end = int(positions[-1]) + 1
         o = be.attention(q, cache.view(i, "k", end), cache.view(i, "v", end), int(positions[0]), hd ** -0.5)

@@ -58,13 +58,14 @@ class DenseFFN:
 
 def swiglu(be, ffn: DenseFFN, x: np.ndarray) -> np.ndarray:
     g = be.linear(ffn.gate, x)
-    return be.linear(ffn.down, g / (1.0 + np.exp(-g)) * be.linear(ffn.up, x))
+    return be.linear(ffn.down, g / (1.0 + be.xp.exp(-g)) * be.linear(ffn.up, x))
 
 
 def moe(be, ex: Experts, x: np.ndarray, k: int, stats=None, layer: int = 0, norm: bool = True,
         scale: float = 1.0, n_group: int = 1, topk_group: int = 1) -> np.ndarray:
-    """Routed experts for a batch x [n, H]: route, then run only the selected experts."""
-    ids, w = route_topk(be.linear(ex.router, x), k, norm, scale, n_group, topk_group)
+    """Routed experts for a batch x [n, H]: route (on the host: the logits are [n, E]), then run only
+    the selected experts."""
+    ids, w = route_topk(be.to_host(be.linear(ex.router, x)), k, norm, scale, n_group, topk_group)
     if stats is not None:
         stats.record_experts(layer, ids, ex.bytes_per_expert)
     return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w)

@@ -99,21 +99,21 @@ def patches(image: np.ndarray, p: int) -> np.ndarray:
                                 .reshape((H // p) * (W // p), C * p * p), dtype=np.float32)
 
 
-def merge_patches(x: np.ndarray, rows: int, cols: int, m: int) -> np.ndarray:
+def merge_patches(x: np.ndarray, rows: int, cols: int, m: int, xp=np) -> np.ndarray:
     """[rows*cols, d] -> [(rows/m)*(cols/m), d*m*m]: each m x m block as one vector in torch's
     `unfold` order (channel-major, then y, then x), the order Mistral3PatchMerger's weight expects."""
     d = x.shape[-1]
-    return np.ascontiguousarray(x.reshape(rows // m, m, cols // m, m, d).transpose(0, 2, 4, 1, 3)
+    return xp.ascontiguousarray(x.reshape(rows // m, m, cols // m, m, d).transpose(0, 2, 4, 1, 3)
                                 .reshape((rows // m) * (cols // m), d * m * m))
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
+def gelu(x: np.ndarray, xp=np) -> np.ndarray:
     """Exact (erf) GELU, Transformers' "gelu". numpy has no erf: Abramowitz & Stegun 7.1.26 in
-    float64 (|error| < 1.5e-7), far below float32 noise at these magnitudes."""
+    float64 (|error| < 1.5e-7), far below float32 noise at these magnitudes. xp: numpy or cupy."""
     z = x.astype(np.float64) / np.sqrt(2.0)
-    t = 1.0 / (1.0 + 0.3275911 * np.abs(z))
+    t = 1.0 / (1.0 + 0.3275911 * xp.abs(z))
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    erf = np.sign(z) * (1.0 - poly * np.exp(-z * z))
+    erf = xp.sign(z) * (1.0 - poly * xp.exp(-z * z))
     return (0.5 * x * (1.0 + erf)).astype(np.float32)
 
 
@@ -141,26 +141,26 @@ class Model:
         c, be = self.cfg, self.be
         rows, cols = image.shape[1] // c.patch_size, image.shape[2] // c.patch_size
         x = be.rmsnorm(be.linear(self.patch_embd, patches(image, c.patch_size)), self.pre_ln, c.layer_norm_eps)
-        cos, sin = rope_2d(c, rows, cols)
+        cos, sin = (be.xp.asarray(t) for t in rope_2d(c, rows, cols))
         for L in self.layers:
             x = x + self.attention(L, be.rmsnorm(x, L.ln1, c.layer_norm_eps), cos, sin)
             x = x + swiglu(be, L.ffn, be.rmsnorm(x, L.ln2, c.layer_norm_eps))
-        return self.project(x, rows, cols)
+        return be.to_host(self.project(x, rows, cols))      # features on the host, like logits
 
     def attention(self, L: Layer, h: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """Bidirectional attention over one image's patches. The backend's attention is causal with
         queries at positions pos0..; placing every query at pos0 = n (after all n keys) masks nothing."""
         c, be = self.cfg, self.be
         n, heads, hd = len(h), c.num_attention_heads, c.head_dim
-        q = apply_rope(be.linear(L.q, h).reshape(n, heads, hd), cos, sin)
-        k = apply_rope(be.linear(L.k, h).reshape(n, heads, hd), cos, sin)
+        q = apply_rope(be.linear(L.q, h).reshape(n, heads, hd), cos, sin, be.xp)
+        k = apply_rope(be.linear(L.k, h).reshape(n, heads, hd), cos, sin, be.xp)
         v = be.linear(L.v, h).reshape(n, heads, hd)
-        out = np.concatenate([be.attention(q[s:s + QUERY_BLOCK], k, v, n, hd ** -0.5)
+        out = be.xp.concatenate([be.attention(q[s:s + QUERY_BLOCK], k, v, n, hd ** -0.5)
                               for s in range(0, n, QUERY_BLOCK)])
         return be.linear(L.o, out.reshape(n, heads * hd))
 
     def project(self, x: np.ndarray, rows: int, cols: int) -> np.ndarray:
         c, be = self.cfg, self.be
         x = be.rmsnorm(x, self.mm_norm, c.projector_norm_eps)
-        x = be.linear(self.merger, merge_patches(x, rows, cols, c.spatial_merge_size))
-        return be.linear(self.mm2, gelu(be.linear(self.mm1, x)))
+        x = be.linear(self.merger, merge_patches(x, rows, cols, c.spatial_merge_size, be.xp))
+        return be.linear(self.mm2, gelu(be.linear(self.mm1, x), be.xp))

@@ -46,11 +46,24 @@ class Rope:
         return (np.cos(f) * self.attn_factor).astype(np.float32), (np.sin(f) * self.attn_factor).astype(np.float32)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate pairs of x [n, heads, dim] by the angles of each row's position (cos/sin [n, dim/2])."""
+def rope_tables(be, rope: Rope, positions: np.ndarray):
+    """cos, sin [n, dim/2] for contiguous positions as `be.xp` arrays: slices of tables for positions
+    0..N-1 computed once per backend (N doubled as needed), so a decode step uploads nothing. The
+    same float32 elementwise arithmetic as Rope.tables, hence the same values."""
+    p0, end = int(positions[0]), int(positions[-1]) + 1
+    hit = be.rope_tables.get(rope)
+    if hit is None or end > len(hit[0]):
+        N = max(256, end, 2 * len(hit[0]) if hit is not None else 0)
+        hit = be.rope_tables[rope] = tuple(be.xp.asarray(t) for t in rope.tables(np.arange(N)))
+    return hit[0][p0:end], hit[1][p0:end]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, xp=np) -> np.ndarray:
+    """Rotate pairs of x [n, heads, dim] by the angles of each row's position (cos/sin [n, dim/2]);
+    xp: the arrays' namespace (numpy or cupy)."""
     a, b = x[..., 0::2], x[..., 1::2]
     c, s = cos[:, None, :], sin[:, None, :]
-    out = np.empty_like(x)
+    out = xp.empty_like(x)
     out[..., 0::2] = a * c - b * s
     out[..., 1::2] = b * c + a * s
     return out

@@ -24,6 +24,15 @@ def kernels_cached() -> bool:
 
 class CPUBackend:
     name = "cpu"
+    xp = np                              # the array namespace of activations (models/*.py use be.xp)
+
+    def __init__(self):
+        self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
+
+    @staticmethod
+    def to_host(a) -> np.ndarray:
+        """Activations as a host numpy array (they already are)."""
+        return a
 
     def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
         """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""

@@ -2,9 +2,11 @@
 
 Weights are uploaded once, on first use, as the GGUF's own bytes (a `Weight` -> device array cache
 keyed by the stored array's address, shape, strides and type) and never dequantised. Activations
-arrive and leave as host numpy arrays: every method uploads its inputs and copies its result back
-(the routed experts' intermediate stays on the GPU). This is the first, correct version; keeping
-activations resident and capturing the decode step in a CUDA graph is the next step (docs/PERFORMANCE.md).
+stay on the GPU as cupy arrays (`xp` = cupy; the model glue in localmoe/models uses `be.xp`): methods
+accept host or device arrays and return device arrays; only `to_host` (the router's logits, the final
+logits) copies back. The numba kernels take the cupy arrays through __cuda_array_interface__; both
+libraries work on the legacy default stream of the primary context, so launches stay ordered. Capturing
+the decode step in a CUDA graph is the next step (docs/PERFORMANCE.md).
 
 Importing this package needs neither numba-cuda nor a GPU; `available()` says whether one is usable.
 """
@@ -43,7 +45,9 @@ class CUDABackend:
             raise RuntimeError(why)
         from . import kernels as K
         from ._numba import cuda
-        self.K, self.cuda = K, cuda
+        import cupy as cp
+        self.K, self.cuda, self.xp = K, cuda, cp
+        self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
         self._weights: dict = {}          # key -> (host array kept alive, device array, fast)
@@ -71,19 +75,19 @@ class CUDABackend:
         k = _key(v)
         hit = self._vectors.get(k)
         if hit is None:
-            hit = self._vectors[k] = (v, self.cuda.to_device(np.ascontiguousarray(v, dtype=np.float32)))
+            hit = self._vectors[k] = (v, self.xp.asarray(np.ascontiguousarray(v, dtype=np.float32)))
         return hit[1]
 
     def _arange(self, n: int):
         k = ("arange", n)
         if k not in self._ints:
-            self._ints[k] = self.cuda.to_device(np.arange(n, dtype=np.int32))
+            self._ints[k] = self.xp.arange(n, dtype=np.int32)
         return self._ints[k]
 
     def _zeros(self, n: int):
         k = ("zeros", n)
         if k not in self._ints:
-            self._ints[k] = self.cuda.to_device(np.zeros(n, dtype=np.int32))
+            self._ints[k] = self.xp.zeros(n, dtype=np.int32)
         return self._ints[k]
 
     # -- the batched gemv -------------------------------------------------------------------------
@@ -92,91 +96,97 @@ class CUDABackend:
         qt, cols, rows = int(w.type), w.cols, w.rows
         dev, fast = self.upload(w)
         dev2 = self.upload(w2)[0] if w2 is not None else dev
-        y = out if out is not None else self.cuda.device_array((P, rows), np.float32)
+        y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
                            fused=w2 is not None)
         self.launches += 1
         return y
 
+    # -- activations ------------------------------------------------------------------------------
+    def to_host(self, a) -> np.ndarray:
+        """A host numpy copy of a device (or host) array: the one way activations leave the GPU."""
+        return self.xp.asnumpy(a) if isinstance(a, self.xp.ndarray) else np.asarray(a)
+
+    def _dev(self, x, shape=None):
+        """x as a C-contiguous float32 device array (uploaded if on the host), optionally reshaped."""
+        x = self.xp.asarray(x, dtype=np.float32)
+        if shape is not None:
+            x = x.reshape(shape)
+        return self.xp.ascontiguousarray(x)
+
     # -- the kernel interface ---------------------------------------------------------------------
-    def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
+    def linear(self, w: Weight, x):
         """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
-        x = np.asarray(x, dtype=np.float32)
         squeeze = x.ndim == 1
-        x2 = np.ascontiguousarray(x.reshape(-1, w.cols))
+        x2 = self._dev(x, (-1, w.cols))
         n = len(x2)
-        y = self.gemv(w, self._zeros(n), self._arange(n), self.cuda.to_device(x2), n).copy_to_host()
+        y = self.gemv(w, self._zeros(n), self._arange(n), x2, n)
         return y[0] if squeeze else y
 
-    def linear_heads(self, w: Weight, x: np.ndarray) -> np.ndarray:
+    def linear_heads(self, w: Weight, x):
         """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
         n, heads, cols = x.shape
         P = n * heads
         k = ("heads", n, heads)
         if k not in self._ints:
-            self._ints[k] = self.cuda.to_device(np.tile(np.arange(heads, dtype=np.int32), n))
-        x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(P, cols)
-        y = self.gemv(w, self._ints[k], self._arange(P), self.cuda.to_device(x2), P).copy_to_host()
+            self._ints[k] = self.xp.asarray(np.tile(np.arange(heads, dtype=np.int32), n))
+        y = self.gemv(w, self._ints[k], self._arange(P), self._dev(x, (P, cols)), P)
         return y.reshape(n, heads, w.rows)
 
-    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
+    def embed(self, w: Weight, ids: np.ndarray):
         """Rows of the embedding table for token ids, dequantised on the host from the mapped file
-        (only those rows are read; the result is needed on the host by the model code anyway)."""
+        (only those rows are read), then uploaded (one row per decoded token)."""
         from ..cpu import CPUBackend
-        return CPUBackend.embed(None, w, ids)
+        return self.xp.asarray(CPUBackend.embed(None, w, ids))
 
-    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-        xd = self.cuda.to_device(x2)
-        out = self.cuda.device_array_like(xd)
-        self.K.rmsnorm_kernel[len(x2), self.K.THREADS](xd, self._vector(weight), out, np.float32(eps))
+    def rmsnorm(self, x, weight: np.ndarray, eps: float):
+        x2 = self._dev(x, (-1, x.shape[-1]))
+        out = self.xp.empty_like(x2)
+        self.K.rmsnorm_kernel[len(x2), self.K.THREADS](x2, self._vector(weight), out, np.float32(eps))
         self.launches += 1
-        return out.copy_to_host().reshape(x.shape)
+        return out.reshape(x.shape)
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
-                   weights: np.ndarray) -> np.ndarray:
-        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e."""
-        x = np.asarray(x, dtype=np.float32)
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids: np.ndarray, weights: np.ndarray):
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e.
+        ids and weights (the router's choice) are small host arrays: one upload each."""
+        xp = self.xp
         squeeze = x.ndim == 1
-        x2 = np.ascontiguousarray(x.reshape(-1, gate.cols))
+        x2 = self._dev(x, (-1, gate.cols))
         n = len(x2)
         ids2 = np.asarray(ids).reshape(n, -1)
         k = ids2.shape[1]
         P = n * k
         if ids2.min() < 0 or ids2.max() >= gate.n_experts:
             raise ValueError("expert id out of range")
-        mats = self.cuda.to_device(ids2.astype(np.int32).reshape(P))
-        tok = self.cuda.to_device(np.repeat(np.arange(n, dtype=np.int32), k))
-        xd = self.cuda.to_device(x2)
+        mats = xp.asarray(ids2.astype(np.int32).reshape(P))
+        kt = ("tok", n, k)
+        if kt not in self._ints:
+            self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
+        tok = self._ints[kt]
         if int(gate.type) == int(up.type):
-            h = self.gemv(gate, mats, tok, xd, P, w2=up)                 # silu(gate x) * up x, fused
+            h = self.gemv(gate, mats, tok, x2, P, w2=up)                 # silu(gate x) * up x, fused
         else:
-            g = self.gemv(gate, mats, tok, xd, P).copy_to_host()
-            u = self.gemv(up, mats, tok, xd, P).copy_to_host()
-            h = self.cuda.to_device(np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, dtype=np.float32))
+            g = self.gemv(gate, mats, tok, x2, P)
+            u = self.gemv(up, mats, tok, x2, P)
+            h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
         yp = self.gemv(down, mats, self._arange(P), h, P)
-        wd = self.cuda.to_device(np.ascontiguousarray(np.asarray(weights, dtype=np.float32).reshape(n, k)))
-        y = self.cuda.device_array((n, down.rows), np.float32)
+        wd = self._dev(np.asarray(weights, dtype=np.float32), (n, k))
+        y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         self.K.combine_kernel[(gx, n), self.K.THREADS](yp, wd, y)
         self.launches += 1
-        out = y.copy_to_host()
-        return out[0] if squeeze else out
+        return y[0] if squeeze else y
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale: float) -> np.ndarray:
+    def attention(self, q, k, v, pos0: int, scale: float):
         """Causal attention of queries q [n, Hq, dk] at positions pos0.. over keys k [T, Hkv, dk] and
         values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
         n, hq, dk = q.shape
         T, hkv, dv = v.shape
-        c = self.cuda
-        qd = c.to_device(np.ascontiguousarray(q, dtype=np.float32))
-        kd = c.to_device(np.ascontiguousarray(k, dtype=np.float32))
-        vd = c.to_device(np.ascontiguousarray(v, dtype=np.float32))
-        out = c.device_array((n, hq, dv), np.float32)
-        s = c.device_array((n, hq, max(T, 1)), np.float32)
-        self.K.attention_kernel[(n, hq), self.K.THREADS](qd, kd, vd, out, s, int(pos0), np.float32(scale), T,
-                                                         hq // hkv)
+        xp = self.xp
+        out = xp.empty((n, hq, dv), np.float32)
+        s = xp.empty((n, hq, max(T, 1)), np.float32)
+        self.K.attention_kernel[(n, hq), self.K.THREADS](self._dev(q), self._dev(k), self._dev(v), out, s, int(pos0),
+                                                         np.float32(scale), T, hq // hkv)
         self.launches += 1
-        return out.copy_to_host()
+        return out

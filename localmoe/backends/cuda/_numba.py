@@ -11,6 +11,9 @@ import numpy as np
 
 # Small grids are normal here (tiny models, per-token kernels): no warning per launch.
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+# The backend passes cupy arrays to the kernels; cupy and numba both use the legacy default stream, so
+# numba need not synchronize on the stream each array's __cuda_array_interface__ names (a sync per launch).
+os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
 
 if not hasattr(np, "row_stack"):
     np.row_stack = np.vstack
