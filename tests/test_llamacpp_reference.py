@@ -44,11 +44,13 @@ def mistral4(tmp_path_factory):
     return hf_dir, model, gguf
 
 
-def test_mixtral_llamacpp_matches_transformers(mixtral):
-    hf_dir, model, gguf = mixtral
-    ids = _ids(model.config.vocab_size, N_POS, seed=1, low=3)
+@pytest.mark.parametrize("arch,seed,low,how", [("mixtral", 1, 3, "llama.cpp converter"),
+                                                ("mistral4", 2, 1000, "llama.cpp converter via driver bypass")])
+def test_llamacpp_matches_transformers(request, arch, seed, low, how):
+    hf_dir, model, gguf = request.getfixturevalue(arch)
+    ids = _ids(model.config.vocab_size, N_POS, seed=seed, low=low)
     a = logit_agreement(hf_logits(model, ids), llama_logits(gguf, ids))
-    _report("mixtral (llama.cpp converter, f32)", a)
+    _report(f"{arch} ({how}, f32)", a)
     assert a["rel_max_diff"] < 1e-4
     assert a["mean_kl"] < 1e-7
     assert a["top1_agree"] == 1.0
@@ -79,16 +81,6 @@ def test_mixtral_gguf_layout(mixtral):
     nkv = cfg.num_key_value_heads
     perm = hf_k.reshape(nkv, 2, hd // 2, H).swapaxes(1, 2).reshape(hf_k.shape)
     np.testing.assert_array_equal(wk, perm)
-
-
-def test_mistral4_llamacpp_matches_transformers(mistral4):
-    hf_dir, model, gguf = mistral4
-    ids = _ids(model.config.vocab_size, N_POS, seed=2, low=1000)
-    a = logit_agreement(hf_logits(model, ids), llama_logits(gguf, ids))
-    _report("mistral4 (llama.cpp converter via driver bypass, f32)", a)
-    assert a["rel_max_diff"] < 1e-4
-    assert a["mean_kl"] < 1e-7
-    assert a["top1_agree"] == 1.0
 
 
 def test_mistral4_gguf_layout(mistral4):
