@@ -17,16 +17,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until the trained demo model is bundled, `make run` shows the pipeline on a random-weight model.
-RANDOM_DEMO := .scratch/random-small4-q8_0.gguf
-
-$(RANDOM_DEMO): $(STAMP)
-	mkdir -p .scratch
-	$(BIN)/python -m convert.synthetic $(RANDOM_DEMO)
-
-run: $(STAMP) $(RANDOM_DEMO)
-	@echo "(random weights: the text is gibberish; it shows conversion, routing and decoding working)"
-	$(BIN)/localmoe run -m $(RANDOM_DEMO) "The capital of France is" --max-tokens 24 --verbose
+# The bundled demo model (localmoe/data/demo.gguf, docs/DEMO.md), its reasoning shown before the answer.
+run: $(STAMP)
+	$(BIN)/localmoe run --effort high --show-thinking --verbose "What is 47 + 385 - 129?"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

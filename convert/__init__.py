@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint (safetensors shards) -> GGUF, streamed tensor by tensor."""
+"""Hugging Face checkpoint (safetensors shards) -> GGUF, streamed tensor by tensor; or a GGUF file
+requantized to another type (convert.requantize)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ class Report:
     tensors: list[Planned]
     nbytes: int
     mmproj: Path | None = None      # the vision companion (localmoe.vision.companion_path), if written
+    requantized_from: str | None = None   # the source's type when `src` was a GGUF file (twice rounded)
 
 
 def convert(src: str | Path, out: str | Path, quant: str = "q8_0", progress=None, on_plan=None) -> Report:
-    """Convert checkpoint directory `src` into GGUF file `out` with large matrices in `quant`.
-    `on_plan(total_bytes)` is called once the plan is known; `progress(nbytes)` per written block."""
+    """Convert checkpoint directory `src` into GGUF file `out` with large matrices in `quant`; a GGUF
+    file as `src` is requantized instead. `on_plan(total_bytes)` is called once the plan is known;
+    `progress(nbytes)` per written block."""
     from .tokenizer import write_tokenizer
 
     if quant not in QUANT_CHOICES:
@@ -34,6 +37,9 @@ def convert(src: str | Path, out: str | Path, quant: str = "q8_0", progress=None
         raise ConvertError(f"{out}: is a directory; give the output file's name")
     if not out.parent.is_dir():
         raise ConvertError(f"{out.parent}: no such directory")
+    if Path(src).is_file() or Path(src).suffix == ".gguf":
+        from .requantize import requantize
+        return requantize(Path(src), out, QUANT_CHOICES[quant], progress, on_plan)
     ck = Checkpoint(src)
     mod = arch.for_config(ck.config)
     cfg = mod.text_config(ck.config)

@@ -1,4 +1,4 @@
-"""`python -m convert SRC_DIR OUT.gguf --quant q8_0` — the same command as `localmoe convert`."""
+"""`python -m convert SRC_DIR|SRC.gguf OUT.gguf --quant q8_0` — the same command as `localmoe convert`."""
 from localmoe.cli import main
 
 if __name__ == "__main__":

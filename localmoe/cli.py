@@ -25,15 +25,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   rich_markup_mode=None, help="Quantised local inference for Mixture-of-Experts models.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-ModelOpt = typer.Option(None, "--model", "-m", help="GGUF path or models.toml preset (default: $LOCALMOE_MODEL).")
-
-
-def _model_name(model: Optional[str]) -> str:
-    name = model or os.environ.get("LOCALMOE_MODEL")
-    if not name:
-        raise InputError("no model given: pass -m MODEL (a .gguf file or a preset from `localmoe models`) "
-                         "or set LOCALMOE_MODEL")
-    return name
+ModelOpt = typer.Option(None, "--model", "-m",
+                        help="GGUF path or models.toml preset (default: $LOCALMOE_MODEL, else the bundled demo).")
 
 
 def _prompt_text(prompt: Optional[str]) -> str:
@@ -72,7 +65,7 @@ def _load(model: Optional[str], ctx: Optional[int], backend: str = "cpu"):
 
     _announce_jit()
     t0 = time.perf_counter()
-    m = load(_model_name(model), backend=backend, n_ctx=ctx)
+    m = load(model or os.environ.get("LOCALMOE_MODEL"), backend=backend, n_ctx=ctx)   # None: the demo
     return m, time.perf_counter() - t0
 
 
@@ -209,10 +202,10 @@ def _count(shape) -> int:
 
 
 @app.command()
-def convert(src: Path = typer.Argument(..., help="Hugging Face checkpoint directory."),
+def convert(src: Path = typer.Argument(..., help="Hugging Face checkpoint directory, or a GGUF file to requantize."),
             out: Path = typer.Argument(..., help="Output .gguf file."),
             quant: str = typer.Option("q8_0", "--quant", "-q", help="f32, f16, bf16, q8_0 or q4_0")):
-    """Convert a Hugging Face checkpoint (safetensors) to GGUF, streaming tensor by tensor."""
+    """Convert a Hugging Face checkpoint (safetensors) to GGUF, or requantize a GGUF, streaming tensor by tensor."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
     from convert import convert as run_convert
@@ -226,12 +219,15 @@ def convert(src: Path = typer.Argument(..., help="Hugging Face checkpoint direct
     err.print(f"wrote {report.out} ({report.nbytes / 2**20:.1f} MiB, arch {report.arch}, tokenizer {report.tokenizer})")
     if fallback:
         err.print(f"kept in F16 (rows not a multiple of 32): {', '.join(fallback)}")
+    if report.requantized_from:
+        err.print(f"requantized from {report.requantized_from}, not from the original weights: quality can differ "
+                  f"slightly from a direct conversion")
 
 
 @app.command()
 def models():
     """List the model presets of models.toml: size, accepted efforts, and whether the file is present."""
-    from .registry import home, preset_file, presets
+    from .registry import DEFAULT, home, preset_file, presets
 
     out = Console(highlight=False)
     for name, p in presets().items():
@@ -239,12 +235,16 @@ def models():
         facts = [f"{p['sizes_gb'][quant]} GB as {quant}" if quant in p.get("sizes_gb", {}) else "",
                  f"efforts: {', '.join(p['efforts'])}" if p.get("efforts") else "", f"needs {p['hardware_minimum']}" if p.get("hardware_minimum") else ""]
         path = preset_file(p)
-        state = "present" if path.is_file() else "not bundled yet" if p.get("bundled") else "not converted"
-        out.print(f"[bold]{name}[/bold]  {p['description']}")
+        if p.get("bundled"):
+            state = "bundled, present" if path.is_file() else "bundled, but missing: reinstall localmoe"
+        else:
+            state = "present" if path.is_file() else "not converted"
+        out.print(f"[bold]{name}[/bold]{' (default)' if name == DEFAULT else ''}  {p['description']}")
         if any(facts):
             out.print("  " + " | ".join(f for f in facts if f))
         out.print(f"  file: {path} ({state})")
-    err.print(f"files under {home()} (set LOCALMOE_HOME to change); `localmoe run -m NAME` uses one")
+    err.print(f"files under {home()} (set LOCALMOE_HOME to change); `localmoe run -m NAME` uses one, "
+              f"`localmoe run` alone uses {DEFAULT}")
 
 
 def main(argv: list[str] | None = None) -> None:

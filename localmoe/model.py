@@ -171,14 +171,19 @@ def _window(embeds, start: int, n: int):
     return (positions[keep] - start, vectors[keep]) if keep.any() else None
 
 
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A GGUF path, or a models.toml preset name resolved under $LOCALMOE_HOME."""
+def resolve(name_or_path: str | os.PathLike | None = None) -> Path:
+    """A GGUF path, or a models.toml preset name resolved under $LOCALMOE_HOME; None is the default
+    preset (the bundled demo), looked up as a preset even where a file of that name is at hand."""
+    from .registry import DEFAULT, preset_path
+
+    if name_or_path is None:
+        return preset_path(DEFAULT)
     p = Path(name_or_path)
     if p.suffix == ".gguf" or p.exists() or os.sep in str(name_or_path):
         return p
-    from .registry import preset_path
     return preset_path(str(name_or_path))
 
 
-def load(path_or_name: str | os.PathLike, backend: str = "cpu", n_ctx: int | None = None) -> Model:
+def load(path_or_name: str | os.PathLike | None = None, backend: str = "cpu", n_ctx: int | None = None) -> Model:
+    """The model at a path or preset name; without one, the bundled demo model."""
     return Model(resolve(path_or_name), backend=backend, n_ctx=n_ctx)

@@ -10,6 +10,8 @@ from .errors import InputError
 
 REGISTRY = Path(__file__).with_name("models.toml")
 BUNDLED = Path(__file__).with_name("data")
+DEFAULT = "demo"    # the preset `localmoe run`/`chat` and `localmoe.load()` use when no model is named: it ships
+                    # inside the package, so the commands work right after installing
 
 
 def home() -> Path:
@@ -36,7 +38,7 @@ def preset_path(name: str, quant: str | None = None) -> Path:
     if path.is_file():
         return path
     if p.get("bundled"):
-        raise InputError(f"model {name!r} is not bundled with this installation of localmoe yet ({path} is absent); "
-                         f"use a converted model instead (`localmoe models` lists them)")
+        raise InputError(f"the bundled model {name!r} is missing: {path} is absent (a broken installation? "
+                         f"reinstall localmoe, or pass -m MODEL)")
     raise InputError(f"model {name!r} is not converted yet: download {p['hf_id']} and run "
                      f"`localmoe convert CHECKPOINT_DIR {path} --quant {quant or p['default_quant']}`")

@@ -230,11 +230,9 @@ def test_presets(tmp_path):
     assert r.returncode == 0
     for name in ("mistral-small-4", "mixtral-8x7b", "demo"):
         assert name in r.stdout
-    assert "not converted" in r.stdout and "not bundled yet" in r.stdout and "none, high" in r.stdout
+    assert "not converted" in r.stdout and "demo (default)" in r.stdout and "none, high" in r.stdout
     r = localmoe_cli("run", "-m", "mistral-small-4", "hi", env=env)
     assert r.returncode == 2 and "localmoe convert" in r.stderr and str(tmp_path) in r.stderr
-    r = localmoe_cli("run", "-m", "demo", "hi", env=env)
-    assert r.returncode == 2 and "not bundled" in r.stderr
 
 
 # -- `localmoe chat` through a pseudo-terminal ----------------------------------------------------------------
