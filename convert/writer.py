@@ -15,6 +15,8 @@ from gguf import GGUFWriter
 
 from localmoe.gguf.format import GGMLType, KEY_QUANT_FALLBACK, row_bytes
 
+from localmoe.errors import ConvertError
+
 BLOCK_ELEMENTS = 1 << 22   # float32 elements per streamed row block (16 MiB)
 
 
@@ -94,6 +96,9 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable[[GGUFWriter], None],
         for p in plans:
             written, expected = 0, int(np.prod(p.shape[:-1], dtype=np.int64)) * row_bytes(p.type, p.shape[-1])
             for block in p.chunks():
+                if not p.encoded and not np.isfinite(block).all():
+                    raise ConvertError(f"tensor {p.name} has NaN or infinite values (a diverged training run?); "
+                                       f"nothing written")
                 data = np.ascontiguousarray(block).view(np.uint8) if p.encoded else encode(block, p.type)
                 fout.write(data if p.encoded else data.tobytes())
                 written += data.nbytes

@@ -125,6 +125,20 @@ def test_convert_truncated_shard_leaves_nothing(good, tmp_path):
     assert list(tmp_path.glob("*.gguf")) == [] and not list(tmp_path.glob(".out.gguf*"))
 
 
+def test_convert_nan_weights_refused(tmp_path):
+    """A diverged training run's checkpoint: the converter says which tensor, and writes nothing."""
+    from safetensors.numpy import load_file, save_file
+    src, _ = make_mixtral(tmp_path / "hf", layers=1)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if k.endswith("o_proj.weight"))
+    tensors[name][3, 5] = np.nan
+    save_file(tensors, shard)
+    out = tmp_path / "out.gguf"
+    assert_clean_error(localmoe("convert", src, out, "--quant", "q8_0"), "NaN or infinite", "attn_output")
+    assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))
+
+
 def test_usage_errors(good):
     assert_clean_error(localmoe("run", "-m", good[1], "--no-such-flag", "hi"), "--no-such-flag")
     assert_clean_error(localmoe("convert", good[0], "/tmp/x.gguf", "--quant", "q3_z"), "q3_z")
