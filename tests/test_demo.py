@@ -34,6 +34,16 @@ def test_arithmetic_at_effort_high(demo):
     assert all(r["think"] for r in res)
 
 
+def test_q4_0_close_to_q8_0(demo, tmp_path):
+    """The bundled Q8_0 requantized to Q4_0 (vision companion too) answers the same held-out problems
+    about as well (the trained Q4_0 conversion from the checkpoint is measured in docs/DEMO.md)."""
+    from convert import convert
+    q4 = localmoe.load(convert(demo.path, tmp_path / "demo-q4_0.gguf", "q4_0").out)
+    for kind in ("arithmetic", "vision"):
+        problems = heldout(kind, 20, "high")
+        assert abs(accuracy(evaluate(q4, problems)) - accuracy(evaluate(demo, problems))) <= 0.10, kind
+
+
 def test_effort_none_answers_directly(demo):
     res = evaluate(demo, heldout("arithmetic", 10, "none"))
     assert not any(r["think"] for r in res) and all(r["answer"].startswith("The answer is") for r in res)
