@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from localmoe.models.decoder import Stats
 from train.data import Sample, heldout
 from train.encode import Encoder
-from train.eval import THREAD_VARS, add_routes, answer_number, main, routes_of, routing_summary, score, split_reply
+from train.eval import add_routes, answer_number, main, routes_of, routing_summary, score, split_reply
 
 no_digits = st.text(st.characters(blacklist_categories=("Nd",)), max_size=30)
 
@@ -100,21 +100,14 @@ def test_routing_summary_by_hand():
     assert out["random"] == pytest.approx({"reuse_any": 5 / 6, "reuse_mean": 0.5})
 
 
-@pytest.fixture
-def keep_env(monkeypatch):
-    """main() sets the thread variables; put them back so later tests' numba is not changed."""
-    for var in THREAD_VARS:
-        monkeypatch.delenv(var, raising=False)
-
-
-def test_bad_model_path_is_one_line(tmp_path, capsys, keep_env):
+def test_bad_model_path_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "missing.gguf"), "--jobs", "1"])
     err = capsys.readouterr()
     assert e.value.code == 2 and err.out == "" and err.err.count("\n") == 1 and "missing.gguf" in err.err
 
 
-def test_bad_set_is_one_line(capsys, keep_env):
+def test_bad_set_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["x.gguf", "--sets", "algebra:high"])
     assert e.value.code == 2 and "algebra" in capsys.readouterr().err

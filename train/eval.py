@@ -23,6 +23,7 @@ import re
 import sys
 import time
 
+import numba
 import numpy as np
 
 from localmoe.chat import message_images
@@ -207,14 +208,33 @@ def report(sets: list[dict], routing: dict) -> None:
     print(f"every expert used: {'yes' if routing['every_expert_used'] else 'no'}")
 
 
+@contextlib.contextmanager
+def worker_pool(jobs: int, model_path: str):
+    """Spawned workers with one thread each: the demo's matrices are too small for threads (2 numba
+    threads ran 4-20x slower than 1 on 2 cores). The variables must be in the environment before a
+    worker imports numba; this process's own environment is put back afterwards."""
+    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    os.environ.update(dict.fromkeys(THREAD_VARS, "1"))
+    try:
+        with multiprocessing.get_context("spawn").Pool(jobs, _init, (model_path,)) as pool:
+            yield pool
+    finally:
+        for v, old in saved.items():
+            if old is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = old
+
+
 def evaluate_sets(model, args, sets: list[tuple[str, str]]) -> dict:
     """Every set through one pool (or in this process with --jobs 1); routing summed over all of them."""
     keep = args.routing_problems if args.write_routing else 0
     global _model
     _model = model                                   # --jobs 1: _work runs here
     summaries, records, counts, reuse = [], {}, 0, 0
-    with (multiprocessing.get_context("spawn").Pool(args.jobs, _init, (args.model,)) if args.jobs > 1
-          else contextlib.nullcontext()) as pool:
+    with (worker_pool(args.jobs, args.model) if args.jobs > 1 else contextlib.nullcontext()) as pool:
+        if pool is None:
+            numba.set_num_threads(1)
         for i, (kind, effort) in enumerate(sets):
             t0 = time.perf_counter()
             r, c, u, kept = run_set(pool.imap if pool else map, args.jobs, heldout(kind, args.n, effort),
@@ -256,9 +276,6 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--n must be 1..{HELDOUT_POOL} (training avoids only those problems); "
                              f"--jobs and --max-tokens at least 1")
         sets = parse_sets(args.sets or ",".join(DEFAULT_SETS + (("vision:high",) if args.all else ())))
-        # One thread per process, set before numba is imported (here, and in each spawned worker): the
-        # demo's matrices are too small for threads (2 numba threads ran 4-20x slower than 1 on 2 cores).
-        os.environ.update(dict.fromkeys(THREAD_VARS, "1"))
         model = load(args.model)                      # bad paths fail here, as one line
         if any(kind == "vision" for kind, _ in sets):
             model.vision                              # a missing companion fails here, not in a worker
