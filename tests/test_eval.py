@@ -71,6 +71,7 @@ def test_split_reply():
 def hand_made_stats() -> Stats:
     """3 layers of 4 experts, k = 2; layer 2 is dense (never routed). A 3-token prompt, then one decode step."""
     stats = Stats(3, 4)
+    stats.keep_routing = True
     for layer, ids in ((0, [[0, 1], [1, 2], [2, 3]]), (1, [[0, 1]] * 3)):
         stats.record_experts(layer, np.array(ids), 100)
     stats.forward_calls += 1

@@ -47,6 +47,7 @@ def test_unselected_experts_are_never_read(tmp_path):
     convert(src, path, "q8_0")
     prompt = [1] + np.random.default_rng(0).integers(1000, 131072, 5).tolist()
     m = localmoe.load(path)
+    m.stats.keep_routing = True
     tokens = list(m.generate(prompt, max_tokens=8, stop=()))
     used = selected(m.stats)
     assert m.stats.expert_bytes == expected_bytes(m.file, m.stats)
@@ -80,6 +81,7 @@ def rss():
         if line.startswith("RssFile:"):   # file-backed resident pages: the mapped model
             return int(line.split()[1]) * 1024
 m = localmoe.load(sys.argv[1])
+m.stats.keep_routing = True
 before = rss()
 toks = list(m.generate([1, 5000, 6000, 7000], max_tokens=16, stop=()))
 from test_streaming import expected_bytes

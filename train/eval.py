@@ -121,6 +121,7 @@ def evaluate(model, samples: list[Sample], max_tokens: int = MAX_TOKENS, on_rout
     tok = model.tokenizer
     think, end = tok.special_id("[THINK]"), tok.special_id("[/THINK]")
     out = []
+    model.stats.keep_routing = True
     for i, s in enumerate(samples):
         model.stats.reset()
         t0 = time.perf_counter()

@@ -53,6 +53,7 @@ class Stats:
 
     def __init__(self, n_layers: int, n_experts: int):
         self.n_layers, self.n_experts = n_layers, n_experts
+        self.keep_routing = False      # keep every call's expert ids in `routing` (for analysis; grows per token)
         self.reset()
 
     def reset(self) -> None:
@@ -61,14 +62,15 @@ class Stats:
         self.expert_counts = np.zeros((self.n_layers, max(1, self.n_experts)), np.int64)
         self.expert_reads = 0          # (layer, expert) matrices read: once per forward call per unique expert
         self.expert_bytes = 0
-        self.routing: list[tuple[int, int, np.ndarray]] = []   # (forward call, layer, ids [n, k])
+        self.routing: list[tuple[int, int, np.ndarray]] = []   # (forward call, layer, ids [n, k]) if keep_routing
 
     def record_experts(self, layer: int, ids: np.ndarray, bytes_per_expert: int) -> None:
         unique = np.unique(ids)
         np.add.at(self.expert_counts[layer], ids.ravel(), 1)
         self.expert_reads += len(unique)
         self.expert_bytes += len(unique) * bytes_per_expert
-        self.routing.append((self.forward_calls, layer, ids.copy()))
+        if self.keep_routing:
+            self.routing.append((self.forward_calls, layer, ids.copy()))
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "forward_calls": self.forward_calls, "expert_reads": self.expert_reads,
