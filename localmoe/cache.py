@@ -328,42 +328,36 @@ class ExpertCache:
         bool) aligned with `experts`; copy those with load. Resident ones are only refreshed. Never evicts
         a pinned slot or a prefetch whose layer has not been looked up since; where no slot can be had it is dropped
         (slot -1, counted in prefetch_dropped). Counts no demand hit or miss."""
-        ids = self._ids(experts)
-        base = self._layer(layer) * self.n_experts
-        slots = [-1] * len(ids)
-        load = np.zeros(len(ids), bool)
         blocked = self._pinned | self._held
         for pending in self._ahead.values():
             blocked |= pending
-        ahead = self._ahead.setdefault(layer, set())
-        for i, e in enumerate(ids):
-            key = base + e
-            s = self._slot.get(key)
-            if s is not None:
-                self._p.touched(s, key)
-            else:
-                s = self._place(key, blocked, demand=False, soft=True)
-                if s < 0:
-                    self._n["prefetch_dropped"] += 1
-                    continue
-                self._fresh.add(s)
-                ahead.add(s)
-                load[i] = True
-            slots[i] = s
-            blocked.add(s)
-        k = int(np.count_nonzero(load))
+        slots, load = self._load_soft(layer, experts, blocked, touch=True)
+        new = set(slots[load].tolist())
+        self._fresh |= new
+        self._ahead.setdefault(layer, set()).update(new)
+        k = len(new)
+        self._n["prefetch_dropped"] += int(np.count_nonzero(slots < 0))
         self._n["prefetch_loads"] += k
         self._n["bytes_prefetch"] += k * self.bytes_per_expert
-        return np.array(slots, np.int32), load
+        return slots, load
 
     def admit(self, layer: int, experts) -> tuple[np.ndarray, np.ndarray]:
         """Load experts outside the demand path (at start: the hot set, or a profile's favourites): like
         prefetch, but counted as admits, and dropped silently rather than evicting pinned slots."""
+        slots, load = self._load_soft(layer, experts, self._pinned | self._held, touch=False)
+        k = int(np.count_nonzero(load))
+        self._n["admits"] += k
+        self._n["bytes_admit"] += k * self.bytes_per_expert
+        return slots, load
+
+    def _load_soft(self, layer: int, experts, blocked: set, touch: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Place absent experts without evicting `blocked` slots (slot -1 where none can be had); resident
+        ones keep their slot (refreshed in the policy if `touch`). Returns (slots int32, newly loaded)."""
         ids = self._ids(experts)
         base = self._layer(layer) * self.n_experts
-        slots = [-1] * len(ids)
+        slots = np.full(len(ids), -1, np.int32)
         load = np.zeros(len(ids), bool)
-        blocked = self._pinned | self._held
+        blocked = set(blocked)
         for i, e in enumerate(ids):
             key = base + e
             s = self._slot.get(key)
@@ -372,12 +366,11 @@ class ExpertCache:
                 if s < 0:
                     continue
                 load[i] = True
+            elif touch:
+                self._p.touched(s, key)
             slots[i] = s
             blocked.add(s)
-        k = int(np.count_nonzero(load))
-        self._n["admits"] += k
-        self._n["bytes_admit"] += k * self.bytes_per_expert
-        return np.array(slots, np.int32), load
+        return slots, load
 
     def end_token(self, n: int = 1) -> None:
         """A token (or a prefill batch of n) has passed every layer: per-token counters, LFU aging."""
