@@ -32,6 +32,13 @@ gguf from the carried wheel):
        python3 bench/bench_cuda.py --full-scale /mnt/lm/small4-q4_0.gguf \
            --tokenizer .scratch/fullscale/tekken_240718.json --prefill 2048 --tokens 32 --profile
    (the tekken file is mistral_common/data/tekken_240718.json, copied into the ignored, carried folder).
+   Decode is timed twice in one run: "eager" (every kernel launched from Python) and "graph" (the step
+   replayed from its captured CUDA graph, the default), with the graph's kernel count.
+5. --gpu-mem SIZE (with --model / --full-scale): the routed experts stream into a SIZE cache of VRAM
+   slots (localmoe/backends/cuda/streaming.py) instead of being resident; decode under the model's own
+   routing and under a replayed Zipf routing (--zipf S, --locality RHO: bench_cache.synthetic_routes),
+   each with hit rate, host->GPU bytes per token, and the PCIe roofline at that traffic (a pinned
+   host->device copy's GB/s, measured in the run, / bytes per token).
 """
 from __future__ import annotations
 
@@ -103,6 +110,9 @@ def main() -> None:
                     "(convert.synthetic.SMALL4 keys; for smoke runs)")
     ap.add_argument("--profile", action="store_true", help="cProfile 8 decode steps: where the host time goes")
     ap.add_argument("--prefill-budget", type=float, default=300.0, help="seconds after which prefill stops")
+    ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
+    ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
+    ap.add_argument("--locality", type=float, default=0.25, help="... and P(an expert repeats from the last token)")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -298,7 +308,11 @@ def model_bench(args, copy_bw) -> None:
     import localmoe
     from localmoe.backends.cuda._numba import cuda
     t0 = time.perf_counter()
-    m = localmoe.load(args.model, backend="cuda", n_ctx=max(4096, args.prefill + args.tokens + 64))
+    from localmoe.cli import parse_size
+    m = localmoe.load(args.model, backend="cuda", n_ctx=max(4096, args.prefill + args.tokens + 64),
+                      gpu_mem=parse_size(args.gpu_mem))
+    if args.gpu_mem:
+        return stream_bench(args, m)
     t_open = time.perf_counter() - t0
     ids = [1] + list(range(1000, 1015))
     list(m.generate(ids, max_tokens=2, stop=()))      # upload every weight + compile
@@ -315,34 +329,47 @@ def model_bench(args, copy_bw) -> None:
             return _f(*a, **kw)
         setattr(be, meth, counted)
 
-    cache = m.new_cache()
-    m.prefill(np.array(ids), cache)
     rng = np.random.default_rng(0)
-    for _ in range(4):                                  # warm-up decode steps
-        m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
-    cuda.synchronize()
-    steps = args.tokens
-    toks = rng.integers(1000, c.vocab_size, steps)
-    l0, b0, calls0, u0 = be.launches, m.stats.expert_bytes, dict(calls), be.bytes_uploaded
-    t0 = time.perf_counter()
-    for t in toks:
-        m.net.forward(np.array([int(t)]), cache, last_only=True)
-    cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
-    launches = (be.launches - l0) / steps
-    per_call = {k: (calls[k] - calls0.get(k, 0)) / steps for k in calls}
-    n_calls = sum(v for k, v in per_call.items() if k != "embed")
     dense, routed, emb = active_bytes(m.file, c.num_experts_per_tok, c.n_experts)
     per_tok = dense + routed + emb
     roof = copy_bw * 1e9 / per_tok
-    print(f"decode (single stream, resident, context {len(ids) + 4}..{len(ids) + 4 + steps}): {1 / dt:.2f} tok/s "
-          f"({dt * 1e3:.2f} ms/token) over {steps} tokens; weight bytes uploaded meanwhile "
-          f"{be.bytes_uploaded - u0}", flush=True)
+    steps = args.tokens
+    timed = {}
+    for mode in ("eager", "graph"):                     # the same decode steps, launched one by one / replayed
+        be.use_graphs = mode == "graph"
+        cache = m.new_cache()
+        m.prefill(np.array(ids), cache)
+        for _ in range(4):                              # warm-up decode steps (the graph is captured here)
+            m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
+        cuda_sync(be)
+        toks = rng.integers(1000, c.vocab_size, steps)
+        l0, b0, calls0, u0 = be.launches, m.stats.expert_bytes, dict(calls), be.bytes_uploaded
+        t0 = time.perf_counter()
+        for t in toks:
+            m.net.forward(np.array([int(t)]), cache, last_only=True)
+        cuda_sync(be)
+        dt = (time.perf_counter() - t0) / steps
+        launches = (be.launches - l0) / steps
+        per_call = {k: (calls[k] - calls0.get(k, 0)) / steps for k in calls}
+        timed[mode] = dt
+        print(f"decode {mode} (single stream, resident, context {len(ids) + 4}..{len(ids) + 4 + steps}): "
+              f"{1 / dt:.2f} tok/s ({dt * 1e3:.2f} ms/token) over {steps} tokens = {1 / dt / roof:.2%} of the HBM "
+              f"roofline; launches from Python per token {launches:.0f}; weight bytes uploaded meanwhile "
+              f"{be.bytes_uploaded - u0}", flush=True)
+        if mode == "eager":
+            n_calls = sum(v for k, v in per_call.items() if k != "embed")
+            eager_launches = launches
+            print(f"  backend calls per token {n_calls:.0f} (" + ", ".join(f"{k} {v:.0f}" for k, v in per_call.items())
+                  + f"); numba kernel launches per token {launches:.0f}")
+    nodes = graph_nodes(be)
+    print(f"  graph: one launch per token replaying {nodes} kernel nodes ({be.graph_kernels} numba kernels, the "
+          f"rest cupy's elementwise glue); graph / eager = {timed['eager'] / timed['graph']:.1f}x", flush=True)
     print(f"bytes read per token: {per_tok / 1e9:.3f} GB = dense {dense / 1e9:.3f} (incl. head) + routed experts "
           f"{routed / 1e9:.3f} ({c.num_experts_per_tok} of {c.n_experts} x {c.num_hidden_layers} layers) "
           f"+ embedding row; counted by m.stats: {(m.stats.expert_bytes - b0) / steps / 1e9:.3f} GB of experts/token")
     print(f"HBM roofline: copy {copy_bw:.0f} GB/s / {per_tok / 1e9:.3f} GB = {roof:.0f} tok/s; "
-          f"measured {1 / dt:.2f} tok/s = {1 / dt / roof:.2%} of it")
+          f"graph decode {1 / timed['graph']:.2f} tok/s = {1 / timed['graph'] / roof:.2%} of it")
+    dt, launches = timed["eager"], eager_launches
 
     # host-side cost of one launch and of one tiny backend call (GPU work negligible)
     K = be.K
@@ -390,7 +417,7 @@ def model_bench(args, copy_bw) -> None:
         for s in range(0, len(prompt), PREFILL_BATCH):
             chunk = prompt[s:s + PREFILL_BATCH]
             m.net.forward(chunk, cache, last_only=s + PREFILL_BATCH >= len(prompt))
-            cuda.synchronize()
+            cuda_sync(be)
             done += len(chunk)
             el = time.perf_counter() - t0
             print(f"  prefill {done}/{len(prompt)} tokens: {el:.1f} s ({done / el:.0f} tok/s)", flush=True)
@@ -400,6 +427,78 @@ def model_bench(args, copy_bw) -> None:
         dt = time.perf_counter() - t0
         print(f"prefill {done} tokens{'' if done == len(prompt) else f' of {len(prompt)}'} in batches of "
               f"{PREFILL_BATCH}: {dt:.2f} s = {done / dt:.1f} tok/s", flush=True)
+
+
+def pinned_h2d_gbs(nbytes: int = 1 << 28) -> float:
+    """Host->device copy rate from pinned memory (the PCIe yardstick), GB/s."""
+    import cupy as cp
+    host = cp.cuda.alloc_pinned_memory(nbytes)
+    src = np.frombuffer(host, np.uint8, nbytes)
+    src[:] = 1
+    dst = cp.empty(nbytes, np.uint8)
+    dst.set(src)
+    cp.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.set(src)
+    cp.cuda.Device().synchronize()
+    return 5 * nbytes / (time.perf_counter() - t0) / 1e9
+
+
+class ReplayedRouting:
+    """Wraps be.route: decode steps (one row) take their expert ids from routes [T, L, k] (token t,
+    routed layer l), weights as the model's router gives them; prefill keeps the model's own routing."""
+
+    def __init__(self, be, routes: np.ndarray):
+        self.be, self.route, self.routes, self.t, self.layer = be, be.route, routes, 0, 0
+
+    def __call__(self, logits, k, *a):
+        ids, w = self.route(logits, k, *a)
+        if logits.shape[0] == 1:
+            ids = self.be.xp.asarray(self.routes[self.t % len(self.routes), self.layer][None].astype(np.int32))
+            self.layer += 1
+            if self.layer == self.routes.shape[1]:
+                self.layer, self.t = 0, self.t + 1
+        return ids, w
+
+
+def stream_bench(args, m) -> None:
+    """Decode with the routed experts streamed through the --gpu-mem cache: model routing, then Zipf."""
+    import bench_cache
+    be, c = m.backend, m.config
+    pcie = pinned_h2d_gbs()
+    routed_layers = sum(1 for L in m.net.layers if L.experts is not None)
+    st0 = be.streamer
+    ids = [1] + list(range(1000, 1015))
+    rng = np.random.default_rng(0)
+    zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
+                                        args.zipf, args.locality, rng)
+    print(f"\nstreaming: --gpu-mem {args.gpu_mem}; pinned host->device copy {pcie:.1f} GB/s (the PCIe yardstick)",
+          flush=True)
+    for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
+        if name.startswith("Zipf"):
+            be.route = ReplayedRouting(be, zipf)
+        cache = m.new_cache()
+        t0 = time.perf_counter()
+        m.prefill(np.array(ids), cache)
+        for _ in range(32):                               # warm the cache
+            m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
+        cuda_sync(be)
+        warm = time.perf_counter() - t0
+        s0, tok0 = st0.stats(), m.stats.tokens
+        t0 = time.perf_counter()
+        for t in rng.integers(1000, c.vocab_size, args.tokens):
+            m.net.forward(np.array([int(t)]), cache, last_only=True)
+        cuda_sync(be)
+        dt = (time.perf_counter() - t0) / args.tokens
+        s1 = st0.stats()
+        hits, misses = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+        h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
+        roof = pcie * 1e9 / h2d if h2d else float("inf")
+        print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
+              f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
+              f"; host->GPU {h2d / 1e6:.0f} MB/token; PCIe roofline at that traffic {roof:.2f} tok/s; measured = "
+              f"{1 / dt / roof:.0%} of it; host waits {s1['host_waits'] - s0['host_waits']}", flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:
@@ -414,7 +513,7 @@ def profile_decode(m, cache, rng, steps: int) -> None:
     prof.enable()
     for t in toks:
         m.net.forward(np.array([int(t)]), cache, last_only=True)
-    cuda.synchronize()
+    cuda_sync(m.backend)
     prof.disable()
     wall = time.perf_counter() - t0
     st = pstats.Stats(prof)
@@ -436,8 +535,18 @@ def profile_decode(m, cache, rng, steps: int) -> None:
 
 
 def cuda_sync(be):
-    from localmoe.backends.cuda._numba import cuda
-    cuda.synchronize()
+    be.stream.synchronize()
+
+
+def graph_nodes(be) -> str:
+    """Kernel nodes of the newest captured decode graph (through cuda-python, which numba-cuda brings)."""
+    try:
+        from cuda.bindings import runtime as rt
+        graph = next(reversed(be._graphs.values()))[0]
+        err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
+        return str(n) if int(err) == 0 else f"? ({err})"
+    except Exception as e:
+        return f"? ({e!r})"
 
 
 if __name__ == "__main__":

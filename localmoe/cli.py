@@ -57,15 +57,33 @@ HideThinkingOpt = typer.Option(False, "--hide-thinking", help="On a terminal, do
 ShowThinkingOpt = typer.Option(False, "--show-thinking", help="In a pipe, send the thinking to stderr.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Speed and expert statistics on stderr.")
 BackendOpt = typer.Option("cpu", "--backend", help="cpu, cuda, or auto (CUDA when a GPU is usable).")
+GpuMemOpt = typer.Option(None, "--gpu-mem", help="With --backend cuda: VRAM for a cache of routed experts "
+                         "streamed from the file (e.g. 24G); default: every weight resident.")
 ImageOpt = typer.Option(None, "--image", "-i", help="An image for the (first) message (repeatable).")
 
 
-def _load(model: Optional[str], ctx: Optional[int], backend: str = "cpu"):
+def parse_size(text: Optional[str]) -> Optional[int]:
+    """"24G", "512M", "1.5GiB", "123456" -> bytes (K/M/G/T are powers of 1024)."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1024 ** ("KMGT".index(t[-1]) + 1) if t and t[-1] in "KMGT" else 1
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise InputError(f"--gpu-mem {text!r}: expected a size such as 24G or 512M")
+    return int(value * scale)
+
+
+def _load(model: Optional[str], ctx: Optional[int], backend: str = "cpu", gpu_mem: Optional[str] = None):
     from .model import load
 
+    size = parse_size(gpu_mem)
     _announce_jit()
     t0 = time.perf_counter()
-    m = load(model or os.environ.get("LOCALMOE_MODEL"), backend=backend, n_ctx=ctx)   # None: the demo
+    m = load(model or os.environ.get("LOCALMOE_MODEL"), backend=backend, n_ctx=ctx, gpu_mem=size)  # None: the demo
     return m, time.perf_counter() - t0
 
 
@@ -90,6 +108,7 @@ def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, i
         hide_thinking: bool = HideThinkingOpt, show_thinking: bool = ShowThinkingOpt,
         image: Optional[list[str]] = ImageOpt,
         backend: str = BackendOpt,
+        gpu_mem: Optional[str] = GpuMemOpt,
         verbose: bool = VerboseOpt):
     """Answer PROMPT in the model's chat format (or continue raw text) and stream it to stdout."""
     from .chat import Reply, Session
@@ -100,7 +119,7 @@ def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, i
     if raw and (system or effort or image):
         raise InputError("--system, --effort and --image need the chat format; leave out --raw")
     text = _prompt_text(prompt)
-    m, t_load = _load(model, ctx, backend)
+    m, t_load = _load(model, ctx, backend, gpu_mem)
     session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
     reply = Reply()
     if raw:
@@ -123,6 +142,8 @@ def run(prompt: Optional[str] = typer.Argument(None, help="Prompt text; stdin, i
         printer.end()
     if verbose:
         err.print(f"load {t_load:.2f} s | {reply.stats.line()}")
+        if m.stats.cache_line():
+            err.print(m.stats.cache_line())
     if interrupted:
         raise KeyboardInterrupt
 
@@ -138,6 +159,7 @@ def chat(model: Optional[str] = ModelOpt,
          ctx: Optional[int] = CtxOpt,
          image: Optional[list[str]] = ImageOpt,
          backend: str = BackendOpt,
+         gpu_mem: Optional[str] = GpuMemOpt,
          hide_thinking: bool = HideThinkingOpt):
     """Chat in the terminal: streamed replies, /help for commands, Ctrl-C stops a reply, Ctrl-D leaves."""
     from .chat import Session
@@ -145,7 +167,7 @@ def chat(model: Optional[str] = ModelOpt,
     from .repl import Chat, setup_history
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
-    m, _ = _load(model, ctx, backend)
+    m, _ = _load(model, ctx, backend, gpu_mem)
     session = Session(m, system=system, params=params, max_tokens=max_tokens, stops=stop or ())
     session.set_effort(effort)
     save_history = setup_history(home() / "chat_history")

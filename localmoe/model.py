@@ -35,7 +35,9 @@ def make_backend(name: str = "cpu"):
 class Model:
     """A loaded model: `config`, `tokenizer`, `stats`, `logits(ids)`, `generate(ids, ...)`."""
 
-    def __init__(self, path: str | Path, backend: str = "cpu", n_ctx: int | None = None):
+    def __init__(self, path: str | Path, backend: str = "cpu", n_ctx: int | None = None, gpu_mem: int | None = None):
+        """gpu_mem: VRAM bytes for a cache of routed experts streamed from the file (CUDA backend);
+        None keeps every weight resident."""
         from .tokenizer import load_tokenizer
 
         self.path = Path(path)
@@ -49,6 +51,19 @@ class Model:
         self.config = mod.Config.from_gguf(f)
         self.backend = make_backend(backend)
         self.net = mod.Model(f, self.config, self.backend)
+        if gpu_mem is not None:
+            if not hasattr(self.backend, "stream_experts"):
+                raise InputError(f"--gpu-mem needs the cuda backend (this is {self.backend.name})")
+            per_expert = next(L.experts for L in self.net.layers if L.experts is not None).bytes_per_expert
+            need = self.config.n_experts * per_expert    # a prefill batch may route to every expert of a layer
+            if gpu_mem < need:
+                raise InputError(f"--gpu-mem {gpu_mem / 2 ** 30:.2f} GiB is less than one layer's experts "
+                                 f"({need / 2 ** 30:.2f} GiB: {self.config.n_experts} x {per_expert / 2 ** 20:.1f} MiB)")
+            try:
+                self.backend.stream_experts(gpu_mem, self.config.num_hidden_layers, self.config.n_experts)
+                self.net.stats.expert_cache = self.backend.streamer
+            except ValueError as e:
+                raise InputError(f"--gpu-mem: {e}") from None
         self.tokenizer = load_tokenizer(f.metadata)
         self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.max_position_embeddings)
         self.quant_fallback = list(f.get(KEY_QUANT_FALLBACK, []))
@@ -184,6 +199,7 @@ def resolve(name_or_path: str | os.PathLike | None = None) -> Path:
     return preset_path(str(name_or_path))
 
 
-def load(path_or_name: str | os.PathLike | None = None, backend: str = "cpu", n_ctx: int | None = None) -> Model:
+def load(path_or_name: str | os.PathLike | None = None, backend: str = "cpu", n_ctx: int | None = None,
+         gpu_mem: int | None = None) -> Model:
     """The model at a path or preset name; without one, the bundled demo model."""
-    return Model(resolve(path_or_name), backend=backend, n_ctx=n_ctx)
+    return Model(resolve(path_or_name), backend=backend, n_ctx=n_ctx, gpu_mem=gpu_mem)

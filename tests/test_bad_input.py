@@ -151,6 +151,19 @@ def test_backend_choice(good):
     assert r.returncode == 0, r.stderr
 
 
+def test_gpu_mem_errors(good):
+    """--gpu-mem: a size that does not parse, and a cache on the CPU backend, are one-line errors."""
+    assert_clean_error(localmoe("run", "-m", good[1], "--gpu-mem", "lots", "hi"), "--gpu-mem", "24G")
+    assert_clean_error(localmoe("run", "-m", good[1], "--gpu-mem", "0G", "hi"), "--gpu-mem")
+    assert_clean_error(localmoe("run", "-m", good[1], "--gpu-mem", "2G", "hi"), "--gpu-mem", "cuda backend")
+
+
+def test_parse_size():
+    from localmoe.cli import parse_size
+    assert parse_size("24G") == 24 * 2 ** 30 and parse_size("512m") == 512 * 2 ** 20
+    assert parse_size("1.5GiB") == 3 * 2 ** 29 and parse_size("4096") == 4096 and parse_size(None) is None
+
+
 def test_prompt_longer_than_context(good):
     assert_clean_error(localmoe("run", "-m", good[1], "--ctx", "16", "word " * 100), "longer than the context")
 

@@ -33,16 +33,17 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def test_rope_tables_cached_slices_are_exact():
-    """The per-backend cached rope tables (one table for 0..N-1, sliced) equal Rope.tables bit for bit,
-    plain and YaRN, across a regrowth of the cache."""
+def test_rope_tables_gathered_rows_are_exact():
+    """The per-backend cached rope tables (one table for 0..n_ctx-1, rows gathered at the positions)
+    equal Rope.tables bit for bit, plain and YaRN, also after a regrowth for a longer context."""
     from localmoe.backends.cpu import CPUBackend
     from localmoe.models.rope import Rope, rope_tables
     be = CPUBackend()
     for rope in (Rope(64, 10000.0), Rope(64, 1e6, 128.0, 8192, 32.0, 1.0, 1.3)):
-        for p0, n in [(0, 1), (0, 37), (5, 1), (255, 1), (256, 1), (300, 128), (1000, 3), (7, 600)]:
-            pos = np.arange(p0, p0 + n)
-            cos, sin = rope_tables(be, rope, pos)
+        for n_ctx, p0, n in [(256, 0, 1), (256, 0, 37), (256, 5, 1), (256, 255, 1), (2048, 256, 1),
+                             (2048, 300, 128), (2048, 1000, 3), (1024, 7, 600)]:
+            pos = np.arange(p0, p0 + n, dtype=np.int32)
+            cos, sin = rope_tables(be, rope, n_ctx, pos)
             ref = rope.tables(pos)
             assert cos.dtype == np.float32 and np.array_equal(cos, ref[0]) and np.array_equal(sin, ref[1])
 
@@ -137,7 +138,59 @@ def test_rmsnorm_attention(backends):
         q = rng.standard_normal((n, hq, dk)).astype(np.float32)
         k = rng.standard_normal((T, hkv, dk)).astype(np.float32)
         v = rng.standard_normal((T, hkv, dv)).astype(np.float32)
-        assert rel(gpu.attention(q, k, v, pos0, 0.2), cpu.attention(q, k, v, pos0, 0.2)) < 1e-5
+        pos = np.arange(pos0, pos0 + n, dtype=np.int32)
+        assert rel(gpu.attention(q, k, v, pos, 0.2), cpu.attention(q, k, v, pos, 0.2)) < 1e-5
+    # MLA's decode layout: keys = a cache buffer longer than the context, values = a strided view of it;
+    # and every query at the last key (pixtral's bidirectional use)
+    import cupy
+    buf = rng.standard_normal((512, 1, 320)).astype(np.float32)
+    q = rng.standard_normal((4, 8, 320)).astype(np.float32)
+    for pos in (np.arange(200, 204, dtype=np.int32), np.full(4, 99, np.int32)):
+        kd = cupy.asarray(buf)
+        ours = gpu.attention(q, kd, kd[..., :256], cupy.asarray(pos), 0.1)
+        assert rel(ours, cpu.attention(q, buf, buf[..., :256], pos, 0.1)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("E,k,n_group,topk_group", [(8, 2, 1, 1), (128, 4, 1, 1), (64, 6, 8, 3)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_route(backends, E, k, n_group, topk_group, norm):
+    """The GPU router chooses what moe.route_topk chooses, with the same weights."""
+    gpu, cpu = backends
+    rng = np.random.default_rng(E + k + norm)
+    logits = (3 * rng.standard_normal((37, E))).astype(np.float32)
+    ids, w = gpu.route(logits, k, norm, 2.5, n_group, topk_group)
+    ref_ids, ref_w = cpu.route(logits, k, norm, 2.5, n_group, topk_group)
+    import cupy
+    assert np.array_equal(cupy.asnumpy(ids), ref_ids)
+    assert rel(w, ref_w) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", ["mistral4-q4_0", "mixtral-q8_0"])
+def test_decode_graph_matches_eager(case):
+    """Decode steps replayed from the captured CUDA graph give the eager steps' logits and expert
+    counts, across the cache's regrowth (a new graph) and a truncation (a chat's edit)."""
+    path = REFS / f"{case}.gguf"
+    assert path.exists(), f"no reference set at {REFS}: build it with python tests/cuda_refs.py {REFS}"
+    import localmoe
+    m = localmoe.load(path, backend="cuda")
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, m.config.vocab_size, 250)
+    steps = rng.integers(0, m.config.vocab_size, 12)
+    runs = {}
+    for graphs in (False, True):
+        m.backend.use_graphs = graphs
+        m.stats.reset()
+        cache = m.new_cache()
+        m.prefill(prompt, cache)
+        out = [m.net.forward(np.array([t]), cache, last_only=True) for t in steps]   # crosses 256: regrowth
+        cache.truncate(252)
+        out += [m.net.forward(np.array([t]), cache, last_only=True) for t in steps[:3]]
+        runs[graphs] = np.concatenate(out), m.stats.expert_counts.copy()
+    assert len(m.backend._graphs) >= 1
+    assert np.abs(runs[True][0] - runs[False][0]).max() <= 1e-5 * np.abs(runs[False][0]).max()
+    assert np.array_equal(runs[True][1], runs[False][1])
 
 
 CASES = [(c, q) for c in ("mistral4", "mixtral") for q in ("f32", "q8_0", "q4_0")]

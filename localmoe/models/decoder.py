@@ -1,14 +1,18 @@
 """What every decoder-only MoE shares: weights from the GGUF, the KV cache, the layer loop, counters.
 
-forward() reads like the paper: embed; per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head.
+step() reads like the paper: per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head. forward()
+does the host part around it (embedding rows, positions, cache growth, counters).
 An architecture file supplies `attention` and `ffn` for one layer.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
 from ..backends import Weight
 from ..gguf.reader import GGUFFile
+from .moe import moe
 
 
 def weight(f: GGUFFile, name: str) -> Weight:
@@ -22,27 +26,43 @@ def expert_weight(f: GGUFFile, name: str) -> Weight:
     return weight(f, name)
 
 
+_GENERATIONS = itertools.count()
+
+
 class KVCache:
-    """Per layer, named arrays of rows (one row per position), grown by doubling up to n_ctx."""
+    """Per layer, named arrays of rows (one row per position), grown by doubling up to n_ctx.
+
+    `reserve(end)` grows on the host before a forward pass; `write` and the attention then index the
+    buffers with position arrays only, so a decode step reads no host value (a CUDA graph replays it)."""
 
     def __init__(self, n_layers: int, rows: dict[str, tuple[int, ...]], n_ctx: int, xp=np):
         """xp: the array namespace the rows live in (the backend's: numpy, or cupy on the GPU)."""
         self.n_ctx, self.length, self.rows, self.xp = n_ctx, 0, rows, xp
-        self.layers = [{k: xp.zeros((min(n_ctx, 256),) + s, np.float32) for k, s in rows.items()}
+        self.capacity = min(n_ctx, 256)
+        self.generation = next(_GENERATIONS)     # changes whenever the buffers do (keys captured steps)
+        self.layers = [{k: xp.zeros((self.capacity,) + s, np.float32) for k, s in rows.items()}
                        for _ in range(n_layers)]
 
-    def write(self, layer: int, pos0: int, **values: np.ndarray) -> None:
+    def reserve(self, end: int) -> None:
+        """Room for positions 0..end-1 (buffers reallocated, doubling, when they are shorter)."""
+        if end <= self.capacity:
+            return
+        self.capacity = min(self.n_ctx, max(end, 2 * self.capacity))
+        self.generation = next(_GENERATIONS)
+        for store in self.layers:
+            for k, old in store.items():
+                store[k] = self.xp.zeros((self.capacity,) + self.rows[k], np.float32)
+                store[k][:len(old)] = old
+
+    def write(self, layer: int, positions, **values) -> None:
+        """Rows `values[name][j]` at positions[j] (an xp int array)."""
         store = self.layers[layer]
         for k, v in values.items():
-            end = pos0 + len(v)
-            if end > len(store[k]):
-                grown = self.xp.zeros((min(self.n_ctx, max(end, 2 * len(store[k]))),) + self.rows[k], np.float32)
-                grown[:len(store[k])] = store[k]
-                store[k] = grown
-            store[k][pos0:end] = v
+            store[k][positions] = v
 
-    def view(self, layer: int, name: str, end: int) -> np.ndarray:
-        return self.layers[layer][name][:end]
+    def buffer(self, layer: int, name: str):
+        """The whole buffer [capacity, ...]; rows past the written positions are never read."""
+        return self.layers[layer][name]
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -54,6 +74,7 @@ class Stats:
     def __init__(self, n_layers: int, n_experts: int):
         self.n_layers, self.n_experts = n_layers, n_experts
         self.keep_routing = False      # keep every call's expert ids in `routing` (for analysis; grows per token)
+        self.expert_cache = None       # the backend's ExpertStreamer when experts stream into a VRAM cache
         self.reset()
 
     def reset(self) -> None:
@@ -73,8 +94,21 @@ class Stats:
             self.routing.append((self.forward_calls, layer, ids.copy()))
 
     def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "forward_calls": self.forward_calls, "expert_reads": self.expert_reads,
-                "expert_bytes": self.expert_bytes}
+        d = {"tokens": self.tokens, "forward_calls": self.forward_calls, "expert_reads": self.expert_reads,
+             "expert_bytes": self.expert_bytes}
+        if self.expert_cache is not None:
+            c = self.expert_cache.stats()
+            d.update(cache_hit_rate=c["hits"] / max(1, c["hits"] + c["misses"]), cache_slots=c["slots"],
+                     bytes_h2d=c["bytes_h2d"], bytes_h2d_per_token=c["bytes_h2d"] / max(1, self.tokens))
+        return d
+
+    def cache_line(self) -> str:
+        """The expert cache's figures for --verbose ('' when every expert is resident)."""
+        if self.expert_cache is None:
+            return ""
+        d = self.as_dict()
+        return (f"expert cache: {d['cache_slots']} slots, hit rate {d['cache_hit_rate']:.1%}, host->GPU "
+                f"{d['bytes_h2d_per_token'] / 2 ** 20:.1f} MiB/token ({d['bytes_h2d'] / 2 ** 30:.2f} GiB in all)")
 
 
 class Decoder:
@@ -93,17 +127,41 @@ class Decoder:
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False, embeds=None) -> np.ndarray:
         """Logits [n or 1, vocab] as a host numpy array; activations and the cache stay in `be.xp`.
         `embeds` = (rows, vectors): inputs that replace the token embeddings at those rows of `ids`
-        (image features at [IMG] positions, as Transformers' masked_scatter)."""
-        be, eps = self.be, self.cfg.rms_norm_eps
-        positions = np.arange(cache.length, cache.length + len(ids))
+        (image features at [IMG] positions, as Transformers' masked_scatter).
+
+        The host work (embedding rows, positions, cache growth, counters) happens here; `step` is
+        the device-only part, which the backend may capture once and replay (`be.replay`): decode
+        steps of one token are keyed by the cache buffers they write, so each replay is one launch."""
+        be, n = self.be, len(ids)
+        cache.reserve(cache.length + n)
+        positions = np.arange(cache.length, cache.length + n, dtype=np.int32)
         x = be.embed(self.embed_tokens, ids)
         if embeds is not None:
             x[be.xp.asarray(embeds[0])] = be.xp.asarray(embeds[1])
-        for i in range(self.cfg.num_hidden_layers):
-            x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
-            x = x + self.ffn(i, be.rmsnorm(x, self.ffn_norm[i], eps))
-        cache.length += len(ids)
-        self.stats.tokens += len(ids)
+        key = ("decode", cache.generation) if n == 1 and embeds is None else None
+        logits, routes = be.replay(key, lambda x, pos: self.step(x, pos, cache, last_only), x, positions)
+        cache.length += n
+        self.stats.tokens += n
         self.stats.forward_calls += 1
+        routes = be.to_host(routes)
+        for layer, nbytes in self._routed:
+            self.stats.record_experts(layer, routes[layer], nbytes)
+        return be.to_host(logits)                          # logits on the host, for sampling
+
+    def step(self, x, positions, cache: KVCache, last_only: bool):
+        """embed -> layers -> norm -> head on device arrays; reads nothing back from the device.
+        Returns (logits, the expert ids chosen per layer [layers, n, k]; rows of dense layers unused)."""
+        be, eps, c = self.be, self.cfg.rms_norm_eps, self.cfg
+        self._routed = []                          # (layer, bytes per expert) of the routed layers
+        routes = be.xp.zeros((c.num_hidden_layers, len(x), c.num_experts_per_tok), np.int32)
+        for i in range(c.num_hidden_layers):
+            x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
+            x = x + self.ffn(i, be.rmsnorm(x, self.ffn_norm[i], eps), routes)
         h = be.rmsnorm(x[-1:] if last_only else x, self.norm, eps)
-        return be.to_host(be.linear(self.lm_head, h))       # logits on the host, for sampling
+        return be.linear(self.lm_head, h), routes
+
+    def routed(self, i: int, experts, h, routes, **route_kw):
+        """Layer i's routed experts on h (moe.moe), writing the chosen ids to routes[i] for the counters."""
+        y, routes[i] = moe(self.be, experts, h, self.cfg.num_experts_per_tok, **route_kw)
+        self._routed.append((i, experts.bytes_per_expert))
+        return y

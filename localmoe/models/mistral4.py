@@ -15,7 +15,7 @@ import numpy as np
 from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, expert_weight, weight
-from .moe import DenseFFN, Experts, moe, swiglu
+from .moe import DenseFFN, Experts, swiglu
 from .rope import Rope, apply_rope, rope_tables
 
 ARCH = "mistral4"
@@ -143,23 +143,23 @@ class Model(Decoder):
         kv = be.linear(L.kv_a, h)
         latent = be.rmsnorm(kv[:, :kvr], L.kv_a_norm, c.rms_norm_eps)
         xp = be.xp
-        cos, sin = rope_tables(be, c.rope, positions)
+        cos, sin = rope_tables(be, c.rope, cache.n_ctx, positions)
         q_rope = apply_rope(q[..., nope:], cos, sin, xp)
         k_rope = apply_rope(kv[:, None, kvr:], cos, sin, xp)[:, 0]
         q_latent = be.linear_heads(L.k_b, xp.ascontiguousarray(q[..., :nope]))     # W_kb folded into q
         query = xp.concatenate([q_latent, q_rope], axis=-1)
         if c.llama_4_scaling_beta:
-            query *= (1 + c.llama_4_scaling_beta * xp.log1p(xp.asarray(positions // c.llama_4_scaling_length)))[:, None, None].astype(np.float32)
-        cache.write(i, int(positions[0]), latent=xp.concatenate([latent, k_rope], axis=-1))
-        kvc = cache.view(i, "latent", int(positions[-1]) + 1)[:, None, :]
-        o_latent = be.attention(query, kvc, kvc[..., :kvr], int(positions[0]), c.attention_scale)
+            query *= (1 + c.llama_4_scaling_beta * xp.log1p(positions // c.llama_4_scaling_length))[:, None, None].astype(np.float32)
+        cache.write(i, positions, latent=xp.concatenate([latent, k_rope], axis=-1))
+        kvc = cache.buffer(i, "latent")[:, None, :]
+        o_latent = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale)
         o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending
         return be.linear(L.o, o.reshape(n, heads * c.v_head_dim))
 
-    def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
+    def ffn(self, i: int, h: np.ndarray, routes) -> np.ndarray:
         c, L = self.cfg, self.layers[i]
         if L.dense is not None:
             return swiglu(self.be, L.dense, h)
-        y = moe(self.be, L.experts, h, c.num_experts_per_tok, self.stats, i, c.norm_topk_prob,
-                c.routed_scaling_factor, c.n_group, c.topk_group)
+        y = self.routed(i, L.experts, h, routes, norm=c.norm_topk_prob, scale=c.routed_scaling_factor,
+                        n_group=c.n_group, topk_group=c.topk_group)
         return y + swiglu(self.be, L.shared, h) if L.shared is not None else y

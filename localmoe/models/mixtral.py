@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, expert_weight, weight
-from .moe import Experts, moe
+from .moe import Experts
 from .rope import Rope, apply_rope, rope_tables
 
 ARCH = "llama"
@@ -76,13 +76,12 @@ class Model(Decoder):
     def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
         n, hd = len(h), c.head_dim
-        cos, sin = rope_tables(be, c.rope, positions)
+        cos, sin = rope_tables(be, c.rope, cache.n_ctx, positions)
         q = apply_rope(be.linear(L.q, h).reshape(n, c.num_attention_heads, hd), cos, sin, be.xp)
         k = apply_rope(be.linear(L.k, h).reshape(n, c.num_key_value_heads, hd), cos, sin, be.xp)
-        cache.write(i, int(positions[0]), k=k, v=be.linear(L.v, h).reshape(n, c.num_key_value_heads, hd))
-        end = int(positions[-1]) + 1
-        o = be.attention(q, cache.view(i, "k", end), cache.view(i, "v", end), int(positions[0]), hd ** -0.5)
+        cache.write(i, positions, k=k, v=be.linear(L.v, h).reshape(n, c.num_key_value_heads, hd))
+        o = be.attention(q, cache.buffer(i, "k"), cache.buffer(i, "v"), positions, hd ** -0.5)
         return be.linear(L.o, o.reshape(n, c.num_attention_heads * hd))
 
-    def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
-        return moe(self.be, self.layers[i].experts, h, self.cfg.num_experts_per_tok, self.stats, i)
+    def ffn(self, i: int, h: np.ndarray, routes) -> np.ndarray:
+        return self.routed(i, self.layers[i].experts, h, routes)

@@ -1,6 +1,7 @@
 """The pieces every MoE architecture shares: the router and the expert FFNs.
 
 gpt-fast's MoE in numpy: gate logits -> softmax -> top-k -> renormalise -> run only the chosen experts.
+`route_topk` is the reference the backends' `route` implement (the CPU backend calls it).
 """
 from __future__ import annotations
 
@@ -61,11 +62,9 @@ def swiglu(be, ffn: DenseFFN, x: np.ndarray) -> np.ndarray:
     return be.linear(ffn.down, g / (1.0 + be.xp.exp(-g)) * be.linear(ffn.up, x))
 
 
-def moe(be, ex: Experts, x: np.ndarray, k: int, stats=None, layer: int = 0, norm: bool = True,
-        scale: float = 1.0, n_group: int = 1, topk_group: int = 1) -> np.ndarray:
-    """Routed experts for a batch x [n, H]: route (on the host: the logits are [n, E]), then run only
-    the selected experts."""
-    ids, w = route_topk(be.to_host(be.linear(ex.router, x)), k, norm, scale, n_group, topk_group)
-    if stats is not None:
-        stats.record_experts(layer, ids, ex.bytes_per_expert)
-    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w)
+def moe(be, ex: Experts, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
+        topk_group: int = 1):
+    """Routed experts for a batch x [n, H]: route (route_topk, on the backend), then run only the
+    selected experts. Returns (y [n, H], expert ids [n, k]); both stay on the backend's device."""
+    ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group)
+    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w), ids

@@ -148,15 +148,16 @@ class Model:
         return be.to_host(self.project(x, rows, cols))      # features on the host, like logits
 
     def attention(self, L: Layer, h: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """Bidirectional attention over one image's patches. The backend's attention is causal with
-        queries at positions pos0..; placing every query at pos0 = n (after all n keys) masks nothing."""
+        """Bidirectional attention over one image's patches. The backend's attention is causal (query j
+        sees keys 0..positions[j]); placing every query at position n - 1 (the last key) masks nothing."""
         c, be = self.cfg, self.be
         n, heads, hd = len(h), c.num_attention_heads, c.head_dim
         q = apply_rope(be.linear(L.q, h).reshape(n, heads, hd), cos, sin, be.xp)
         k = apply_rope(be.linear(L.k, h).reshape(n, heads, hd), cos, sin, be.xp)
         v = be.linear(L.v, h).reshape(n, heads, hd)
-        out = be.xp.concatenate([be.attention(q[s:s + QUERY_BLOCK], k, v, n, hd ** -0.5)
-                              for s in range(0, n, QUERY_BLOCK)])
+        last = be.xp.full(n, n - 1, np.int32)
+        out = be.xp.concatenate([be.attention(q[s:s + QUERY_BLOCK], k, v, last[s:s + QUERY_BLOCK], hd ** -0.5)
+                                 for s in range(0, n, QUERY_BLOCK)])
         return be.linear(L.o, out.reshape(n, heads * hd))
 
     def project(self, x: np.ndarray, rows: int, cols: int) -> np.ndarray:

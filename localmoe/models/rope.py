@@ -46,16 +46,14 @@ class Rope:
         return (np.cos(f) * self.attn_factor).astype(np.float32), (np.sin(f) * self.attn_factor).astype(np.float32)
 
 
-def rope_tables(be, rope: Rope, positions: np.ndarray):
-    """cos, sin [n, dim/2] for contiguous positions as `be.xp` arrays: slices of tables for positions
-    0..N-1 computed once per backend (N doubled as needed), so a decode step uploads nothing. The
-    same float32 elementwise arithmetic as Rope.tables, hence the same values."""
-    p0, end = int(positions[0]), int(positions[-1]) + 1
+def rope_tables(be, rope: Rope, n_ctx: int, positions):
+    """cos, sin [n, dim/2] at `positions` (an xp int array) as `be.xp` arrays: rows gathered from
+    tables for positions 0..n_ctx-1 computed once per backend, so a decode step uploads nothing and
+    reads no host value. The same float32 elementwise arithmetic as Rope.tables, hence the same values."""
     hit = be.rope_tables.get(rope)
-    if hit is None or end > len(hit[0]):
-        N = max(256, end, 2 * len(hit[0]) if hit is not None else 0)
-        hit = be.rope_tables[rope] = tuple(be.xp.asarray(t) for t in rope.tables(np.arange(N)))
-    return hit[0][p0:end], hit[1][p0:end]
+    if hit is None or n_ctx > len(hit[0]):
+        hit = be.rope_tables[rope] = tuple(be.xp.asarray(t) for t in rope.tables(np.arange(n_ctx)))
+    return hit[0][positions], hit[1][positions]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, xp=np) -> np.ndarray:

@@ -13,6 +13,7 @@ from gguf.quants import dequantize  # noqa: E402
 
 from .. import Weight  # noqa: E402
 from ...gguf.format import GGMLType  # noqa: E402
+from ...models.moe import route_topk  # noqa: E402
 from . import kernels  # noqa: E402
 
 
@@ -53,21 +54,36 @@ class CPUBackend:
         x = x.astype(np.float32, copy=False)
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
+    @staticmethod
+    def route(logits: np.ndarray, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
+              topk_group: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The router's choice for logits [n, E]: (ids [n, k], weights [n, k]) as moe.route_topk."""
+        return route_topk(logits, k, norm, scale, n_group, topk_group)
+
+    @staticmethod
+    def replay(key, step, *inputs):
+        """Run step(*inputs). (The CUDA backend captures keyed steps into graphs; here nothing to gain.)"""
+        return step(*inputs)
+
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
                    weights: np.ndarray) -> np.ndarray:
         """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e."""
         return kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
                                   down.raw, int(down.type), up.raw, int(up.type))
 
-    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos0: int, scale: float) -> np.ndarray:
-        """Causal attention of queries q [n, Hq, dk] at positions pos0.. over keys k [T, Hkv, dk] and
-        values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
+                  scale: float) -> np.ndarray:
+        """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
+        v [:, Hkv, dv] at positions 0..positions[j] (Hq a multiple of Hkv; rows past the largest
+        position are not read) -> [n, Hq, dv]."""
         n, hq, dk = q.shape
-        T, hkv, dv = v.shape
+        T = int(positions.max()) + 1
+        k, v = k[:T], v[:T]
+        hkv, dv = v.shape[1:]
         g = hq // hkv
         qg = q.reshape(n, hkv, g, dk).transpose(1, 0, 2, 3).reshape(hkv, n * g, dk)   # rows: (query, head)
         s = np.matmul(qg, k.transpose(1, 2, 0)) * np.float32(scale)                   # [hkv, n*g, T]
-        query_pos = pos0 + np.repeat(np.arange(n), g)
+        query_pos = np.repeat(positions, g)
         s[:, np.arange(T)[None, :] > query_pos[:, None]] = -np.inf
         s -= s.max(axis=-1, keepdims=True)
         p = np.exp(s)

@@ -3,10 +3,14 @@
 Weights are uploaded once, on first use, as the GGUF's own bytes (a `Weight` -> device array cache
 keyed by the stored array's address, shape, strides and type) and never dequantised. Activations
 stay on the GPU as cupy arrays (`xp` = cupy; the model glue in localmoe/models uses `be.xp`): methods
-accept host or device arrays and return device arrays; only `to_host` (the router's logits, the final
-logits) copies back. The numba kernels take the cupy arrays through __cuda_array_interface__; both
-libraries work on the legacy default stream of the primary context, so launches stay ordered. Capturing
-the decode step in a CUDA graph is the next step (docs/PERFORMANCE.md).
+accept host or device arrays and return device arrays; only `to_host` (the chosen expert ids for the
+counters, the final logits) copies back. The numba kernels take the cupy arrays through
+__cuda_array_interface__; cupy and numba both issue to one stream (`STREAM`, made current for cupy).
+
+Decode steps are CUDA graphs (`replay`): the model's device-only step is run eagerly once, then
+captured from that stream and replayed, one graph launch per token instead of ~650 Python-side kernel
+launches (numba's dispatcher costs ~80 us each). Nothing in a step reads a host value: positions,
+the router's top-k and the KV-cache writes all work from device memory.
 
 Importing this package needs neither numba-cuda nor a GPU; `available()` says whether one is usable.
 """
@@ -32,6 +36,23 @@ def available() -> tuple[bool, str]:
         return False, f"no CUDA GPU: {e}"
 
 
+_STREAM = []
+
+
+def _stream():
+    """The one stream all backends launch on: a blocking stream (so the weight uploads numba makes
+    on the legacy stream stay ordered before it) that, unlike the legacy stream, can be captured."""
+    if not _STREAM:
+        import cupy as cp
+        from . import kernels as K
+        from ._numba import cuda
+        st = cp.cuda.Stream(non_blocking=False)
+        K.STREAM[0] = cuda.external_stream(st.ptr)
+        _STREAM.append(st)
+    _STREAM[0].use()
+    return _STREAM[0]
+
+
 def _key(a: np.ndarray, t: int = -1):
     return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str, t)
 
@@ -47,6 +68,12 @@ class CUDABackend:
         from ._numba import cuda
         import cupy as cp
         self.K, self.cuda, self.xp = K, cuda, cp
+        self.stream = _stream()
+        self.S = K.STREAM                 # launch config's stream slot: kernel[grid, block, self.S[0]]
+        self._graphs: dict = {}           # replay key -> (graph, input buffers, outputs, memory pool)
+        self.graph_kernels = 0            # numba kernel launches inside the last captured step
+        self.use_graphs = True            # False: every step launched from Python (the bench compares)
+        self.streamer = None              # ExpertStreamer when the routed experts live in a VRAM cache
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
@@ -55,6 +82,12 @@ class CUDABackend:
         self._ints: dict = {}             # cached index arrays
         self.bytes_uploaded = 0           # weight bytes host -> device so far
         self.launches = 0                 # kernel launches so far (for launches per token)
+
+    def stream_experts(self, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", **kw) -> None:
+        """Keep the routed experts in a `budget_bytes` pool of slots instead of uploading them whole
+        (streaming.py); dense weights stay resident. Decode steps then run eagerly (host decisions)."""
+        from .streaming import ExpertStreamer
+        self.streamer = ExpertStreamer(self, budget_bytes, n_layers, n_experts, policy, **kw)
 
     # -- weights ----------------------------------------------------------------------------------
     def upload(self, w: Weight):
@@ -91,11 +124,15 @@ class CUDABackend:
         return self._ints[k]
 
     # -- the batched gemv -------------------------------------------------------------------------
-    def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None):
-        """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2)."""
+    def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None):
+        """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
+        device arrays laid out like w (and w2) to read instead of their uploads (the expert slots)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
-        dev, fast = self.upload(w)
-        dev2 = self.upload(w2)[0] if w2 is not None else dev
+        if pools is None:
+            dev = self.upload(w)[0]
+            dev2 = self.upload(w2)[0] if w2 is not None else dev
+        else:
+            dev, dev2 = pools[0], pools[-1]
         y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
@@ -143,50 +180,120 @@ class CUDABackend:
     def rmsnorm(self, x, weight: np.ndarray, eps: float):
         x2 = self._dev(x, (-1, x.shape[-1]))
         out = self.xp.empty_like(x2)
-        self.K.rmsnorm_kernel[len(x2), self.K.THREADS](x2, self._vector(weight), out, np.float32(eps))
+        self.K.rmsnorm_kernel[len(x2), self.K.THREADS, self.S[0]](x2, self._vector(weight), out, np.float32(eps))
         self.launches += 1
         return out.reshape(x.shape)
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids: np.ndarray, weights: np.ndarray):
+    def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1):
+        """The router's choice for logits [n, E] on the GPU (moe.route_topk's arithmetic):
+        (ids [n, k] int32, weights [n, k] float32), both device arrays."""
+        xp = self.xp
+        z = self._dev(logits)
+        n, E = z.shape
+        if E > self.K.MAX_EXPERTS or n_group > self.K.MAX_GROUPS:
+            raise ValueError(f"router of {E} experts in {n_group} groups: the GPU router handles "
+                             f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
+        ids, w = xp.empty((n, k), np.int32), xp.empty((n, k), np.float32)
+        self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group, topk_group,
+                                                          ids, w)
+        self.launches += 1
+        return ids, w
+
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights):
         """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e.
-        ids and weights (the router's choice) are small host arrays: one upload each."""
+        ids [n, k] and weights [n, k]: the router's device arrays (host arrays are uploaded)."""
         xp = self.xp
         squeeze = x.ndim == 1
         x2 = self._dev(x, (-1, gate.cols))
         n = len(x2)
-        ids2 = np.asarray(ids).reshape(n, -1)
+        if isinstance(ids, np.ndarray) and (ids.min() < 0 or ids.max() >= gate.n_experts):
+            raise ValueError("expert id out of range")
+        ids2 = xp.asarray(ids).reshape(n, -1)
         k = ids2.shape[1]
         P = n * k
-        if ids2.min() < 0 or ids2.max() >= gate.n_experts:
-            raise ValueError("expert id out of range")
-        mats = xp.asarray(ids2.astype(np.int32).reshape(P))
+        pg = pu = pd = None
+        if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
+            layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
+            pg, pu, pd, slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids2))
+            mats = xp.asarray(slots.reshape(P).astype(np.int32))
+        else:
+            mats = ids2.reshape(P).astype(np.int32, copy=False)
         kt = ("tok", n, k)
         if kt not in self._ints:
             self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
         tok = self._ints[kt]
         if int(gate.type) == int(up.type):
-            h = self.gemv(gate, mats, tok, x2, P, w2=up)                 # silu(gate x) * up x, fused
+            h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu))  # silu(g) * u, fused
         else:
-            g = self.gemv(gate, mats, tok, x2, P)
-            u = self.gemv(up, mats, tok, x2, P)
+            g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,))
+            u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
-        yp = self.gemv(down, mats, self._arange(P), h, P)
-        wd = self._dev(np.asarray(weights, dtype=np.float32), (n, k))
+        yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
+        wd = self._dev(weights, (n, k))
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
-        self.K.combine_kernel[(gx, n), self.K.THREADS](yp, wd, y)
+        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y)
         self.launches += 1
         return y[0] if squeeze else y
 
-    def attention(self, q, k, v, pos0: int, scale: float):
-        """Causal attention of queries q [n, Hq, dk] at positions pos0.. over keys k [T, Hkv, dk] and
-        values v [T, Hkv, dv] at positions 0..T-1 (Hq a multiple of Hkv) -> [n, Hq, dv]."""
+    def attention(self, q, k, v, positions, scale: float):
+        """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
+        v [:, Hkv, dv] at positions 0..positions[j] (a device int array; Hq a multiple of Hkv)
+        -> [n, Hq, dv]. k and v may be strided views of the cache (no copy)."""
         n, hq, dk = q.shape
-        T, hkv, dv = v.shape
+        hkv, dv = v.shape[1:]
         xp = self.xp
         out = xp.empty((n, hq, dv), np.float32)
-        s = xp.empty((n, hq, max(T, 1)), np.float32)
-        self.K.attention_kernel[(n, hq), self.K.THREADS](self._dev(q), self._dev(k), self._dev(v), out, s, int(pos0),
-                                                         np.float32(scale), T, hq // hkv)
+        s = xp.empty((n, hq, len(k)), np.float32)
+        pos = xp.asarray(positions, dtype=np.int32)
+        self.K.attention_kernel[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out, s,
+                                                                   pos, np.float32(scale), hq // hkv)
         self.launches += 1
         return out
+
+    # -- CUDA graphs ------------------------------------------------------------------------------
+    def replay(self, key, step, *inputs):
+        """step(*inputs) on device copies of the inputs. With a key, the first call runs the step
+        eagerly (its result is returned), runs it once more into a private memory pool, then
+        captures it; later calls with the key copy the inputs into the captured buffers and launch
+        the graph (the outputs are the graph's own buffers, valid until the next replay). The step
+        must be idempotent (a decode step rewrites the same cache rows) and read nothing back."""
+        xp = self.xp
+        if self.streamer is not None:                   # host decisions every layer: never captured
+            out = step(*(xp.asarray(a) for a in inputs))
+            self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
+            return out
+        key = key if self.use_graphs else None
+        g = self._graphs.get(key) if key is not None else None
+        if g is None:
+            static = [xp.array(a) for a in inputs]
+            out = step(*static)
+            if key is not None:
+                self._capture(key, step, static)
+            return out
+        graph, static, out, _ = g
+        for buf, a in zip(static, inputs):
+            if isinstance(a, np.ndarray):
+                buf.set(a)
+            else:
+                buf[...] = a
+        graph.launch(self.stream)
+        self.launches += 1
+        return out
+
+    def _capture(self, key, step, static) -> None:
+        import cupy as cp
+        pool = cp.cuda.MemoryPool()                 # the graph's temporaries: never handed to anyone else
+        with cp.cuda.using_allocator(pool.malloc):
+            step(*static)                           # warm the pool with exactly this step's allocations
+            n0 = self.launches
+            self.stream.begin_capture(getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2))
+            try:
+                out = step(*static)
+            finally:
+                graph = self.stream.end_capture()
+        self.graph_kernels = self.launches - n0
+        self.launches = n0
+        while len(self._graphs) >= 2:                # a chat keeps one cache; drop the oldest graph
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = (graph, static, out, pool)

@@ -37,6 +37,7 @@ ESIZE = {F32: 4, F16: 2, BF16: 2}
 
 WARPS = 8
 THREADS = 32 * WARPS
+STREAM = [0]              # the stream every launch goes to (the backend sets its own: capturable, unlike the legacy one)
 BLOCKS_PER_SM = 2          # gemv grid: this many blocks per SM, split over the P products (bench_cuda sweeps it)
 _TWO112 = float32(5.192296858534828e+33)   # 2**112: rebias an fp16 exponent into fp32
 
@@ -285,9 +286,9 @@ def launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_by
     fast, kern = gemv_kernel(qt, cols, fused)
     gx = max(1, min((rows + WARPS - 1) // WARPS, max(1, BLOCKS_PER_SM * sms // P)))
     if fast:
-        kern[(gx, P), THREADS, 0, 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
+        kern[(gx, P), THREADS, STREAM[0], 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
     else:
-        kern[(gx, P), THREADS](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
+        kern[(gx, P), THREADS, STREAM[0]](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
 
 
 # -- fast2: Q4_0 / Q8_0 on int16 activations with dp2a (cols % 256 == 0, cols / 256 a power of 2) -----
@@ -592,7 +593,7 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
-    kern[(gx, P), 32 * warps, 0, shared](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1)
+    kern[(gx, P), 32 * warps, STREAM[0], shared](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1)
 
 
 # -- the rest -----------------------------------------------------------------------------------------
@@ -632,15 +633,16 @@ def rmsnorm_kernel(x, w, out, eps):
 
 
 @cuda.jit
-def attention_kernel(q, k, v, out, s, pos0, scale, T, group):
-    """Block (i, h): causal softmax attention of query i (position pos0 + i), head h, over keys
-    0..min(T, pos0+i+1)-1 of kv head h // group. Scores go to the scratch s[i, h, :]."""
+def attention_kernel(q, k, v, out, s, positions, scale, group):
+    """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
+    0..positions[i] of kv head h // group. Scores go to the scratch s[i, h, :]. The positions come
+    from device memory, so one captured launch serves every decode step."""
     red = cuda.shared.array(THREADS, float32)
     i = cuda.blockIdx.x
     h = cuda.blockIdx.y
     kh = h // group
     tid = cuda.threadIdx.x
-    end = min(T, pos0 + i + 1)
+    end = positions[i] + 1
     dk = q.shape[2]
     dv = v.shape[2]
     m = float32(-3.0e38)
@@ -664,6 +666,78 @@ def attention_kernel(q, k, v, out, s, pos0, scale, T, group):
         for t in range(end):
             a += s[i, h, t] * v[t, kh, d]
         out[i, h, d] = a * inv
+
+
+MAX_EXPERTS = 512
+MAX_GROUPS = 64
+
+
+@cuda.jit
+def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
+    """Thread t: row t's router exactly as models/moe.route_topk: softmax over the experts, the k
+    largest (within the best topk_group of n_group groups, a group ranked by its two largest),
+    renormalised, times scale; ties go to the lower expert id like the reference's stable sort.
+    On the GPU so a decode step needs no host round trip (and can be captured)."""
+    t = cuda.grid(1)
+    if t >= logits.shape[0]:
+        return
+    E = logits.shape[1]
+    p = cuda.local.array(MAX_EXPERTS, float32)
+    c = cuda.local.array(MAX_EXPERTS, float32)
+    m = float32(-3.0e38)
+    for e in range(E):
+        m = max(m, logits[t, e])
+    total = float32(0.0)
+    for e in range(E):
+        p[e] = math.exp(logits[t, e] - m)
+        total += p[e]
+    for e in range(E):
+        p[e] /= total
+        c[e] = p[e]
+    if n_group > 1:
+        gs = E // n_group
+        score = cuda.local.array(MAX_GROUPS, float32)
+        for g in range(n_group):
+            a = float32(-1.0)
+            b = float32(-1.0)
+            for e in range(g * gs, (g + 1) * gs):
+                if p[e] > a:
+                    b = a
+                    a = p[e]
+                elif p[e] > b:
+                    b = p[e]
+            score[g] = a + b
+        keep = cuda.local.array(MAX_GROUPS, float32)
+        for g in range(n_group):
+            keep[g] = float32(0.0)
+        for j in range(topk_group):
+            best = 0
+            bv = float32(-3.0e38)
+            for g in range(n_group):
+                if keep[g] == 0.0 and score[g] > bv:
+                    bv = score[g]
+                    best = g
+            keep[best] = float32(1.0)
+        for e in range(E):
+            if keep[e // gs] == 0.0:
+                c[e] = float32(0.0)
+    total = float32(0.0)
+    for j in range(k):
+        best = 0
+        bv = float32(-3.0e38)
+        for e in range(E):
+            if c[e] > bv:
+                bv = c[e]
+                best = e
+        c[best] = float32(-2.0)
+        ids[t, j] = best
+        wts[t, j] = p[best]
+        total += p[best]
+    for j in range(k):
+        w = wts[t, j]
+        if norm:
+            w = w / (total + float32(1e-20))
+        wts[t, j] = w * scale
 
 
 @cuda.jit
