@@ -116,13 +116,16 @@ def grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     pad_end = torch.cumsum(padded, 0)
     slot = (pad_end - padded)[expert] + torch.arange(n * k, device=dev) - (torch.cumsum(counts, 0) - counts)[expert]
     total = int(pad_end[-1])
-    x = hidden_states.new_zeros(total, H, dtype=torch.bfloat16).index_copy(0, slot, hidden_states[order // k].to(torch.bfloat16))
+    # gathers and copies by a permutation only (no index_add: its float atomics made two runs of the same
+    # seed differ); each token's k rows are summed in a fixed order below
+    rows = hidden_states.to(torch.bfloat16).repeat_interleave(k, dim=0)[order]
+    x = hidden_states.new_zeros(total, H, dtype=torch.bfloat16).index_copy(0, slot, rows)
     gm = getattr(F, "grouped_mm", None) or torch._grouped_mm
     offs = pad_end.to(torch.int32)
     gate, up = gm(x, self.gate_up_proj.to(torch.bfloat16).transpose(1, 2), offs=offs).chunk(2, dim=-1)
     y = gm(self.act_fn(gate) * up, self.down_proj.to(torch.bfloat16).transpose(1, 2), offs=offs)
     y = y[slot].float() * top_k_weights.reshape(-1)[order, None].float()
-    out = torch.zeros(n, H, device=dev, dtype=torch.float32).index_add_(0, order // k, y)
+    out = torch.zeros(n * k, H, device=dev, dtype=torch.float32).index_copy(0, order, y).view(n, k, H).sum(1)
     return out.to(hidden_states.dtype)
 
 
@@ -177,6 +180,11 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, workers: int,
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    # Same seed, same bits: deterministic kernels (cuBLAS needs its workspace setting before first use);
+    # an op without a deterministic implementation warns once and is named in the log.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     if cuda:
