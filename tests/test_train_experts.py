@@ -1,9 +1,7 @@
 """train/train.py's grouped-matmul experts compute what Transformers' Mistral4Experts computes (CPU, bf16)."""
 from __future__ import annotations
 
-import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 
 def test_grouped_experts_match_transformers():
