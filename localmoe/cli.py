@@ -58,7 +58,8 @@ ShowThinkingOpt = typer.Option(False, "--show-thinking", help="In a pipe, send t
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Speed and expert statistics on stderr.")
 BackendOpt = typer.Option("cpu", "--backend", help="cpu, cuda, or auto (CUDA when a GPU is usable).")
 GpuMemOpt = typer.Option(None, "--gpu-mem", help="With --backend cuda: VRAM for a cache of routed experts "
-                         "streamed from the file (e.g. 24G); default: every weight resident.")
+                         "streamed from the file (e.g. 24G); default: every weight resident when the model fits, "
+                         "else the VRAM left.")
 ImageOpt = typer.Option(None, "--image", "-i", help="An image for the (first) message (repeatable).")
 
 

@@ -37,7 +37,8 @@ class Model:
 
     def __init__(self, path: str | Path, backend: str = "cpu", n_ctx: int | None = None, gpu_mem: int | None = None):
         """gpu_mem: VRAM bytes for a cache of routed experts streamed from the file (CUDA backend);
-        None keeps every weight resident."""
+        None: every weight resident when the model fits the GPU, else the experts stream through
+        what is left (`placement`)."""
         from .tokenizer import load_tokenizer
 
         self.path = Path(path)
@@ -51,22 +52,32 @@ class Model:
         self.config = mod.Config.from_gguf(f)
         self.backend = make_backend(backend)
         self.net = mod.Model(f, self.config, self.backend)
-        if gpu_mem is not None:
-            if not hasattr(self.backend, "stream_experts"):
-                raise InputError(f"--gpu-mem needs the cuda backend (this is {self.backend.name})")
-            per_expert = next(L.experts for L in self.net.layers if L.experts is not None).bytes_per_expert
-            need = self.config.n_experts * per_expert    # a prefill batch may route to every expert of a layer
-            if gpu_mem < need:
-                raise InputError(f"--gpu-mem {gpu_mem / 2 ** 30:.2f} GiB is less than one layer's experts "
-                                 f"({need / 2 ** 30:.2f} GiB: {self.config.n_experts} x {per_expert / 2 ** 20:.1f} MiB)")
-            try:
-                self.backend.stream_experts(gpu_mem, self.config.num_hidden_layers, self.config.n_experts)
-                self.net.stats.expert_cache = self.backend.streamer
-            except ValueError as e:
-                raise InputError(f"--gpu-mem: {e}") from None
         self.tokenizer = load_tokenizer(f.metadata)
         self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.max_position_embeddings)
         self.quant_fallback = list(f.get(KEY_QUANT_FALLBACK, []))
+        self.placement = None
+        if hasattr(self.backend, "free_memory"):
+            self.placement = self._place(gpu_mem)
+        elif gpu_mem is not None:
+            raise InputError(f"--gpu-mem needs the cuda backend (this is {self.backend.name})")
+
+    def _place(self, gpu_mem: int | None):
+        """Everything resident when it fits the GPU; else (or with gpu_mem) the routed experts stream
+        through a VRAM cache (localmoe/placement.py decides, the backend's ExpertStreamer moves them)."""
+        from .placement import PlacementError, layer_bytes, plan
+        c, be = self.config, self.backend
+        per_expert = next(L.experts for L in self.net.layers if L.experts is not None).bytes_per_expert
+        rows = self.net.new_cache(1).rows
+        kv = sum(int(np.prod(r)) for r in rows.values()) * 4 * c.num_hidden_layers * self.n_ctx
+        try:
+            p = plan(layer_bytes(self.file.tensors, c.num_hidden_layers), [be.free_memory()], kv,
+                     c.n_experts * per_expert, gpu_mem)
+        except PlacementError as e:
+            raise InputError(str(e)) from None
+        if p.streams(0):
+            be.stream_experts(p.expert_cache[0], c.num_hidden_layers, c.n_experts)
+            self.net.stats.expert_cache = be.streamer
+        return p
 
     @property
     def stats(self):

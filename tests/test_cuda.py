@@ -217,3 +217,27 @@ def test_model_matches_cpu(case, quant, capsys):
     assert d < 1e-3 and kl < 1e-4
     if quant == "f32":
         assert list(greedy) == list(greedy_ref)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", ["mistral4-q4_0", "mixtral-q8_0"])
+def test_streamed_experts_match_resident(case):
+    """With a --gpu-mem cache smaller than the experts (1.5 layers' worth), prompt and decode logits
+    equal the resident run's, the cache misses and hits, and host->GPU bytes are counted."""
+    path = REFS / f"{case}.gguf"
+    assert path.exists(), f"no reference set at {REFS}: build it with python tests/cuda_refs.py {REFS}"
+    import localmoe
+    ids = np.load(REFS / f"{case.split('-')[0]}.ids.npy")
+    resident = localmoe.load(path, backend="cuda")
+    assert resident.placement is not None and not resident.placement.streams()
+    ex = resident.net.layers[0].experts
+    budget = int(1.5 * resident.config.n_experts * ex.bytes_per_expert)
+    streamed = localmoe.load(path, backend="cuda", gpu_mem=budget)
+    assert streamed.placement.streams() and streamed.backend.streamer is not None
+    ref, ours = resident.logits(ids), streamed.logits(ids)
+    assert rel(ours, ref) < 1e-6
+    a = list(resident.generate(ids[:8], max_tokens=16, stop=()))
+    b = list(streamed.generate(ids[:8], max_tokens=16, stop=()))
+    assert a == b
+    d = streamed.stats.as_dict()
+    assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0

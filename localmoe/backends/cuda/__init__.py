@@ -83,6 +83,10 @@ class CUDABackend:
         self.bytes_uploaded = 0           # weight bytes host -> device so far
         self.launches = 0                 # kernel launches so far (for launches per token)
 
+    def free_memory(self) -> int:
+        """Free bytes on the GPU now (for localmoe/placement.py)."""
+        return int(self.xp.cuda.Device().mem_info[0])
+
     def stream_experts(self, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", **kw) -> None:
         """Keep the routed experts in a `budget_bytes` pool of slots instead of uploading them whole
         (streaming.py); dense weights stay resident. Decode steps then run eagerly (host decisions)."""

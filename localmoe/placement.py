@@ -1,0 +1,98 @@
+"""Where a model's weights go on the GPUs: the device of each layer, and per device whether its layers'
+routed experts are resident or streamed through a VRAM cache of slots (backends/cuda/streaming.py).
+
+A model is a list of layers, each placed on one device: contiguous blocks of layers in proportion to the
+devices' free memory (one device today; the multi-GPU layer split uses the same plan). Per device, the
+dense weights (attention, norms, router, shared expert; the head and final norm on the last device) are
+always resident; the routed experts are too when everything fits, otherwise they stream through a cache
+of what is left (`--gpu-mem` sets that cache's size instead). The token embedding stays on the host (one
+row per token is read from the mapped file). Pure arithmetic on byte counts, so it is tested on the CPU
+with simulated devices.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GiB = 2 ** 30
+RESERVE = GiB // 2           # per device, beyond the weights and the KV cache: activations, scratch, the CUDA context
+
+
+class PlacementError(ValueError):
+    """The model does not fit the devices (with streaming, not even its dense weights and one layer's experts)."""
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Weight bytes a device must hold: per layer dense and routed-expert bytes, and the rest (head, final norm)."""
+    dense: tuple[int, ...]
+    experts: tuple[int, ...]
+    other: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    layer_device: tuple[int, ...]            # layer i lives on device layer_device[i]
+    expert_cache: tuple[int | None, ...]     # per device: its expert cache's bytes; None = its experts resident
+    need: tuple[int, ...]                    # per device: bytes this placement uses there
+
+    def streams(self, device: int = 0) -> bool:
+        return self.expert_cache[device] is not None
+
+
+def layer_bytes(tensors: dict, n_layers: int) -> LayerBytes:
+    """From a GGUF's tensor table (name -> info with .nbytes): `blk.<i>.*` by layer, `*_exps` routed; the
+    token embedding counts only where it is also the output head (tied: then it is uploaded)."""
+    dense, experts, other = [0] * n_layers, [0] * n_layers, 0
+    tied = "output.weight" not in tensors
+    for name, ti in tensors.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            other += ti.nbytes if name != "token_embd.weight" or tied else 0
+        elif name.split(".")[2].endswith("_exps"):
+            experts[int(m.group(1))] += ti.nbytes
+        else:
+            dense[int(m.group(1))] += ti.nbytes
+    return LayerBytes(tuple(dense), tuple(experts), other)
+
+
+def split_layers(sizes: list[int], free: list[int]) -> list[int]:
+    """Contiguous blocks of layers, one per device, each about its share (by free memory) of the bytes."""
+    total, room = sum(sizes), sum(free)
+    out, d, done = [], 0, 0
+    for s in sizes:
+        while d < len(free) - 1 and done + s / 2 > total * sum(free[:d + 1]) / room:
+            d += 1
+        out.append(d)
+        done += s
+    return out
+
+
+def plan(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, cache: int | None = None,
+         reserve: int = RESERVE) -> Placement:
+    """Devices with `free` bytes each; `kv_bytes`: the KV cache for the whole context, split like the
+    layers; `min_cache`: the smallest expert cache that works (one layer's experts: a prefill batch may
+    route to all of them); `cache`: the user's expert cache size (--gpu-mem), else only if needed."""
+    L = len(lb.dense)
+    where = split_layers([d + e for d, e in zip(lb.dense, lb.experts)], free)
+    caches, needs = [], []
+    for dev, room in enumerate(free):
+        mine = [i for i in range(L) if where[i] == dev]
+        fixed = (sum(lb.dense[i] for i in mine) + kv_bytes * len(mine) // max(1, L) + reserve
+                 + (lb.other if dev == len(free) - 1 else 0))
+        experts = sum(lb.experts[i] for i in mine)
+        if cache is None and fixed + experts <= room:
+            caches.append(None)
+            needs.append(fixed + experts)
+            continue
+        c = cache if cache is not None else min(experts, room - fixed)
+        if c < min_cache or fixed + c > room:
+            want = fixed + max(min_cache, cache or 0)
+            raise PlacementError(
+                f"the model does not fit GPU {dev}: it needs {want / GiB:.1f} GiB there (dense weights "
+                f"{(fixed - reserve) / GiB:.1f} GiB incl. KV cache, an expert cache of >= {max(min_cache, cache or 0) / GiB:.1f} GiB, "
+                f"{reserve / GiB:.1f} GiB working room) and {room / GiB:.1f} GiB is free"
+                + ("" if cache is None else "; lower --gpu-mem") )
+        caches.append(c)
+        needs.append(fixed + c)
+    return Placement(tuple(where), tuple(caches), tuple(needs))
