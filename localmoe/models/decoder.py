@@ -144,15 +144,15 @@ class Decoder:
         self.stats.tokens += n
         self.stats.forward_calls += 1
         routes = be.to_host(routes)
-        for layer, nbytes in self._routed:
-            self.stats.record_experts(layer, routes[layer], nbytes)
+        for i, layer in enumerate(self.layers):
+            if layer.experts is not None:
+                self.stats.record_experts(i, routes[i], layer.experts.bytes_per_expert)
         return be.to_host(logits)                          # logits on the host, for sampling
 
     def step(self, x, positions, cache: KVCache, last_only: bool):
-        """embed -> layers -> norm -> head on device arrays; reads nothing back from the device.
+        """layers -> norm -> head on device arrays (x: the embedded tokens); reads nothing back from the device.
         Returns (logits, the expert ids chosen per layer [layers, n, k]; rows of dense layers unused)."""
         be, eps, c = self.be, self.cfg.rms_norm_eps, self.cfg
-        self._routed = []                          # (layer, bytes per expert) of the routed layers
         routes = be.xp.zeros((c.num_hidden_layers, len(x), c.num_experts_per_tok), np.int32)
         for i in range(c.num_hidden_layers):
             x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
@@ -163,5 +163,4 @@ class Decoder:
     def routed(self, i: int, experts, h, routes, **route_kw):
         """Layer i's routed experts on h (moe.moe), writing the chosen ids to routes[i] for the counters."""
         y, routes[i] = moe(self.be, experts, h, self.cfg.num_experts_per_tok, **route_kw)
-        self._routed.append((i, experts.bytes_per_expert))
         return y
