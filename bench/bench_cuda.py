@@ -452,10 +452,10 @@ class ReplayedRouting:
     def __init__(self, be, routes: np.ndarray):
         self.be, self.route, self.routes, self.t, self.layer = be, be.route, routes, 0, 0
 
-    def __call__(self, logits, k, *a):
-        ids, w = self.route(logits, k, *a)
+    def __call__(self, logits, k, *a, out=None):
+        ids, w = self.route(logits, k, *a, out=out)
         if logits.shape[0] == 1:
-            ids = self.be.xp.asarray(self.routes[self.t % len(self.routes), self.layer][None].astype(np.int32))
+            ids[...] = self.be.xp.asarray(self.routes[self.t % len(self.routes), self.layer][None].astype(np.int32))
             self.layer += 1
             if self.layer == self.routes.shape[1]:
                 self.layer, self.t = 0, self.t + 1

@@ -104,7 +104,57 @@ def test_linear_heads(backends, t):
     rng = np.random.default_rng(1)
     w = make_weight(rng, (4, 64, 128), t)
     x = rng.standard_normal((3, 4, 128)).astype(np.float32)
-    assert rel(gpu.linear_heads(w, x), cpu.linear_heads(w, x)) < 1e-4
+    ref = cpu.linear_heads(w, x)
+    assert rel(gpu.linear_heads(w, x), ref) < 1e-4
+    # into a strided view: the first 64 of 100 values per row of a wider buffer (MLA's query), the rest untouched
+    import cupy
+    wide = rng.standard_normal((3, 4, 100)).astype(np.float32)
+    out = cupy.asarray(wide)
+    assert gpu.linear_heads(w, x, out=out[..., :64]) is not None
+    assert rel(out[..., :64], ref) < 1e-4 and np.array_equal(cupy.asnumpy(out[..., 64:]), wide[..., 64:])
+
+
+@needs_gpu
+@pytest.mark.parametrize("tg,tu", [(GGMLType.Q4_0, GGMLType.Q4_0), (GGMLType.Q8_0, GGMLType.Q8_0),
+                                   (GGMLType.F16, GGMLType.F16), (GGMLType.Q8_0, GGMLType.F16)],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 5])
+def test_glu(backends, tg, tu, n):
+    """silu(gate x) * up x: one fused gemv when gate and up are stored alike, else two and the product."""
+    gpu, cpu = backends
+    rng = np.random.default_rng(n + int(tg) + 3 * int(tu))
+    gate, up = make_weight(rng, (192, 512), tg), make_weight(rng, (192, 512), tu)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    assert rel(gpu.glu(gate, up, x), cpu.glu(gate, up, x)) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_mla_rope(backends, beta):
+    """MLA's fused elementwise step equals the CPU backend's numpy: q_nope and the rotated query rope part
+    (llama-4 scaled), and the cache rows written at scattered positions — the other rows untouched."""
+    import cupy
+    from localmoe.models.rope import Rope, rope_table
+    gpu, cpu = backends
+    rng = np.random.default_rng(int(10 * beta))
+    heads, nope, r, kvr, cap = 4, 32, 16, 64, 300
+    rope = Rope(r, 1e6, 16.0, 64, 32.0, 1.0, 1.2)
+    for pos in (np.array([7], np.int32), np.array([3, 250, 120, 0, 99], np.int32)):
+        n = len(pos)
+        q = rng.standard_normal((n, heads, nope + r)).astype(np.float32)
+        kv = rng.standard_normal((n, kvr + r)).astype(np.float32)
+        w = rng.standard_normal(kvr).astype(np.float32)
+        cache = rng.standard_normal((cap, kvr + r)).astype(np.float32)
+        ref_cache = cache.copy()
+        ref_nope, ref_query = cpu.mla_rope(q, kv, pos, *rope_table(cpu, rope, 512), w, 1e-6, ref_cache, beta, 7)
+        dev_cache = cupy.asarray(cache)
+        q_nope, query = gpu.mla_rope(cupy.asarray(q), cupy.asarray(kv), cupy.asarray(pos), *rope_table(gpu, rope, 512),
+                                     w, 1e-6, dev_cache, beta, 7)
+        assert rel(q_nope, ref_nope) < 1e-6
+        assert rel(query[..., kvr:], ref_query[..., kvr:]) < 1e-6
+        assert rel(dev_cache, ref_cache) < 1e-6
+        untouched = np.setdiff1d(np.arange(cap), pos)
+        assert np.array_equal(cupy.asnumpy(dev_cache)[untouched], cache[untouched])
 
 
 @needs_gpu
@@ -125,6 +175,9 @@ def test_expert_ffn(backends, t, fused, n):
     ids = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
     wts = rng.random((n, k)).astype(np.float32)
     assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts), cpu.expert_ffn(gate, up, down, x, ids, wts)) < 1e-4
+    plus = rng.standard_normal((n, H)).astype(np.float32)        # the shared expert's output, added in the combine
+    assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts, plus=plus),
+               cpu.expert_ffn(gate, up, down, x, ids, wts, plus=plus)) < 1e-4
 
 
 @needs_gpu
@@ -134,6 +187,9 @@ def test_rmsnorm_attention(backends):
     x = rng.standard_normal((5, 320)).astype(np.float32)
     nw = rng.standard_normal(320).astype(np.float32)
     assert rel(gpu.rmsnorm(x, nw, 1e-6), cpu.rmsnorm(x, nw, 1e-6)) < 1e-5
+    d = rng.standard_normal((5, 320)).astype(np.float32)
+    for ours, ref in zip(gpu.add_rmsnorm(x, d, nw, 1e-6), cpu.add_rmsnorm(x, d, nw, 1e-6)):
+        assert rel(ours, ref) < 1e-5
     for n, T, pos0, hq, hkv, dk, dv in [(3, 7, 4, 8, 2, 40, 24), (1, 300, 299, 4, 1, 320, 256), (6, 6, 0, 4, 4, 16, 16)]:
         q = rng.standard_normal((n, hq, dk)).astype(np.float32)
         k = rng.standard_normal((T, hkv, dk)).astype(np.float32)
@@ -164,6 +220,9 @@ def test_route(backends, E, k, n_group, topk_group, norm):
     import cupy
     assert np.array_equal(cupy.asnumpy(ids), ref_ids)
     assert rel(w, ref_w) < 1e-5
+    out = cupy.full((37, k), -1, np.int32)
+    assert gpu.route(logits, k, norm, 2.5, n_group, topk_group, out=out)[0] is out
+    assert np.array_equal(cupy.asnumpy(out), ref_ids)
 
 
 @needs_gpu

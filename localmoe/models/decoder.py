@@ -1,6 +1,7 @@
 """What every decoder-only MoE shares: weights from the GGUF, the KV cache, the layer loop, counters.
 
-step() reads like the paper: per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head. forward()
+step() reads like the paper: per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head (each residual
+add and the norm after it are one backend call, `add_rmsnorm`: one kernel on a GPU). forward()
 does the host part around it (embedding rows, positions, cache growth, counters).
 An architecture file supplies `attention` and `ffn` for one layer.
 """
@@ -154,13 +155,13 @@ class Decoder:
         Returns (logits, the expert ids chosen per layer [layers, n, k]; rows of dense layers unused)."""
         be, eps, c = self.be, self.cfg.rms_norm_eps, self.cfg
         routes = be.xp.zeros((c.num_hidden_layers, len(x), c.num_experts_per_tok), np.int32)
+        after_ffn = self.attn_norm[1:] + [self.norm]             # the norm that follows layer i's ffn
+        h = be.rmsnorm(x, self.attn_norm[0], eps)
         for i in range(c.num_hidden_layers):
-            x = x + self.attention(i, be.rmsnorm(x, self.attn_norm[i], eps), positions, cache)
-            x = x + self.ffn(i, be.rmsnorm(x, self.ffn_norm[i], eps), routes)
-        h = be.rmsnorm(x[-1:] if last_only else x, self.norm, eps)
-        return be.linear(self.lm_head, h), routes
+            x, h = be.add_rmsnorm(x, self.attention(i, h, positions, cache), self.ffn_norm[i], eps)
+            x, h = be.add_rmsnorm(x, self.ffn(i, h, routes), after_ffn[i], eps)
+        return be.linear(self.lm_head, h[-1:] if last_only else h), routes
 
-    def routed(self, i: int, experts, h, routes, **route_kw):
+    def routed(self, i: int, experts, h, routes, **kw):
         """Layer i's routed experts on h (moe.moe), writing the chosen ids to routes[i] for the counters."""
-        y, routes[i] = moe(self.be, experts, h, self.cfg.num_experts_per_tok, **route_kw)
-        return y
+        return moe(self.be, experts, h, self.cfg.num_experts_per_tok, ids_out=routes[i], **kw)

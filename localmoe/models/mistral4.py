@@ -16,7 +16,7 @@ from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, expert_weight, weight
 from .moe import DenseFFN, Experts, swiglu
-from .rope import Rope, apply_rope, rope_tables
+from .rope import Rope, rope_table
 
 ARCH = "mistral4"
 
@@ -141,16 +141,11 @@ class Model(Decoder):
             q = be.rmsnorm(q, L.q_a_norm, c.rms_norm_eps)
         q = be.linear(L.q_b, q).reshape(n, heads, nope + c.qk_rope_head_dim)
         kv = be.linear(L.kv_a, h)
-        latent = be.rmsnorm(kv[:, :kvr], L.kv_a_norm, c.rms_norm_eps)
-        xp = be.xp
-        cos, sin = rope_tables(be, c.rope, cache.n_ctx, positions)
-        q_rope = apply_rope(q[..., nope:], cos, sin, xp)
-        k_rope = apply_rope(kv[:, None, kvr:], cos, sin, xp)[:, 0]
-        q_latent = be.linear_heads(L.k_b, xp.ascontiguousarray(q[..., :nope]))     # W_kb folded into q
-        query = xp.concatenate([q_latent, q_rope], axis=-1)
-        if c.llama_4_scaling_beta:
-            query *= (1 + c.llama_4_scaling_beta * xp.log1p(positions // c.llama_4_scaling_length))[:, None, None].astype(np.float32)
-        cache.write(i, positions, latent=xp.concatenate([latent, k_rope], axis=-1))
+        # cache row = [rmsnorm(c), rope(k_rope)]; query[..., kvr:] = rope(q_rope) (both llama-4 scaled)
+        q_nope, query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm,
+                                    c.rms_norm_eps, cache.buffer(i, "latent"), c.llama_4_scaling_beta,
+                                    c.llama_4_scaling_length)
+        be.linear_heads(L.k_b, q_nope, out=query[..., :kvr])                          # W_kb folded into q
         kvc = cache.buffer(i, "latent")[:, None, :]
         o_latent = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale)
         o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending
@@ -160,6 +155,6 @@ class Model(Decoder):
         c, L = self.cfg, self.layers[i]
         if L.dense is not None:
             return swiglu(self.be, L.dense, h)
-        y = self.routed(i, L.experts, h, routes, norm=c.norm_topk_prob, scale=c.routed_scaling_factor,
-                        n_group=c.n_group, topk_group=c.topk_group)
-        return y + swiglu(self.be, L.shared, h) if L.shared is not None else y
+        shared = swiglu(self.be, L.shared, h) if L.shared is not None else None
+        return self.routed(i, L.experts, h, routes, norm=c.norm_topk_prob, scale=c.routed_scaling_factor,
+                           n_group=c.n_group, topk_group=c.topk_group, plus=shared)

@@ -58,13 +58,13 @@ class DenseFFN:
 
 
 def swiglu(be, ffn: DenseFFN, x: np.ndarray) -> np.ndarray:
-    g = be.linear(ffn.gate, x)
-    return be.linear(ffn.down, g / (1.0 + be.xp.exp(-g)) * be.linear(ffn.up, x))
+    return be.linear(ffn.down, be.glu(ffn.gate, ffn.up, x))
 
 
 def moe(be, ex: Experts, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
-        topk_group: int = 1):
+        topk_group: int = 1, plus=None, ids_out=None):
     """Routed experts for a batch x [n, H]: route (route_topk, on the backend), then run only the
-    selected experts. Returns (y [n, H], expert ids [n, k]); both stay on the backend's device."""
-    ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group)
-    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w), ids
+    selected experts; `plus` (the shared expert's output) is added to the result. The chosen ids
+    [n, k] go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
+    ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group, out=ids_out)
+    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, plus=plus)

@@ -46,14 +46,20 @@ class Rope:
         return (np.cos(f) * self.attn_factor).astype(np.float32), (np.sin(f) * self.attn_factor).astype(np.float32)
 
 
-def rope_tables(be, rope: Rope, n_ctx: int, positions):
-    """cos, sin [n, dim/2] at `positions` (an xp int array) as `be.xp` arrays: rows gathered from
-    tables for positions 0..n_ctx-1 computed once per backend, so a decode step uploads nothing and
-    reads no host value. The same float32 elementwise arithmetic as Rope.tables, hence the same values."""
+def rope_table(be, rope: Rope, n_ctx: int):
+    """cos, sin [n_ctx, dim/2] for positions 0..n_ctx-1 as `be.xp` arrays, computed once per backend:
+    kernels read the rows at device positions, so a decode step uploads nothing and reads no host value."""
     hit = be.rope_tables.get(rope)
     if hit is None or n_ctx > len(hit[0]):
         hit = be.rope_tables[rope] = tuple(be.xp.asarray(t) for t in rope.tables(np.arange(n_ctx)))
-    return hit[0][positions], hit[1][positions]
+    return hit
+
+
+def rope_tables(be, rope: Rope, n_ctx: int, positions):
+    """cos, sin [n, dim/2] at `positions` (an xp int array): rows of `rope_table`. The same float32
+    elementwise arithmetic as Rope.tables, hence the same values."""
+    cos, sin = rope_table(be, rope, n_ctx)
+    return cos[positions], sin[positions]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, xp=np) -> np.ndarray:

@@ -14,6 +14,7 @@ from gguf.quants import dequantize  # noqa: E402
 from .. import Weight  # noqa: E402
 from ...gguf.format import GGMLType  # noqa: E402
 from ...models.moe import route_topk  # noqa: E402
+from ...models.rope import apply_rope  # noqa: E402
 from . import kernels  # noqa: E402
 
 
@@ -39,9 +40,19 @@ class CPUBackend:
         """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
         return kernels.matmul(w.raw, int(w.type), np.ascontiguousarray(x, dtype=np.float32))
 
-    def linear_heads(self, w: Weight, x: np.ndarray) -> np.ndarray:
-        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
-        return kernels.matmul_heads(w.raw, int(w.type), x)
+    def linear_heads(self, w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]
+        (written into `out`, which may be a strided view, when given)."""
+        y = kernels.matmul_heads(w.raw, int(w.type), x)
+        if out is None:
+            return y
+        out[...] = y
+        return out
+
+    def glu(self, gate: Weight, up: Weight, x: np.ndarray) -> np.ndarray:
+        """silu(x @ gate.T) * (x @ up.T) [n, rows]: the SwiGLU hidden layer (one fused kernel on a GPU)."""
+        g = self.linear(gate, x)
+        return g / (1.0 + np.exp(-g)) * self.linear(up, x)
 
     def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
         """Rows of the embedding table for token ids (only those rows are read)."""
@@ -54,11 +65,38 @@ class CPUBackend:
         x = x.astype(np.float32, copy=False)
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
+    def add_rmsnorm(self, x: np.ndarray, d: np.ndarray, weight: np.ndarray, eps: float):
+        """(x + d, rmsnorm(x + d) * weight): the residual add and the next norm (one kernel on a GPU)."""
+        x = x + d
+        return x, self.rmsnorm(x, weight, eps)
+
+    def mla_rope(self, q: np.ndarray, kv: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                 kv_norm: np.ndarray, eps: float, cache: np.ndarray, beta: float = 0.0, length: int = 1):
+        """MLA's elementwise work between its projections and the attention (one kernel on a GPU).
+        q [n, heads, nope + r], kv [n, kvr + r], cos/sin [n_ctx, r/2] whole tables, cache [capacity, kvr + r].
+        Writes cache[positions[j]] = [rmsnorm(kv[j, :kvr]) * kv_norm, rope(kv[j, kvr:])]; returns
+        (q_nope * s [n, heads, nope], query [n, heads, kvr + r] holding rope(q_rope) * s in [..., kvr:],
+        [..., :kvr] left for W_kb q_nope), s = 1 + beta * log1p(position // length) (llama-4 scaling)."""
+        r = 2 * cos.shape[1]
+        nope, kvr = q.shape[2] - r, kv.shape[1] - r
+        c, s = cos[positions], sin[positions]
+        scale = (1 + beta * np.log1p(positions // length)).astype(np.float32)[:, None, None] if beta else np.float32(1)
+        query = np.empty(q.shape[:2] + (kvr + r,), np.float32)
+        query[..., kvr:] = apply_rope(q[..., nope:], c, s) * scale
+        cache[positions] = np.concatenate([self.rmsnorm(kv[:, :kvr], kv_norm, eps),
+                                           apply_rope(kv[:, None, kvr:], c, s)[:, 0]], axis=-1)
+        return np.ascontiguousarray(q[..., :nope] * scale, dtype=np.float32), query
+
     @staticmethod
     def route(logits: np.ndarray, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
-              topk_group: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The router's choice for logits [n, E]: (ids [n, k], weights [n, k]) as moe.route_topk."""
-        return route_topk(logits, k, norm, scale, n_group, topk_group)
+              topk_group: int = 1, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The router's choice for logits [n, E]: (ids [n, k], weights [n, k]) as moe.route_topk;
+        ids written into `out` when given."""
+        ids, w = route_topk(logits, k, norm, scale, n_group, topk_group)
+        if out is None:
+            return ids, w
+        out[...] = ids
+        return out, w
 
     @staticmethod
     def replay(key, step, *inputs):
@@ -66,10 +104,12 @@ class CPUBackend:
         return step(*inputs)
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
-                   weights: np.ndarray) -> np.ndarray:
-        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e."""
-        return kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
-                                  down.raw, int(down.type), up.raw, int(up.type))
+                   weights: np.ndarray, plus: np.ndarray | None = None) -> np.ndarray:
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e
+        (+ plus, e.g. the shared expert's output)."""
+        y = kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
+                               down.raw, int(down.type), up.raw, int(up.type))
+        return y if plus is None else y + plus
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
                   scale: float) -> np.ndarray:

@@ -165,15 +165,30 @@ class CUDABackend:
         y = self.gemv(w, self._zeros(n), self._arange(n), x2, n)
         return y[0] if squeeze else y
 
-    def linear_heads(self, w: Weight, x):
-        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]."""
+    def linear_heads(self, w: Weight, x, out=None):
+        """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]
+        (written into `out`, which may be a strided view, e.g. part of a wider row, when given)."""
         n, heads, cols = x.shape
         P = n * heads
         k = ("heads", n, heads)
         if k not in self._ints:
             self._ints[k] = self.xp.asarray(np.tile(np.arange(heads, dtype=np.int32), n))
-        y = self.gemv(w, self._ints[k], self._arange(P), self._dev(x, (P, cols)), P)
-        return y.reshape(n, heads, w.rows)
+        rows = None
+        if out is not None:                      # the [P, rows] view of out the kernel writes through
+            assert out.shape == (n, heads, w.rows) and out.strides[0] == heads * out.strides[1]
+            rows = self.xp.ndarray((P, w.rows), np.float32, out.data, strides=out.strides[1:])
+        y = self.gemv(w, self._ints[k], self._arange(P), self._dev(x, (P, cols)), P, out=rows)
+        return out if out is not None else y.reshape(n, heads, w.rows)
+
+    def glu(self, gate: Weight, up: Weight, x):
+        """silu(x @ gate.T) * (x @ up.T) [n, rows]: the SwiGLU hidden layer, one fused gemv when gate
+        and up are stored alike."""
+        x2 = self._dev(x, (-1, gate.cols))
+        n = len(x2)
+        if int(gate.type) == int(up.type):
+            return self.gemv(gate, self._zeros(n), self._arange(n), x2, n, w2=up)
+        g = self.linear(gate, x2)
+        return g / (1.0 + self.xp.exp(-g)) * self.linear(up, x2)
 
     def embed(self, w: Weight, ids: np.ndarray):
         """Rows of the embedding table for token ids, dequantised on the host from the mapped file
@@ -188,23 +203,50 @@ class CUDABackend:
         self.launches += 1
         return out.reshape(x.shape)
 
-    def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1):
+    def mla_rope(self, q, kv, positions, cos, sin, kv_norm: np.ndarray, eps: float, cache, beta: float = 0.0,
+                 length: int = 1):
+        """MLA's elementwise work between its projections and the attention in one kernel
+        (`mla_rope_kernel`; the arithmetic and shapes of CPUBackend.mla_rope): the cache row
+        [rmsnorm(c), rope(k_rope)] is written at each position; returns (q_nope * s, query)."""
+        xp = self.xp
+        n, heads, _ = q.shape
+        r = 2 * cos.shape[1]
+        q_nope = xp.empty((n, heads, q.shape[2] - r), np.float32)
+        query = xp.empty((n, heads, kv.shape[1]), np.float32)
+        self.K.mla_rope_kernel[(n, heads + 1), self.K.THREADS, self.S[0]](
+            self._dev(q), self._dev(kv), xp.asarray(positions, dtype=np.int32), cos, sin, self._vector(kv_norm),
+            np.float32(eps), np.float64(beta), int(length), cache, q_nope, query)
+        self.launches += 1
+        return q_nope, query
+
+    def add_rmsnorm(self, x, d, weight: np.ndarray, eps: float):
+        """(x + d, rmsnorm(x + d) * weight) in one kernel: the residual add and the next layer's norm."""
+        x2, d2 = self._dev(x, (-1, x.shape[-1])), self._dev(d, (-1, x.shape[-1]))
+        xo, out = self.xp.empty_like(x2), self.xp.empty_like(x2)
+        self.K.add_rmsnorm_kernel[len(x2), self.K.THREADS, self.S[0]](x2, d2, self._vector(weight), xo, out,
+                                                                     np.float32(eps))
+        self.launches += 1
+        return xo.reshape(x.shape), out.reshape(x.shape)
+
+    def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
+              out=None):
         """The router's choice for logits [n, E] on the GPU (moe.route_topk's arithmetic):
-        (ids [n, k] int32, weights [n, k] float32), both device arrays."""
+        (ids [n, k] int32, weights [n, k] float32), both device arrays; ids written into `out` when given."""
         xp = self.xp
         z = self._dev(logits)
         n, E = z.shape
         if E > self.K.MAX_EXPERTS or n_group > self.K.MAX_GROUPS:
             raise ValueError(f"router of {E} experts in {n_group} groups: the GPU router handles "
                              f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
-        ids, w = xp.empty((n, k), np.int32), xp.empty((n, k), np.float32)
+        ids, w = xp.empty((n, k), np.int32) if out is None else out, xp.empty((n, k), np.float32)
         self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group, topk_group,
                                                           ids, w)
         self.launches += 1
         return ids, w
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights):
-        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e.
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, plus=None):
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e
+        (+ plus, e.g. the shared expert's output, added in the same kernel).
         ids [n, k] and weights [n, k]: the router's device arrays (host arrays are uploaded)."""
         xp = self.xp
         squeeze = x.ndim == 1
@@ -236,7 +278,8 @@ class CUDABackend:
         wd = self._dev(weights, (n, k))
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
-        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y)
+        pl = y if plus is None else self._dev(plus, (n, down.rows))
+        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, pl, plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import float32, int32, int64, uint32
+from numba import float32, float64, int32, int64, uint32
 from numba.cuda import libdevice
 
 from ._numba import cuda
@@ -633,6 +633,69 @@ def rmsnorm_kernel(x, w, out, eps):
 
 
 @cuda.jit
+def add_rmsnorm_kernel(x, d, w, xo, out, eps):
+    """One block per row: xo = x + d (the residual stream), out = rmsnorm(xo) * w."""
+    red = cuda.shared.array(THREADS, float32)
+    t = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    h = x.shape[1]
+    ss = float32(0.0)
+    for i in range(tid, h, THREADS):
+        v = x[t, i] + d[t, i]
+        xo[t, i] = v
+        ss += v * v
+    ss = _block_reduce(red, ss, tid, False)
+    inv = float32(1.0) / math.sqrt(ss / float32(h) + eps)
+    for i in range(tid, h, THREADS):
+        out[t, i] = xo[t, i] * inv * w[i]
+
+
+@cuda.jit
+def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_nope, query):
+    """MLA between its projections and the attention (CPUBackend.mla_rope's arithmetic), one launch.
+    Block (j, h < heads): q_nope[j, h] = q[j, h, :nope] * s and query[j, h, kvr:] = rope(q[j, h, nope:]) * s,
+    s = 1 + beta * log1p(position // length) (llama-4 query scaling; 1 when beta is 0). Block (j, heads):
+    cache[position] = [rmsnorm(kv[j, :kvr]) * w, rope(kv[j, kvr:])]. cos/sin: whole tables, rows read
+    at the positions from device memory (so one captured launch serves every decode step)."""
+    red = cuda.shared.array(THREADS, float32)
+    j = cuda.blockIdx.x
+    h = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    pos = positions[j]
+    half = cos.shape[1]
+    kvr = cache.shape[1] - 2 * half
+    if h < q.shape[1]:
+        nope = q.shape[2] - 2 * half
+        s = float32(1.0)
+        if beta != 0.0:
+            s = float32(1.0 + beta * math.log1p(float64(pos // length)))
+        for d in range(tid, nope, THREADS):
+            q_nope[j, h, d] = q[j, h, d] * s
+        for i in range(tid, half, THREADS):
+            a = q[j, h, nope + 2 * i]
+            b = q[j, h, nope + 2 * i + 1]
+            c = cos[pos, i]
+            sn = sin[pos, i]
+            query[j, h, kvr + 2 * i] = (a * c - b * sn) * s
+            query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s
+    else:
+        ss = float32(0.0)
+        for d in range(tid, kvr, THREADS):
+            ss += kv[j, d] * kv[j, d]
+        ss = _block_reduce(red, ss, tid, False)
+        inv = float32(1.0) / math.sqrt(ss / float32(kvr) + eps)
+        for d in range(tid, kvr, THREADS):
+            cache[pos, d] = kv[j, d] * inv * w[d]
+        for i in range(tid, half, THREADS):
+            a = kv[j, kvr + 2 * i]
+            b = kv[j, kvr + 2 * i + 1]
+            c = cos[pos, i]
+            sn = sin[pos, i]
+            cache[pos, kvr + 2 * i] = a * c - b * sn
+            cache[pos, kvr + 2 * i + 1] = b * c + a * sn
+
+
+@cuda.jit
 def attention_kernel(q, k, v, out, s, positions, scale, group):
     """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
     0..positions[i] of kv head h // group. Scores go to the scratch s[i, h, :]. The positions come
@@ -741,15 +804,15 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
 
 
 @cuda.jit
-def combine_kernel(yp, wts, y):
-    """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c]."""
+def combine_kernel(yp, wts, y, plus, add):
+    """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output)."""
     t = cuda.blockIdx.y
     k = wts.shape[1]
     for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):
         a = float32(0.0)
         for j in range(k):
             a += wts[t, j] * yp[t * k + j, c]
-        y[t, c] = a
+        y[t, c] = a + plus[t, c] if add else a
 
 
 @cuda.jit
