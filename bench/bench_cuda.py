@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", help="--full-scale's tekken .json (default: mistral_common's)")
     ap.add_argument("--dims", default="", help="--full-scale's shape overrides, e.g. num_hidden_layers=2,vocab_size=4096 "
                     "(convert.synthetic.SMALL4 keys; for smoke runs)")
+    ap.add_argument("--kernel-times", action="store_true", help="GPU time of each backend call of a decode step")
     ap.add_argument("--profile", action="store_true", help="cProfile 8 decode steps: where the host time goes")
     ap.add_argument("--prefill-budget", type=float, default=300.0, help="seconds after which prefill stops")
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
@@ -128,10 +129,10 @@ def main() -> None:
     n = 1 << 28                     # 1 GiB of uint32
     src = cuda.to_device(np.random.default_rng(0).integers(0, 2 ** 32, n, dtype=np.uint32))
     dst = cuda.device_array(n, np.uint32)
-    copy_bw = 2 * 4 * n / timeit(cuda, lambda: dst.copy_to_device(src), 10) / 1e9
-    copy_bw2 = 2 * 4 * n / timeit(cuda, lambda: dst.copy_to_device(src), 10) / 1e9
-    print(f"d2d copy (cudaMemcpy, 1 GiB) {copy_bw:7.0f} GB/s, again {copy_bw2:7.0f} GB/s (read+write)", flush=True)
-    copy_bw = max(copy_bw, copy_bw2)
+    bws = [2 * 4 * n / timeit(cuda, lambda: dst.copy_to_device(src), 10) / 1e9 for _ in range(3)]
+    print(f"d2d copy (cudaMemcpy, 1 GiB, read+write) " + ", ".join(f"{b:.0f}" for b in bws) + " GB/s; the best is the "
+          f"yardstick", flush=True)
+    copy_bw = max(bws)
     del src, dst
     if args.no_kernels:
         return model_bench(args, copy_bw)
@@ -370,6 +371,8 @@ def model_bench(args, copy_bw) -> None:
     print(f"HBM roofline: copy {copy_bw:.0f} GB/s / {per_tok / 1e9:.3f} GB = {roof:.0f} tok/s; "
           f"graph decode {1 / timed['graph']:.2f} tok/s = {1 / timed['graph'] / roof:.2%} of it")
     dt, launches = timed["eager"], eager_launches
+    if args.kernel_times:
+        kernel_times(m, cache, int(rng.integers(1000, c.vocab_size)))
 
     # host-side cost of one launch and of one tiny backend call (GPU work negligible)
     K = be.K
@@ -532,6 +535,80 @@ def profile_decode(m, cache, rng, steps: int) -> None:
                 tot += ct
         print(f"  {label:55} {tot / steps * 1e3:8.2f} ms/token  {tot / wall:6.1%}")
     st.sort_stats("tottime").print_stats(18)
+
+
+KERNEL_METHODS = ("rmsnorm", "add_rmsnorm", "linear", "linear_heads", "glu", "mla_rope", "attention", "route",
+                  "expert_ffn")
+
+
+def kernel_times(m, cache, token: int, reps: int = 10) -> None:
+    """GPU time of each backend call one decode step makes: the calls are recorded in an eager step,
+    then each is captured `reps` times into a graph, each repetition after a 256 MB read that flushes
+    the L2 (so weights come from HBM, as in a real step), and replayed; the flush-only graph's time is
+    subtracted. Prints a table by call (weights named without their layer) and the sum."""
+    be = m.backend
+    cp = be.xp
+    calls, depth = [], [0]
+    orig = {n: getattr(be, n) for n in KERNEL_METHODS}
+
+    def recorder(name):
+        def call(*a, **k):
+            if depth[0] == 0:
+                calls.append((name, a, k))
+            depth[0] += 1
+            try:
+                return orig[name](*a, **k)
+            finally:
+                depth[0] -= 1
+        return call
+    for n in KERNEL_METHODS:
+        setattr(be, n, recorder(n))
+    graphs = be.use_graphs
+    be.use_graphs = False
+    try:
+        m.net.forward(np.array([token]), cache, last_only=True)
+    finally:
+        for n in KERNEL_METHODS:
+            setattr(be, n, orig[n])
+        be.use_graphs = graphs
+    flush_buf = cp.ones(64 << 20, np.float32)
+    sink = cp.empty((), np.float32)
+
+    def timed(fn) -> float:
+        pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(pool.malloc):
+            fn()
+            be.stream.begin_capture(getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2))
+            try:
+                for _ in range(reps):
+                    cp.sum(flush_buf, out=sink)
+                    fn()
+            finally:
+                graph = be.stream.end_capture()
+            graph.launch(be.stream)
+            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+            e0.record(be.stream)
+            for _ in range(3):
+                graph.launch(be.stream)
+            e1.record(be.stream)
+            e1.synchronize()
+        return cp.cuda.get_elapsed_time(e0, e1) * 1e3 / (3 * reps)          # us per repetition
+
+    flush = timed(lambda: None)
+    rows: dict = {}
+    for name, a, k in calls:
+        w = a[0] if a and hasattr(a[0], "raw") else None
+        label = name + (":" + ".".join(p for p in w.name.split(".") if not p.isdigit() and p not in ("blk", "weight"))
+                        if w is not None else "")
+        us = timed(lambda: orig[name](*a, **k)) - flush
+        r = rows.setdefault(label, [0, 0.0])
+        r[0] += 1
+        r[1] += us
+    total = sum(r[1] for r in rows.values())
+    print(f"GPU time per decode step by backend call ({len(calls)} calls; each timed {reps}x in a graph after an L2 "
+          f"flush, the flush's {flush:.1f} us subtracted): sum {total / 1e3:.2f} ms")
+    for label, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {label:34s} {n:4d} calls  {us / n:8.1f} us each  {us / 1e3:6.2f} ms  {us / total:6.1%}")
 
 
 def cuda_sync(be):

@@ -699,24 +699,29 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
 def attention_kernel(q, k, v, out, s, positions, scale, group):
     """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
     0..positions[i] of kv head h // group. Scores go to the scratch s[i, h, :]. The positions come
-    from device memory, so one captured launch serves every decode step."""
+    from device memory, so one captured launch serves every decode step. Scores: one warp per key,
+    its lanes across the head dimension (coalesced reads of the key row; MLA's is 576 wide)."""
     red = cuda.shared.array(THREADS, float32)
     i = cuda.blockIdx.x
     h = cuda.blockIdx.y
     kh = h // group
     tid = cuda.threadIdx.x
+    lane = tid & 31
     end = positions[i] + 1
     dk = q.shape[2]
     dv = v.shape[2]
     m = float32(-3.0e38)
-    for t in range(tid, end, THREADS):
+    for t in range(tid >> 5, end, WARPS):
         a = float32(0.0)
-        for d in range(dk):
+        for d in range(lane, dk, 32):
             a += q[i, h, d] * k[t, kh, d]
+        for o in (16, 8, 4, 2, 1):
+            a += cuda.shfl_xor_sync(0xffffffff, a, o)
         a *= scale
-        s[i, h, t] = a
+        if lane == 0:
+            s[i, h, t] = a
         m = max(m, a)
-    m = _block_reduce(red, m, tid, True)
+    m = _block_reduce(red, m, tid, True)    # its barriers also publish s to the whole block
     l = float32(0.0)
     for t in range(tid, end, THREADS):
         e = math.exp(s[i, h, t] - m)
