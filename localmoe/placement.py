@@ -2,7 +2,9 @@
 routed experts are resident or streamed through a VRAM cache of slots (backends/cuda/streaming.py).
 
 A model is a list of layers, each placed on one device: contiguous blocks of layers in proportion to the
-devices' free memory (one device today; the multi-GPU layer split uses the same plan). Per device, the
+devices' free memory (`plan`: one device today; the multi-GPU layer split uses the same plan). Expert
+parallel (`plan_experts`) instead puts every layer on every device and spreads each layer's routed experts
+over them. Per device, the
 dense weights (attention, norms, router, shared expert; the head and final norm on the last device) are
 always resident; the routed experts are too when everything fits, otherwise they stream through a cache
 of what is left (`--gpu-mem` sets that cache's size instead). The token embedding stays on the host (one
@@ -32,9 +34,10 @@ class LayerBytes:
 
 @dataclass(frozen=True)
 class Placement:
-    layer_device: tuple[int, ...]            # layer i lives on device layer_device[i]
+    layer_device: tuple[int, ...]            # layer i lives on device layer_device[i] (-1: on every device)
     expert_cache: tuple[int | None, ...]     # per device: its expert cache's bytes; None = its experts resident
     need: tuple[int, ...]                    # per device: bytes this placement uses there
+    expert_owner: tuple[int, ...] = ()       # expert parallel: expert e of every layer lives on device expert_owner[e]
 
     def streams(self, device: int = 0) -> bool:
         return self.expert_cache[device] is not None
@@ -68,11 +71,34 @@ def split_layers(sizes: list[int], free: list[int]) -> list[int]:
     return out
 
 
+def _device(dev: int, room: int, fixed: int, experts: int, min_cache: int, cache: int | None,
+            reserve: int, stream: bool) -> tuple[int | None, int]:
+    """(expert cache bytes or None when resident, bytes used) on one device: `fixed` must be resident,
+    `experts` are resident when they fit (and no cache size was asked for), else stream through a cache."""
+    if cache is None and fixed + experts <= room:
+        return None, fixed + experts
+    c = cache if cache is not None else min(experts, room - fixed)
+    if not stream and cache is None:
+        raise PlacementError(
+            f"the model does not fit GPU {dev}: it needs {(fixed + experts) / GiB:.1f} GiB there (weights "
+            f"{(fixed + experts - reserve) / GiB:.1f} GiB incl. KV cache, {reserve / GiB:.1f} GiB working room) and "
+            f"{room / GiB:.1f} GiB is free; allow streaming the experts or add GPUs")
+    if c < min_cache or fixed + c > room:
+        want = fixed + max(min_cache, cache or 0)
+        raise PlacementError(
+            f"the model does not fit GPU {dev}: it needs {want / GiB:.1f} GiB there (dense weights "
+            f"{(fixed - reserve) / GiB:.1f} GiB incl. KV cache, an expert cache of >= {max(min_cache, cache or 0) / GiB:.1f} GiB, "
+            f"{reserve / GiB:.1f} GiB working room) and {room / GiB:.1f} GiB is free"
+            + ("" if cache is None else "; lower --gpu-mem"))
+    return c, fixed + c
+
+
 def plan(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, cache: int | None = None,
-         reserve: int = RESERVE) -> Placement:
-    """Devices with `free` bytes each; `kv_bytes`: the KV cache for the whole context, split like the
-    layers; `min_cache`: the smallest expert cache that works (one layer's experts: a prefill batch may
-    route to all of them); `cache`: the user's expert cache size (--gpu-mem), else only if needed."""
+         reserve: int = RESERVE, stream: bool = True) -> Placement:
+    """Layer split. Devices with `free` bytes each; `kv_bytes`: the KV cache for the whole context, split
+    like the layers; `min_cache`: the smallest expert cache that works (one layer's experts: a prefill
+    batch may route to all of them); `cache`: the user's expert cache size (--gpu-mem), else only if
+    needed (and allowed: `stream`)."""
     L = len(lb.dense)
     where = split_layers([d + e for d, e in zip(lb.dense, lb.experts)], free)
     caches, needs = [], []
@@ -80,19 +106,27 @@ def plan(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, cache: 
         mine = [i for i in range(L) if where[i] == dev]
         fixed = (sum(lb.dense[i] for i in mine) + kv_bytes * len(mine) // max(1, L) + reserve
                  + (lb.other if dev == len(free) - 1 else 0))
-        experts = sum(lb.experts[i] for i in mine)
-        if cache is None and fixed + experts <= room:
-            caches.append(None)
-            needs.append(fixed + experts)
-            continue
-        c = cache if cache is not None else min(experts, room - fixed)
-        if c < min_cache or fixed + c > room:
-            want = fixed + max(min_cache, cache or 0)
-            raise PlacementError(
-                f"the model does not fit GPU {dev}: it needs {want / GiB:.1f} GiB there (dense weights "
-                f"{(fixed - reserve) / GiB:.1f} GiB incl. KV cache, an expert cache of >= {max(min_cache, cache or 0) / GiB:.1f} GiB, "
-                f"{reserve / GiB:.1f} GiB working room) and {room / GiB:.1f} GiB is free"
-                + ("" if cache is None else "; lower --gpu-mem") )
+        c, need = _device(dev, room, fixed, sum(lb.experts[i] for i in mine), min_cache, cache, reserve, stream)
         caches.append(c)
-        needs.append(fixed + c)
+        needs.append(need)
     return Placement(tuple(where), tuple(caches), tuple(needs))
+
+
+def plan_experts(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, n_experts: int,
+                 cache: int | None = None, reserve: int = RESERVE, stream: bool = True) -> Placement:
+    """Expert parallel over len(free) devices: each holds every dense weight, the head and the whole KV
+    cache (each runs every layer's attention on the same tokens, so only the experts' outputs cross
+    between GPUs: one all-reduce per MoE layer), and expert e of every layer lives on device e % N —
+    round-robin, so neighbouring ids (often chosen together) land on different GPUs. Arguments as `plan`;
+    `min_cache` and `cache` are per device."""
+    n = len(free)
+    owner = tuple(e % n for e in range(n_experts))
+    caches, needs = [], []
+    for dev, room in enumerate(free):
+        share = owner.count(dev) / n_experts
+        fixed = sum(lb.dense) + kv_bytes + lb.other + reserve
+        experts = int(round(sum(lb.experts) * share))
+        c, need = _device(dev, room, fixed, experts, int(round(min_cache * share)), cache, reserve, stream)
+        caches.append(c)
+        needs.append(need)
+    return Placement((-1,) * len(lb.dense), tuple(caches), tuple(needs), owner)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from localmoe.placement import GiB, LayerBytes, PlacementError, layer_bytes, plan, split_layers
+from localmoe.placement import RESERVE, GiB, LayerBytes, PlacementError, layer_bytes, plan, plan_experts, split_layers
 
 SMALL4 = LayerBytes(dense=(40 * 2 ** 20,) * 36, experts=(1_820 * 2 ** 20,) * 36, other=302 * 2 ** 20)  # ~Q4_0 shapes
 ONE_LAYER = 128 * 14 * 2 ** 20
@@ -52,6 +52,36 @@ def test_layer_split_over_simulated_devices():
     p = plan(lb, [30 * GiB, 30 * GiB], kv_bytes=0, min_cache=GiB)
     assert p.layer_device == (0,) * 4 + (1,) * 4 and p.expert_cache == (None, None)
     assert p.need == (20 * GiB + GiB // 2, 21 * GiB + GiB // 2)        # the head sits with the last layers
+
+
+def test_expert_parallel_over_simulated_devices():
+    """Every device holds all dense weights, the head and the whole KV cache; expert e of every layer lives
+    on device e % N, so each holds its share of the routed experts (a 67 GB Q4_0 Small 4 fits two 80 GB
+    GPUs resident, and one only by streaming)."""
+    fixed = sum(SMALL4.dense) + SMALL4.other + GiB + RESERVE
+    for n in (2, 3, 4):
+        p = plan_experts(SMALL4, [80 * GiB] * n, kv_bytes=GiB, min_cache=ONE_LAYER, n_experts=128)
+        counts = [p.expert_owner.count(d) for d in range(n)]
+        assert p.layer_device == (-1,) * 36 and sum(counts) == 128 and max(counts) - min(counts) <= 1
+        assert p.expert_owner[:n] == tuple(range(n))                  # neighbouring ids on different GPUs
+        assert p.expert_cache == (None,) * n
+        for d in range(n):
+            assert abs(p.need[d] - fixed - sum(SMALL4.experts) * counts[d] / 128) <= 1
+    assert plan(SMALL4, [60 * GiB], kv_bytes=GiB, min_cache=ONE_LAYER).streams()
+    p = plan_experts(SMALL4, [20 * GiB] * 2, kv_bytes=GiB, min_cache=ONE_LAYER, n_experts=128)
+    assert p.expert_cache == (20 * GiB - fixed,) * 2 and p.need == (20 * GiB,) * 2   # the rest of each GPU caches
+
+
+def test_no_streaming_error_names_the_memory_per_gpu():
+    """When streaming is not allowed, a model that does not fit is an error naming the GiB each GPU needs."""
+    need = (sum(SMALL4.dense) + SMALL4.other + RESERVE + sum(SMALL4.experts) / 2) / GiB
+    with pytest.raises(PlacementError, match=rf"GPU 0: it needs {need:.1f} GiB there .* 20\.0 GiB is free; allow "
+                                             r"streaming the experts or add GPUs"):
+        plan_experts(SMALL4, [20 * GiB] * 2, kv_bytes=0, min_cache=ONE_LAYER, n_experts=128, stream=False)
+    with pytest.raises(PlacementError, match=r"GPU \d: it needs .* allow streaming"):        # layer split, 60 of 66 GiB
+        plan(SMALL4, [40 * GiB, 20 * GiB], kv_bytes=0, min_cache=ONE_LAYER, stream=False)
+    p = plan_experts(SMALL4, [40 * GiB] * 2, kv_bytes=0, min_cache=ONE_LAYER, n_experts=128, stream=False)
+    assert p.expert_cache == (None, None)
 
 
 def test_layer_bytes_of_a_file(tmp_path):
