@@ -17,8 +17,11 @@ PREFILL_BATCH = 128          # prompt tokens per forward pass: weights are read 
 DEFAULT_CTX = 8192
 
 
-def make_backend(name: str = "cpu"):
-    """"cpu", "cuda", or "auto" (CUDA when numba.cuda sees a GPU, else CPU)."""
+def make_backend(name="cpu"):
+    """"cpu", "cuda", or "auto" (CUDA when numba.cuda sees a GPU, else CPU); a backend object is used as is
+    (e.g. backends.multi.ExpertParallel over several devices)."""
+    if not isinstance(name, str):
+        return name
     if name in ("cuda", "auto"):
         from .backends.cuda import CUDABackend, available
         ok, why = available()

@@ -3,8 +3,8 @@ routed experts are resident or streamed through a VRAM cache of slots (backends/
 
 A model is a list of layers, each placed on one device: contiguous blocks of layers in proportion to the
 devices' free memory (`plan`: one device today; the multi-GPU layer split uses the same plan). Expert
-parallel (`plan_experts`) instead puts every layer on every device and spreads each layer's routed experts
-over them. Per device, the
+parallel (`plan_experts`) instead keeps the dense layers on the first device and spreads each layer's
+routed experts over all of them. Per device, the
 dense weights (attention, norms, router, shared expert; the head and final norm on the last device) are
 always resident; the routed experts are too when everything fits, otherwise they stream through a cache
 of what is left (`--gpu-mem` sets that cache's size instead). The token embedding stays on the host (one
@@ -114,17 +114,17 @@ def plan(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, cache: 
 
 def plan_experts(lb: LayerBytes, free: list[int], kv_bytes: int, min_cache: int, n_experts: int,
                  cache: int | None = None, reserve: int = RESERVE, stream: bool = True) -> Placement:
-    """Expert parallel over len(free) devices: each holds every dense weight, the head and the whole KV
-    cache (each runs every layer's attention on the same tokens, so only the experts' outputs cross
-    between GPUs: one all-reduce per MoE layer), and expert e of every layer lives on device e % N —
-    round-robin, so neighbouring ids (often chosen together) land on different GPUs. Arguments as `plan`;
-    `min_cache` and `cache` are per device."""
+    """Expert parallel over len(free) devices (backends/multi.py): device 0, the lead, holds every dense
+    weight, the head and the KV cache (it runs all but the routed experts: with one token in flight,
+    copies of the dense work on other GPUs would not make it faster), and expert e of every layer lives
+    on device e % N — round-robin, so neighbouring ids (often chosen together) land on different GPUs.
+    Arguments as `plan`; `min_cache` and `cache` are per device."""
     n = len(free)
     owner = tuple(e % n for e in range(n_experts))
     caches, needs = [], []
     for dev, room in enumerate(free):
         share = owner.count(dev) / n_experts
-        fixed = sum(lb.dense) + kv_bytes + lb.other + reserve
+        fixed = reserve + (sum(lb.dense) + kv_bytes + lb.other if dev == 0 else 0)
         experts = int(round(sum(lb.experts) * share))
         c, need = _device(dev, room, fixed, experts, int(round(min_cache * share)), cache, reserve, stream)
         caches.append(c)
