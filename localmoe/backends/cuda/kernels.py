@@ -294,10 +294,10 @@ def launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_by
     """The float32 kernels (fast: cols % 64 == 0 on Q4_0/Q8_0; generic: anything)."""
     fast, kern = gemv_kernel(qt, cols, fused)
     gx = max(1, min((rows + WARPS - 1) // WARPS, max(1, BLOCKS_PER_SM * sms // P)))
-    if not fast:                                    # the generic kernel: a block per row
-        gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
+    if fast:
         kern[(gx, P), THREADS, STREAM[0], 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
-    else:
+    else:                                           # the generic kernel: a block per row
+        gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
         kern[(gx, P), THREADS, STREAM[0]](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
 
 
