@@ -625,20 +625,24 @@ def _block_reduce(red, v, tid, is_max):
     return r
 
 
+@cuda.jit(device=True, inline=True)
+def _rmsnorm_row(x, r, n, w, out, orow, eps, red, tid):
+    """The block's rmsnorm of x[r, :n] into out[orow, :n]: x * rsqrt(mean(x^2) + eps) * w."""
+    ss = float32(0.0)
+    for i in range(tid, n, THREADS):
+        ss += x[r, i] * x[r, i]
+    ss = _block_reduce(red, ss, tid, False)
+    inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
+    for i in range(tid, n, THREADS):
+        out[orow, i] = x[r, i] * inv * w[i]
+
+
 @cuda.jit
 def rmsnorm_kernel(x, w, out, eps):
     """One block per row: out = x * rsqrt(mean(x^2) + eps) * w."""
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    h = x.shape[1]
-    ss = float32(0.0)
-    for i in range(tid, h, THREADS):
-        ss += x[t, i] * x[t, i]
-    ss = _block_reduce(red, ss, tid, False)
-    inv = float32(1.0) / math.sqrt(ss / float32(h) + eps)
-    for i in range(tid, h, THREADS):
-        out[t, i] = x[t, i] * inv * w[i]
+    _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
 
 
 @cuda.jit
@@ -647,16 +651,10 @@ def add_rmsnorm_kernel(x, d, w, xo, out, eps):
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    h = x.shape[1]
-    ss = float32(0.0)
-    for i in range(tid, h, THREADS):
-        v = x[t, i] + d[t, i]
-        xo[t, i] = v
-        ss += v * v
-    ss = _block_reduce(red, ss, tid, False)
-    inv = float32(1.0) / math.sqrt(ss / float32(h) + eps)
-    for i in range(tid, h, THREADS):
-        out[t, i] = xo[t, i] * inv * w[i]
+    for i in range(tid, x.shape[1], THREADS):
+        xo[t, i] = x[t, i] + d[t, i]
+    cuda.syncthreads()
+    _rmsnorm_row(xo, t, x.shape[1], w, out, t, eps, red, tid)
 
 
 @cuda.jit
@@ -688,13 +686,7 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
             query[j, h, kvr + 2 * i] = (a * c - b * sn) * s
             query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s
     else:
-        ss = float32(0.0)
-        for d in range(tid, kvr, THREADS):
-            ss += kv[j, d] * kv[j, d]
-        ss = _block_reduce(red, ss, tid, False)
-        inv = float32(1.0) / math.sqrt(ss / float32(kvr) + eps)
-        for d in range(tid, kvr, THREADS):
-            cache[pos, d] = kv[j, d] * inv * w[d]
+        _rmsnorm_row(kv, j, kvr, w, cache, pos, eps, red, tid)
         for i in range(tid, half, THREADS):
             a = kv[j, kvr + 2 * i]
             b = kv[j, kvr + 2 * i + 1]
