@@ -697,6 +697,7 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
 
 
 MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 512 for Small 4)
+DV_PER_LANE = MAX_DV // 32  # numba sizes local arrays from global constants only, not expressions
 
 
 @cuda.jit
@@ -735,17 +736,17 @@ def attention_kernel(q, k, v, out, s, positions, scale, group):
     inv = float32(1.0) / l
     # values: warp w sums keys w, w + WARPS, ...; lane holds d = lane + 32 j; partials meet in shared memory
     part = cuda.shared.array((WARPS, MAX_DV), float32)
-    acc = cuda.local.array(MAX_DV // 32, float32)
+    acc = cuda.local.array(DV_PER_LANE, float32)
     lane = tid & 31
-    for j in range(MAX_DV // 32):
+    for j in range(DV_PER_LANE):
         acc[j] = float32(0.0)
     for t in range(tid >> 5, end, WARPS):
         e = s[i, h, t]
-        for j in range(MAX_DV // 32):
+        for j in range(DV_PER_LANE):
             d = lane + 32 * j
             if d < dv:
                 acc[j] += e * v[t, kh, d]
-    for j in range(MAX_DV // 32):
+    for j in range(DV_PER_LANE):
         part[tid >> 5, lane + 32 * j] = acc[j]
     cuda.syncthreads()
     for d in range(tid, dv, THREADS):
@@ -756,6 +757,7 @@ def attention_kernel(q, k, v, out, s, positions, scale, group):
 
 
 MAX_EXPERTS = 512
+EXPERTS_PER_LANE = MAX_EXPERTS // 32
 MAX_GROUPS = 64
 
 
@@ -837,16 +839,16 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
     if t >= logits.shape[0]:
         return
     E = logits.shape[1]
-    p = cuda.local.array(MAX_EXPERTS // 32, float32)
+    p = cuda.local.array(EXPERTS_PER_LANE, float32)
     m = float32(-3.0e38)
-    for j in range(MAX_EXPERTS // 32):
+    for j in range(EXPERTS_PER_LANE):
         e = lane + 32 * j
         if e < E:
             m = max(m, logits[t, e])
     for o in (16, 8, 4, 2, 1):
         m = max(m, cuda.shfl_xor_sync(0xffffffff, m, o))
     total = float32(0.0)
-    for j in range(MAX_EXPERTS // 32):
+    for j in range(EXPERTS_PER_LANE):
         e = lane + 32 * j
         p[j] = math.exp(logits[t, e] - m) if e < E else float32(-1.0)
         if e < E:
@@ -857,7 +859,7 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
     for r in range(k):
         bv = float32(-3.0)
         be = E
-        for j in range(MAX_EXPERTS // 32):
+        for j in range(EXPERTS_PER_LANE):
             if p[j] > bv:
                 bv = p[j]
                 be = lane + 32 * j
