@@ -619,9 +619,13 @@ def graph_nodes(be) -> str:
     """Kernel nodes of the newest captured decode graph (through cuda-python, which numba-cuda brings)."""
     try:
         from cuda.bindings import runtime as rt
-        graph = next(reversed(be._graphs.values()))[0]
-        err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
-        return str(n) if int(err) == 0 else f"? ({err})"
+        total = 0
+        for graph, _ in next(reversed(be._graphs.values()))[0]:      # segments (one unless experts stream)
+            err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
+            if int(err) != 0:
+                return f"? ({err})"
+            total += n
+        return str(total)
     except Exception as e:
         return f"? ({e!r})"
 
