@@ -75,6 +75,7 @@ class CUDABackend:
         self.use_graphs = True            # False: every step launched from Python (the bench compares)
         self.streamer = None              # ExpertStreamer when the routed experts live in a VRAM cache
         self._segments = None             # while a streamed step is captured: [(graph, host action)]
+        self.next_experts: dict = {}      # streaming: MoE layer -> (next MoE layer, its Experts), for prefetch
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
@@ -261,15 +262,16 @@ class CUDABackend:
         pg = pu = pd = None
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
+            fetch = self._fetcher(layer, gate, up, down, x2, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
                 mats = self._ints.get(("slots", layer, P))
                 if mats is None:
                     mats = self._ints[("slots", layer, P)] = xp.zeros(P, np.int32)
-                self._cut(lambda: mats.set(self.streamer.fetch(layer, gate, up, down, self.to_host(ids2))[3]
-                                           .reshape(P).astype(np.int32)))
+                self._cut(lambda: mats.set(fetch().reshape(P).astype(np.int32)))
                 pg, pu, pd = self.streamer.pools
             else:
-                pg, pu, pd, slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids2))
+                slots = fetch()                # (the pools exist after the first fetch)
+                pg, pu, pd = self.streamer.pools
                 mats = xp.asarray(slots.reshape(P).astype(np.int32))
         else:
             mats = ids2.reshape(P).astype(np.int32, copy=False)
@@ -291,6 +293,23 @@ class CUDABackend:
         self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, pl, plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
+
+    def _fetcher(self, layer: int, gate: Weight, up: Weight, down: Weight, x, ids):
+        """The host's part of a streamed MoE layer, as a call (run now, or between graph segments): fetch
+        the chosen experts (-> their slots); then start copying the experts the next MoE layer's router
+        picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
+        overlap this layer's experts and the next attention."""
+        nxt = self.next_experts.get(layer) if self.next_experts else None
+        if nxt is not None:
+            j, ex = nxt
+            guess, _ = self.route(self.linear(ex.router, x), ids.shape[1])
+
+        def fetch():
+            slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids))[3]
+            if nxt is not None:
+                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, self.to_host(guess))
+            return slots
+        return fetch
 
     def attention(self, q, k, v, positions, scale: float):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
