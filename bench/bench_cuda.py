@@ -454,6 +454,7 @@ class ReplayedRouting:
 
     def __init__(self, be, routes: np.ndarray):
         self.be, self.route, self.routes, self.t, self.layer = be, be.route, routes, 0, 0
+        be.next_experts = {}      # no prefetch: the router's guesses do not predict replayed ids
 
     def __call__(self, logits, k, *a, out=None):
         ids, w = self.route(logits, k, *a, out=out)
