@@ -1,6 +1,6 @@
-"""Expert parallel over simulated devices (localmoe/backends/multi.py): one model's routed experts spread
-over N devices (expert e on device e % N) give the logits of one device, and each device computes only the
-experts it owns."""
+"""Expert parallel (localmoe/backends/multi.py) with CPU worker processes as the other devices: one model's
+routed experts spread over N devices (expert e on device e % N) give the logits and the greedy tokens of
+one device."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +9,7 @@ import pytest
 import localmoe
 from convert import convert
 from localmoe.backends.cpu import CPUBackend
-from localmoe.backends.multi import ExpertParallel, LocalComm, local_route
+from localmoe.backends.multi import ExpertParallel, local_route
 from localmoe.model import Model
 
 from checkpoints import make_mistral4, make_mixtral
@@ -27,35 +27,33 @@ def gguf(request, tmp_path_factory):
     return out
 
 
-class Recording(CPUBackend):
-    """A simulated device that records which experts its expert_ffn was asked to compute."""
-
-    def __init__(self):
-        super().__init__()
-        self.asked, self.slots = set(), set()
-
-    def expert_ffn(self, gate, up, down, x, ids, weights, plus=None):
-        self.slots.add(gate.n_experts)
-        self.asked |= {int(e) for e, w in zip(np.ravel(ids), np.ravel(weights)) if w != 0}
-        return super().expert_ffn(gate, up, down, x, ids, weights, plus)
-
-
 @pytest.mark.parametrize("n", [2, 3])
 def test_expert_parallel_matches_one_device(gguf, n):
     ids = [1] + np.random.default_rng(n).integers(3, 4000, 47).tolist()
     one = localmoe.load(gguf)
     ref = one.logits(ids)
-    devices = [Recording() for _ in range(n)]
-    m = Model(gguf, backend=ExpertParallel(devices, LocalComm()))
-    ours = m.logits(ids)
+    ref_counts = one.stats.expert_counts.copy()
+    ref_tokens = list(one.generate(ids[:6], max_tokens=8, stop=()))
+    be = ExpertParallel.start(gguf, n, CPUBackend())
+    try:
+        m = Model(gguf, backend=be)
+        ours = m.logits(ids)
+        counts = m.stats.expert_counts.copy()
+        tokens = list(m.generate(ids[:6], max_tokens=8, stop=()))
+    finally:
+        be.close()
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4     # the partial sums re-associate the k terms
-    assert np.array_equal(m.stats.expert_counts, one.stats.expert_counts)
-    E = one.config.n_experts
-    for d, dev in enumerate(devices):              # only its own experts, from a shard of E/N of them
-        assert dev.slots == {len(range(d, E, n))}
-        assert dev.asked and max(dev.asked) < len(range(d, E, n))
-    used = {e for e in range(E) if one.stats.expert_counts[:, e].any()}
-    assert used == {s * n + d for d, dev in enumerate(devices) for s in dev.asked}
+    assert np.array_equal(counts, ref_counts)
+    assert tokens == ref_tokens
+
+
+def test_a_failed_worker_is_an_error(gguf, tmp_path):
+    be = ExpertParallel.start(tmp_path / "absent.gguf", 2, CPUBackend())
+    try:
+        with pytest.raises(RuntimeError, match="expert worker failed: .*absent.gguf"):
+            Model(gguf, backend=be).logits([1, 5, 9])
+    finally:
+        be.close()
 
 
 def test_local_route_partitions_the_choices():

@@ -241,8 +241,12 @@ class CUDABackend:
             raise ValueError(f"router of {E} experts in {n_group} groups: the GPU router handles "
                              f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
         ids, w = xp.empty((n, k), np.int32) if out is None else out, xp.empty((n, k), np.float32)
-        self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group, topk_group,
-                                                          ids, w)
+        if n_group == 1:        # one warp per token
+            self.K.route_warp_kernel[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
+                z, k, bool(norm), np.float32(scale), ids, w)
+        else:                   # grouped (DeepSeek-style): one thread per token
+            self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group,
+                                                              topk_group, ids, w)
         self.launches += 1
         return ids, w
 
@@ -317,6 +321,8 @@ class CUDABackend:
         -> [n, Hq, dv]. k and v may be strided views of the cache (no copy)."""
         n, hq, dk = q.shape
         hkv, dv = v.shape[1:]
+        if dv > self.K.MAX_DV:
+            raise ValueError(f"attention values {dv} wide: the GPU kernel handles <= {self.K.MAX_DV}")
         xp = self.xp
         out = xp.empty((n, hq, dv), np.float32)
         s = xp.empty((n, hq, len(k)), np.float32)

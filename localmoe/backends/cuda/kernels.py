@@ -15,7 +15,8 @@ Three kernel families:
     lane decodes its own pair(s) from shared memory (word stride 9 or 17: odd, so conflict-free)
     against the activation, which sits in shared memory padded by one float every 64 (also
     conflict-free). Persistent grid: blocks loop over rows.
-  * generic (any supported type, any cols): one warp per row, byte loads. Used for F32/F16/BF16 and
+  * generic (any supported type, any cols): one block per row, its columns split over the threads, byte
+    loads. Used for F32/F16/BF16 (the routers) and
     for odd shapes of tiny test models.
 fast2 quantizes activations to int16 per 32-block exactly as the CPU kernels do; fast and generic
 accumulate float32 activations.
@@ -201,9 +202,9 @@ def _make_generic(qt: int, fused: bool):
         BS = BLOCK_BYTES[qt]
 
         @cuda.jit(device=True, inline=True)
-        def rowdot(W, base, x, xr, cols, lane):
+        def rowdot(W, base, x, xr, cols, tid):
             acc = float32(0.0)
-            for b in range(lane, cols // 32, 32):
+            for b in range(tid, cols // 32, THREADS):
                 o = base + b * BS
                 d = h2f(uint32(W[o]) | (uint32(W[o + 1]) << 8))
                 s = float32(0.0)
@@ -220,9 +221,9 @@ def _make_generic(qt: int, fused: bool):
         ES = ESIZE[qt]
 
         @cuda.jit(device=True, inline=True)
-        def rowdot(W, base, x, xr, cols, lane):
+        def rowdot(W, base, x, xr, cols, tid):
             acc = float32(0.0)
-            for i in range(lane, cols, 32):
+            for i in range(tid, cols, THREADS):
                 o = base + i * ES
                 h = uint32(W[o]) | (uint32(W[o + 1]) << 8)
                 if qt == F32:
@@ -239,21 +240,29 @@ def _make_generic(qt: int, fused: bool):
 
     @cuda.jit
     def kern(W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes):
+        """One row per block at a time, its columns split over all the block's threads."""
+        red = cuda.shared.array(WARPS, float32)
+        red2 = cuda.shared.array(WARPS, float32)
         p = cuda.blockIdx.y
         tid = cuda.threadIdx.x
-        lane = tid & 31
-        warp = tid >> 5
         xr = xidx[p]
         mbase = int64(mats[p]) * mat_bytes
-        for r in range(cuda.blockIdx.x * WARPS + warp, rows, cuda.gridDim.x * WARPS):
+        for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):
             rb = mbase + int64(r) * row_bytes
-            g = rowdot(W, rb, x, xr, cols, lane)
-            if fused:
-                u = rowdot(W2, rb, x, xr, cols, lane)
-                if lane == 0:
-                    y[p, r] = silu(g) * u
-            elif lane == 0:
-                y[p, r] = g
+            g = rowdot(W, rb, x, xr, cols, tid)
+            u = rowdot(W2, rb, x, xr, cols, tid) if fused else float32(0.0)
+            if (tid & 31) == 0:
+                red[tid >> 5] = g
+                red2[tid >> 5] = u
+            cuda.syncthreads()
+            if tid == 0:
+                g = red[0]
+                u = red2[0]
+                for w in range(1, WARPS):
+                    g += red[w]
+                    u += red2[w]
+                y[p, r] = silu(g) * u if fused else g
+            cuda.syncthreads()
 
     return kern
 
@@ -287,7 +296,8 @@ def launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_by
     gx = max(1, min((rows + WARPS - 1) // WARPS, max(1, BLOCKS_PER_SM * sms // P)))
     if fast:
         kern[(gx, P), THREADS, STREAM[0], 4 * (cols + cols // 64 + 1)](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4)
-    else:
+    else:                                           # the generic kernel: a block per row
+        gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
         kern[(gx, P), THREADS, STREAM[0]](W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes)
 
 
@@ -600,20 +610,31 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
 
 @cuda.jit(device=True, inline=True)
 def _block_reduce(red, v, tid, is_max):
-    red[tid] = v
+    """Sum (or max) of v over the block's THREADS threads, returned to all: a shuffle tree in each warp,
+    the WARPS partials through shared memory (red: >= WARPS floats), then every thread folds those."""
+    for o in (16, 8, 4, 2, 1):
+        u = cuda.shfl_xor_sync(0xffffffff, v, o)
+        v = max(v, u) if is_max else v + u
+    if (tid & 31) == 0:
+        red[tid >> 5] = v
     cuda.syncthreads()
-    s = THREADS // 2
-    while s > 0:
-        if tid < s:
-            if is_max:
-                red[tid] = max(red[tid], red[tid + s])
-            else:
-                red[tid] += red[tid + s]
-        cuda.syncthreads()
-        s //= 2
     r = red[0]
+    for w in range(1, WARPS):
+        r = max(r, red[w]) if is_max else r + red[w]
     cuda.syncthreads()
     return r
+
+
+@cuda.jit(device=True, inline=True)
+def _rmsnorm_row(x, r, n, w, out, orow, eps, red, tid):
+    """The block's rmsnorm of x[r, :n] into out[orow, :n]: x * rsqrt(mean(x^2) + eps) * w."""
+    ss = float32(0.0)
+    for i in range(tid, n, THREADS):
+        ss += x[r, i] * x[r, i]
+    ss = _block_reduce(red, ss, tid, False)
+    inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)
+    for i in range(tid, n, THREADS):
+        out[orow, i] = x[r, i] * inv * w[i]
 
 
 @cuda.jit
@@ -621,15 +642,7 @@ def rmsnorm_kernel(x, w, out, eps):
     """One block per row: out = x * rsqrt(mean(x^2) + eps) * w."""
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    h = x.shape[1]
-    ss = float32(0.0)
-    for i in range(tid, h, THREADS):
-        ss += x[t, i] * x[t, i]
-    ss = _block_reduce(red, ss, tid, False)
-    inv = float32(1.0) / math.sqrt(ss / float32(h) + eps)
-    for i in range(tid, h, THREADS):
-        out[t, i] = x[t, i] * inv * w[i]
+    _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
 
 
 @cuda.jit
@@ -638,16 +651,10 @@ def add_rmsnorm_kernel(x, d, w, xo, out, eps):
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    h = x.shape[1]
-    ss = float32(0.0)
-    for i in range(tid, h, THREADS):
-        v = x[t, i] + d[t, i]
-        xo[t, i] = v
-        ss += v * v
-    ss = _block_reduce(red, ss, tid, False)
-    inv = float32(1.0) / math.sqrt(ss / float32(h) + eps)
-    for i in range(tid, h, THREADS):
-        out[t, i] = xo[t, i] * inv * w[i]
+    for i in range(tid, x.shape[1], THREADS):
+        xo[t, i] = x[t, i] + d[t, i]
+    cuda.syncthreads()
+    _rmsnorm_row(xo, t, x.shape[1], w, out, t, eps, red, tid)
 
 
 @cuda.jit
@@ -679,13 +686,7 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
             query[j, h, kvr + 2 * i] = (a * c - b * sn) * s
             query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s
     else:
-        ss = float32(0.0)
-        for d in range(tid, kvr, THREADS):
-            ss += kv[j, d] * kv[j, d]
-        ss = _block_reduce(red, ss, tid, False)
-        inv = float32(1.0) / math.sqrt(ss / float32(kvr) + eps)
-        for d in range(tid, kvr, THREADS):
-            cache[pos, d] = kv[j, d] * inv * w[d]
+        _rmsnorm_row(kv, j, kvr, w, cache, pos, eps, red, tid)
         for i in range(tid, half, THREADS):
             a = kv[j, kvr + 2 * i]
             b = kv[j, kvr + 2 * i + 1]
@@ -693,6 +694,10 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
             sn = sin[pos, i]
             cache[pos, kvr + 2 * i] = a * c - b * sn
             cache[pos, kvr + 2 * i + 1] = b * c + a * sn
+
+
+MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 512 for Small 4)
+DV_PER_LANE = MAX_DV // 32  # numba sizes local arrays from global constants only, not expressions
 
 
 @cuda.jit
@@ -729,14 +734,30 @@ def attention_kernel(q, k, v, out, s, positions, scale, group):
         l += e
     l = _block_reduce(red, l, tid, False)   # its barriers also publish s to the whole block
     inv = float32(1.0) / l
+    # values: warp w sums keys w, w + WARPS, ...; lane holds d = lane + 32 j; partials meet in shared memory
+    part = cuda.shared.array((WARPS, MAX_DV), float32)
+    acc = cuda.local.array(DV_PER_LANE, float32)
+    lane = tid & 31
+    for j in range(DV_PER_LANE):
+        acc[j] = float32(0.0)
+    for t in range(tid >> 5, end, WARPS):
+        e = s[i, h, t]
+        for j in range(DV_PER_LANE):
+            d = lane + 32 * j
+            if d < dv:
+                acc[j] += e * v[t, kh, d]
+    for j in range(DV_PER_LANE):
+        part[tid >> 5, lane + 32 * j] = acc[j]
+    cuda.syncthreads()
     for d in range(tid, dv, THREADS):
         a = float32(0.0)
-        for t in range(end):
-            a += s[i, h, t] * v[t, kh, d]
+        for w in range(WARPS):
+            a += part[w, d]
         out[i, h, d] = a * inv
 
 
 MAX_EXPERTS = 512
+EXPERTS_PER_LANE = MAX_EXPERTS // 32
 MAX_GROUPS = 64
 
 
@@ -806,6 +827,61 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
         if norm:
             w = w / (total + float32(1e-20))
         wts[t, j] = w * scale
+
+
+@cuda.jit
+def route_warp_kernel(logits, k, norm, scale, ids, wts):
+    """route_kernel's choice without groups, one warp per row t: lane holds experts lane + 32 j; softmax
+    by shuffles; each of the k picks is a warp-wide argmax (ties to the lower id, like the stable sort).
+    The order of the picks only needs exp(logit - max), so it cannot depend on the summation order."""
+    t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
+    lane = cuda.threadIdx.x & 31
+    if t >= logits.shape[0]:
+        return
+    E = logits.shape[1]
+    p = cuda.local.array(EXPERTS_PER_LANE, float32)
+    m = float32(-3.0e38)
+    for j in range(EXPERTS_PER_LANE):
+        e = lane + 32 * j
+        if e < E:
+            m = max(m, logits[t, e])
+    for o in (16, 8, 4, 2, 1):
+        m = max(m, cuda.shfl_xor_sync(0xffffffff, m, o))
+    total = float32(0.0)
+    for j in range(EXPERTS_PER_LANE):
+        e = lane + 32 * j
+        p[j] = math.exp(logits[t, e] - m) if e < E else float32(-1.0)
+        if e < E:
+            total += p[j]
+    for o in (16, 8, 4, 2, 1):
+        total += cuda.shfl_xor_sync(0xffffffff, total, o)
+    wsum = float32(0.0)
+    for r in range(k):
+        bv = float32(-3.0)
+        be = E
+        for j in range(EXPERTS_PER_LANE):
+            if p[j] > bv:
+                bv = p[j]
+                be = lane + 32 * j
+        for o in (16, 8, 4, 2, 1):
+            ov = cuda.shfl_xor_sync(0xffffffff, bv, o)
+            oe = cuda.shfl_xor_sync(0xffffffff, be, o)
+            if ov > bv or (ov == bv and oe < be):
+                bv = ov
+                be = oe
+        if (be & 31) == lane:
+            p[be >> 5] = float32(-2.0)
+        w = bv / total
+        wsum += w
+        if lane == 0:
+            ids[t, r] = be
+            wts[t, r] = w
+    if lane == 0:
+        for r in range(k):
+            w = wts[t, r]
+            if norm:
+                w = w / (wsum + float32(1e-20))
+            wts[t, r] = w * scale
 
 
 @cuda.jit
