@@ -450,18 +450,24 @@ def pinned_h2d_gbs(nbytes: int = 1 << 28) -> float:
 
 class ReplayedRouting:
     """Wraps be.route: decode steps (one row) take their expert ids from routes [T, L, k] (token t,
-    routed layer l), weights as the model's router gives them; prefill keeps the model's own routing."""
+    routed layer l), weights as the model's router gives them; prefill keeps the model's own routing.
+    The table and the token counter live on the device, so a captured decode step replays it too."""
 
     def __init__(self, be, routes: np.ndarray):
-        self.be, self.route, self.routes, self.t, self.layer = be, be.route, routes, 0, 0
+        xp = be.xp
+        self.be, self.route, self.layer, self.L = be, be.route, 0, routes.shape[1]
+        self.routes = xp.asarray(routes.reshape(len(routes), -1).astype(np.int32))     # [T, L * k]
+        self.t = xp.zeros(1, np.int64)
+        be.next_experts = {}      # no prefetch: the router's guesses do not predict replayed ids
 
     def __call__(self, logits, k, *a, out=None):
+        xp = self.be.xp
         ids, w = self.route(logits, k, *a, out=out)
         if logits.shape[0] == 1:
-            ids[...] = self.be.xp.asarray(self.routes[self.t % len(self.routes), self.layer][None].astype(np.int32))
-            self.layer += 1
-            if self.layer == self.routes.shape[1]:
-                self.layer, self.t = 0, self.t + 1
+            ids[...] = xp.take(self.routes, self.t, axis=0)[:, self.layer * k:(self.layer + 1) * k]
+            self.layer = (self.layer + 1) % self.L
+            if self.layer == 0:
+                xp.remainder(self.t + 1, len(self.routes), out=self.t)
         return ids, w
 
 
@@ -619,9 +625,13 @@ def graph_nodes(be) -> str:
     """Kernel nodes of the newest captured decode graph (through cuda-python, which numba-cuda brings)."""
     try:
         from cuda.bindings import runtime as rt
-        graph = next(reversed(be._graphs.values()))[0]
-        err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
-        return str(n) if int(err) == 0 else f"? ({err})"
+        total = 0
+        for graph, _ in next(reversed(be._graphs.values()))[0]:      # segments (one unless experts stream)
+            err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
+            if int(err) != 0:
+                return f"? ({err})"
+            total += n
+        return str(total)
     except Exception as e:
         return f"? ({e!r})"
 

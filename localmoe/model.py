@@ -79,6 +79,8 @@ class Model:
             raise InputError(str(e)) from None
         if p.streams(0):
             be.stream_experts(p.expert_cache[0], c.num_hidden_layers, c.n_experts)
+            moe = [(i, L.experts) for i, L in enumerate(self.net.layers) if L.experts is not None]
+            be.next_experts = {i: nxt for (i, _), nxt in zip(moe, moe[1:])}
             self.net.stats.expert_cache = be.streamer
         return p
 

@@ -297,6 +297,8 @@ def test_streamed_experts_match_resident(case):
     assert rel(ours, ref) < 1e-6
     a = list(resident.generate(ids[:8], max_tokens=16, stop=()))
     b = list(streamed.generate(ids[:8], max_tokens=16, stop=()))
-    assert a == b
+    assert a == b                      # decoded through the segmented graphs (one segment per MoE layer)
+    segments = next(iter(streamed.backend._graphs.values()))[0]
+    assert len(segments) == sum(L.experts is not None for L in streamed.net.layers) + 1
     d = streamed.stats.as_dict()
     assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0

@@ -74,6 +74,8 @@ class CUDABackend:
         self.graph_kernels = 0            # numba kernel launches inside the last captured step
         self.use_graphs = True            # False: every step launched from Python (the bench compares)
         self.streamer = None              # ExpertStreamer when the routed experts live in a VRAM cache
+        self._segments = None             # while a streamed step is captured: [(graph, host action)]
+        self.next_experts: dict = {}      # streaming: MoE layer -> (next MoE layer, its Experts), for prefetch
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
@@ -264,8 +266,17 @@ class CUDABackend:
         pg = pu = pd = None
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
-            pg, pu, pd, slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids2))
-            mats = xp.asarray(slots.reshape(P).astype(np.int32))
+            fetch = self._fetcher(layer, gate, up, down, x2, ids2)
+            if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
+                mats = self._ints.get(("slots", layer, P))
+                if mats is None:
+                    mats = self._ints[("slots", layer, P)] = xp.zeros(P, np.int32)
+                self._cut(lambda: mats.set(fetch().reshape(P).astype(np.int32)))
+                pg, pu, pd = self.streamer.pools
+            else:
+                slots = fetch()                # (the pools exist after the first fetch)
+                pg, pu, pd = self.streamer.pools
+                mats = xp.asarray(slots.reshape(P).astype(np.int32))
         else:
             mats = ids2.reshape(P).astype(np.int32, copy=False)
         kt = ("tok", n, k)
@@ -286,6 +297,23 @@ class CUDABackend:
         self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, pl, plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
+
+    def _fetcher(self, layer: int, gate: Weight, up: Weight, down: Weight, x, ids):
+        """The host's part of a streamed MoE layer, as a call (run now, or between graph segments): fetch
+        the chosen experts (-> their slots); then start copying the experts the next MoE layer's router
+        picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
+        overlap this layer's experts and the next attention."""
+        nxt = self.next_experts.get(layer) if self.next_experts else None
+        if nxt is not None:
+            j, ex = nxt
+            guess, _ = self.route(self.linear(ex.router, x), ids.shape[1])
+
+        def fetch():
+            slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids))[3]
+            if nxt is not None:
+                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, self.to_host(guess))
+            return slots
+        return fetch
 
     def attention(self, q, k, v, positions, scale: float):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
@@ -310,12 +338,9 @@ class CUDABackend:
         eagerly (its result is returned), runs it once more into a private memory pool, then
         captures it; later calls with the key copy the inputs into the captured buffers and launch
         the graph (the outputs are the graph's own buffers, valid until the next replay). The step
-        must be idempotent (a decode step rewrites the same cache rows) and read nothing back."""
+        must be idempotent (a decode step rewrites the same cache rows) and read nothing back — except,
+        with streamed experts, the ids each MoE layer's fetch reads between graph segments."""
         xp = self.xp
-        if self.streamer is not None:                   # host decisions every layer: never captured
-            out = step(*(xp.asarray(a) for a in inputs))
-            self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
-            return out
         key = key if self.use_graphs else None
         g = self._graphs.get(key) if key is not None else None
         if g is None:
@@ -323,30 +348,46 @@ class CUDABackend:
             out = step(*static)
             if key is not None:
                 self._capture(key, step, static)
-            return out
-        graph, static, out, _ = g
-        for buf, a in zip(static, inputs):
-            if isinstance(a, np.ndarray):
-                buf.set(a)
-            else:
-                buf[...] = a
-        graph.launch(self.stream)
-        self.launches += 1
+        else:
+            segments, static, out, _ = g
+            for buf, a in zip(static, inputs):
+                if isinstance(a, np.ndarray):
+                    buf.set(a)
+                else:
+                    buf[...] = a
+            for graph, action in segments:     # streamed experts: the host fetches between the segments
+                graph.launch(self.stream)
+                self.launches += 1
+                if action is not None:
+                    action()
+        if self.streamer is not None:
+            self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
         return out
 
     def _capture(self, key, step, static) -> None:
+        """Capture step(*static) as graphs: one, or with streamed experts one segment per MoE layer and a
+        host action after each (read the ids, fetch the experts, set the slots the next segment reads)."""
         import cupy as cp
         pool = cp.cuda.MemoryPool()                 # the graph's temporaries: never handed to anyone else
         with cp.cuda.using_allocator(pool.malloc):
             step(*static)                           # warm the pool with exactly this step's allocations
             n0 = self.launches
-            self.stream.begin_capture(getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", 2))
+            self._segments = []
+            self.stream.begin_capture(self._CAPTURE_MODE)
             try:
                 out = step(*static)
             finally:
-                graph = self.stream.end_capture()
+                self._segments.append((self.stream.end_capture(), None))
+                segments, self._segments = self._segments, None
         self.graph_kernels = self.launches - n0
         self.launches = n0
         while len(self._graphs) >= 2:                # a chat keeps one cache; drop the oldest graph
             self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = (graph, static, out, pool)
+        self._graphs[key] = (segments, static, out, pool)
+
+    _CAPTURE_MODE = 2                                # cudaStreamCaptureModeRelaxed
+
+    def _cut(self, action) -> None:
+        """While capturing: end the current graph here, to be followed by the host's `action` at replay."""
+        self._segments.append((self.stream.end_capture(), action))
+        self.stream.begin_capture(self._CAPTURE_MODE)

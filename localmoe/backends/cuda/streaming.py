@@ -29,8 +29,9 @@ Ordering (all on the device, through events; the host only blocks to reuse a sta
    copy has completed (`host_waits` counts the times the host had to block).
 The compute stream is cupy's current stream at each call: the backend's kernels must run on it, and
 the calls must come from one stream (the waits of rule 1 are not repeated for a slot once done).
-Host decisions per layer (which experts, which copies) mean a step that streams cannot be replayed
-from a captured CUDA graph.
+Host decisions per layer (which experts, which copies) mean a step that streams is captured as one CUDA
+graph per MoE layer's segment (CUDABackend._capture): at replay the host reads each layer's ids, fetches,
+and writes the slots the next segment reads.
 
 The device operations are the few `_methods` at the end, so tests/test_expert_streamer.py can run all
 of the above on the CPU with a simulated copy stream. Nothing here imports cupy at module level.
