@@ -111,11 +111,11 @@ def grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     expert = flat[order]
-    counts = torch.bincount(flat, minlength=E)
+    counts = F.one_hot(flat, E).sum(0)          # = bincount, which reads its max back to the host on a GPU
     padded = (counts // GROUP_ALIGN + 1) * GROUP_ALIGN
     pad_end = torch.cumsum(padded, 0)
     slot = (pad_end - padded)[expert] + torch.arange(n * k, device=dev) - (torch.cumsum(counts, 0) - counts)[expert]
-    total = int(pad_end[-1])
+    total = n * k + GROUP_ALIGN * E      # an upper bound of pad_end[-1]: no host read (rows past it stay zero, unread)
     # gathers and copies by a permutation only (no index_add: its float atomics made two runs of the same
     # seed differ); each token's k rows are summed in a fixed order below
     rows = hidden_states.to(torch.bfloat16).repeat_interleave(k, dim=0)[order]
@@ -142,7 +142,7 @@ class BalanceLoss:
     def hook(self, module, args, output):
         logits, _, idx = output
         probs = logits.float().softmax(-1)
-        share = torch.bincount(idx.reshape(-1), minlength=module.num_experts).float() / idx.numel()
+        share = F.one_hot(idx.reshape(-1), module.num_experts).sum(0).float() / idx.numel()   # bincount syncs
         self.terms.append(module.num_experts * (share * probs.mean(0)).sum())
 
     def pop(self):
@@ -184,6 +184,10 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, workers: int,
     # an op without a deterministic implementation warns once and is named in the log.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # ...but do not fill every new tensor with NaN first (deterministic mode's default): that is ~3,400 extra
+    # kernels per step, 45% of all launches, and this CPU-bound step pays for each. Nothing reads memory it did
+    # not write (a NaN would have shown in the loss), so the bits are the same.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = False
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -203,7 +207,7 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, workers: int,
         groups.setdefault(key, []).append(p)
     groups[(True, True)] += list(probe.parameters())
     opt = torch.optim.AdamW([{"params": ps, "weight_decay": 0.05 if d else 0.0, "lr": lr * (vision_lr if v else 1)}
-                             for (d, v), ps in groups.items()], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
+                             for (d, v), ps in groups.items()], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
     warmup = max(1, steps // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
@@ -211,13 +215,15 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, workers: int,
                                          num_workers=workers, pin_memory=cuda, prefetch_factor=8 if workers else None,
                                          persistent_workers=bool(workers))
     print(f"model: {n_params / 1e6:.2f} M parameters; {steps} steps of {batch} sequences on {dev}", flush=True)
-    t0, tokens, history, skipped = time.time(), 0, [], 0
+    t0, tokens, history, skipped_t = time.time(), 0, [], torch.zeros((), device=dev)
     it = iter(loader)
     for step in range(steps):
         if max_minutes and time.time() - t0 > 60 * max_minutes:
             print(f"stopping early at step {step}: --max-minutes {max_minutes}", flush=True)
             break
-        b = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
+        batch_cpu = next(it)
+        tokens += int(batch_cpu["attention_mask"].sum())          # counted on the host: no device read
+        b = {k: v.to(dev, non_blocking=True) for k, v in batch_cpu.items()}
         labels = b.pop("labels")
         pictures = b.pop("picture_labels", None)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
@@ -229,15 +235,16 @@ def train(out: Path, steps: int, batch: int, lr: float, seed: int, workers: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not torch.isfinite(grad_norm):        # a bad batch must not poison the weights: skip it
-            skipped += 1
-            if skipped > 20:
-                raise SystemExit(f"training diverged: {skipped} non-finite steps (step {step})")
-        else:
-            opt.step()
+        # a bad batch must not poison the weights: the fused optimizer skips the update on the device
+        # when found_inf is 1 (as under GradScaler), so the host never waits for the GPU here
+        opt.found_inf = (~torch.isfinite(grad_norm)).float()
+        skipped_t += opt.found_inf
+        opt.step()
         sched.step()
-        tokens += int(b["attention_mask"].sum())
         if step % log_every == 0 or step == steps - 1:
+            skipped = int(skipped_t)
+            if skipped > 20:
+                raise SystemExit(f"training diverged: {skipped} non-finite steps (by step {step})")
             el = time.time() - t0
             rec = {"step": step, "loss": round(lm.item(), 4), "balance": round(bal.item(), 4), "probe": round(aux.item(), 4),
                    "lr": sched.get_last_lr()[0], "seconds": round(el, 1), "tokens_per_s": round(tokens / max(el, 1e-9)),
