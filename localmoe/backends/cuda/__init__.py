@@ -91,7 +91,8 @@ class CUDABackend:
 
     def stream_experts(self, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", **kw) -> None:
         """Keep the routed experts in a `budget_bytes` pool of slots instead of uploading them whole
-        (streaming.py); dense weights stay resident. Decode steps then run eagerly (host decisions)."""
+        (streaming.py); dense weights stay resident. Decode steps are then captured as one graph segment per
+        MoE layer, the host fetching between them (`replay`)."""
         from .streaming import ExpertStreamer
         self.streamer = ExpertStreamer(self, budget_bytes, n_layers, n_experts, policy, **kw)
 
