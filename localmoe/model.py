@@ -167,11 +167,13 @@ class Model:
         return self._sample_loop(ids, cache, sampler, max_tokens, stop, embeds)
 
     def _sample_loop(self, ids, cache, sampler, max_tokens, stop, embeds=None) -> Iterator[int]:
+        """The last token yielded is not run through the model (nothing would read its logits): the cache
+        ends one short of the tokens yielded, as after a stop token (chat feeds it with the next turn)."""
         logits = self.prefill(ids, cache, embeds=embeds)[-1]
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             tok = sampler(logits)
             yield tok
-            if tok in stop or cache.length >= cache.n_ctx:
+            if tok in stop or cache.length >= cache.n_ctx or i == max_tokens - 1:
                 return
             logits = self.net.forward(np.array([tok]), cache, last_only=True)[-1]
 

@@ -127,6 +127,22 @@ def test_session_reuses_the_kv_cache_across_turns(model):
     assert second.answer == first.answer
 
 
+def test_generate_runs_no_step_after_the_last_token(model):
+    """max_tokens=n: one prefill pass and n - 1 decode steps (the last token's logits would go unused), the
+    tokens those of stepping by hand, and the cache one short of them."""
+    ids = model.chat_tokens([{"role": "user", "content": "hi"}], "high")
+    cache = model.new_cache()
+    model.stats.reset()
+    tokens = list(model.generate_from(cache, ids, max_tokens=5, stop=()))
+    assert model.stats.forward_calls == 1 + 4 and cache.length == len(ids) + 4
+    by_hand, c2 = [], model.new_cache()
+    logits = model.prefill(np.array(ids), c2)[-1]
+    for _ in range(5):
+        by_hand.append(int(np.argmax(logits)))
+        logits = model.net.forward(np.array(by_hand[-1:]), c2, last_only=True)[-1]
+    assert tokens == by_hand
+
+
 def test_session_drops_the_oldest_turns_when_the_context_is_full(model):
     s = Session(model, system="Be brief.", effort="none", max_tokens=6)
     notices = []
