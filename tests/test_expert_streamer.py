@@ -486,4 +486,39 @@ def test_stats_report_the_expert_cache():
     d = st.as_dict()
     assert d["cache_hit_rate"] == 0.75 and d["bytes_h2d"] == 5 * 2 ** 20 and d["bytes_h2d_per_token"] == 5 * 2 ** 18
     assert "hit rate 75.0%" in st.cache_line() and "1.2 MiB/token" in st.cache_line()
+    assert "DMA" not in st.cache_line() and "staged" not in st.cache_line()
+    st.expert_cache = SimStreamer(FAKE_BE, 1 << 20, 2, 8)     # not set up yet: says why it stages
+    assert st.as_dict()["cache_direct_dma"] is False
+    assert st.cache_line().endswith("; staged (not set up yet)")
 
+
+def test_the_model_hands_its_mapped_file_to_the_streamer(scripted_gguf):
+    """Model._place gives the streamer the file's whole mapping (the expert tensors lie in it: DMA'd
+    directly) and Model.close() unregisters it before unmapping. A CPU backend stands in for the GPU."""
+    from localmoe.backends.cpu import CPUBackend
+    from localmoe.model import Model
+
+    class FakeGPU(CPUBackend):
+        streamer = None
+
+        def free_memory(self):
+            return 64 * 2 ** 30
+
+        def stream_experts(self, budget, n_layers, n_experts, policy="lfu", **kw):
+            self.streamer = SimStreamer(FAKE_BE, budget, n_layers, n_experts, policy, **kw)
+
+    be = FakeGPU()
+    probe = Model(scripted_gguf)
+    ex = next(L.experts for L in probe.net.layers if L.experts is not None)
+    m = Model(scripted_gguf, backend=be, gpu_mem=2 * probe.config.n_experts * ex.bytes_per_expert, host_register=True)
+    st = be.streamer
+    assert m.placement.streams() and m.stats.expert_cache is st and st._host is m.file.data
+    i, ex = next((i, L.experts) for i, L in enumerate(m.net.layers) if L.experts is not None)
+    *pools, slots = st.fetch(i, ex.gate, ex.up, ex.down, [[0, 1]])
+    check_slots((ex.gate, ex.up, ex.down), pools, [[0, 1]], slots)
+    n = st.stats()
+    assert n["host_registered"] and n["bytes_direct"] == n["bytes_h2d"] == 2 * ex.bytes_per_expert
+    assert st.registered == [(m.file.data.ctypes.data, m.file.size)]
+    assert "direct DMA from the mapped file" in m.stats.cache_line()
+    m.close()
+    assert st.registered == [] and len(st.unregistered) == 1 and m.file.data is None and st._host is None
