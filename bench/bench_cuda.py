@@ -38,7 +38,10 @@ gguf from the carried wheel):
    slots (localmoe/backends/cuda/streaming.py) instead of being resident; decode under the model's own
    routing and under a replayed Zipf routing (--zipf S, --locality RHO: bench_cache.synthetic_routes),
    each with hit rate, host->GPU bytes per token, and the PCIe roofline at that traffic (a pinned
-   host->device copy's GB/s, measured in the run, / bytes per token).
+   host->device copy's GB/s, measured in the run, / bytes per token). --host-register ab (the default)
+   runs both once per way the misses are copied, on a fresh cache each: "off" (staged: a host memcpy into
+   pinned buffers, then the DMA) and "on" (the mapped file registered with CUDA, DMA'd from directly; the
+   registration's seconds are printed), then the on/off ratio; auto|on|off runs one way.
 """
 from __future__ import annotations
 
@@ -114,6 +117,9 @@ def main() -> None:
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
     ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
     ap.add_argument("--locality", type=float, default=0.25, help="... and P(an expert repeats from the last token)")
+    ap.add_argument("--host-register", choices=("ab", "auto", "on", "off"), default="ab",
+                    help="--gpu-mem's copies: DMA straight from the registered file (on), staged (off), on if "
+                    "the file fits in RAM (auto), or off then on with the ratio (ab)")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -472,42 +478,64 @@ class ReplayedRouting:
 
 
 def stream_bench(args, m) -> None:
-    """Decode with the routed experts streamed through the --gpu-mem cache: model routing, then Zipf."""
+    """Decode with the routed experts streamed through the --gpu-mem cache: model routing, then Zipf; once per
+    --host-register way of copying the misses (a fresh streamer each), then the ratio of the two."""
     import bench_cache
     be, c = m.backend, m.config
     pcie = pinned_h2d_gbs()
     routed_layers = sum(1 for L in m.net.layers if L.experts is not None)
-    st0 = be.streamer
+    st = be.streamer
+    cache_args = (st.budget, st.n_layers, st.n_experts, st.policy)
+    del st                                                # its pools are freed when it is replaced
+    route0, next0 = be.route, dict(be.next_experts)
     ids = [1] + list(range(1000, 1015))
-    rng = np.random.default_rng(0)
-    zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
-                                        args.zipf, args.locality, rng)
-    print(f"\nstreaming: --gpu-mem {args.gpu_mem}; pinned host->device copy {pcie:.1f} GB/s (the PCIe yardstick)",
-          flush=True)
-    for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
-        if name.startswith("Zipf"):
-            be.route = ReplayedRouting(be, zipf)
-        cache = m.new_cache()
-        t0 = time.perf_counter()
-        m.prefill(np.array(ids), cache)
-        for _ in range(32):                               # warm the cache
-            m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
-        cuda_sync(be)
-        warm = time.perf_counter() - t0
-        s0, tok0 = st0.stats(), m.stats.tokens
-        t0 = time.perf_counter()
-        for t in rng.integers(1000, c.vocab_size, args.tokens):
-            m.net.forward(np.array([int(t)]), cache, last_only=True)
-        cuda_sync(be)
-        dt = (time.perf_counter() - t0) / args.tokens
-        s1 = st0.stats()
-        hits, misses = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
-        h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
-        roof = pcie * 1e9 / h2d if h2d else float("inf")
-        print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
-              f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
-              f"; host->GPU {h2d / 1e6:.0f} MB/token; PCIe roofline at that traffic {roof:.2f} tok/s; measured = "
-              f"{1 / dt / roof:.0%} of it; host waits {s1['host_waits'] - s0['host_waits']}", flush=True)
+    print(f"\nstreaming: --gpu-mem {args.gpu_mem}; pinned host->device copy {pcie:.1f} GB/s (the PCIe yardstick); "
+          f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
+    modes = {"ab": (False, True), "auto": (None,), "on": (True,), "off": (False,)}[args.host_register]
+    rates = {}
+    for mode in modes:
+        be.route, be.next_experts = route0, dict(next0)
+        be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode)   # closes the last one
+        st0 = m.net.stats.expert_cache = m._streamer = be.streamer
+        rng = np.random.default_rng(0)
+        zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
+                                            args.zipf, args.locality, rng)
+        print(f" host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}:", flush=True)
+        for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
+            if name.startswith("Zipf"):
+                be.route = ReplayedRouting(be, zipf)
+            cache = m.new_cache()
+            t0 = time.perf_counter()
+            m.prefill(np.array(ids), cache)
+            for _ in range(32):                               # warm the cache
+                m.net.forward(np.array([int(rng.integers(1000, c.vocab_size))]), cache, last_only=True)
+            cuda_sync(be)
+            warm = time.perf_counter() - t0
+            s0, tok0 = st0.stats(), m.stats.tokens
+            if not name.startswith("Zipf"):                   # registered (or not) at the first fetch
+                print("  copies: " + (f"direct DMA from the registered file (registered in {s0['register_s']:.2f} s, "
+                                       f"within the warm-up)" if s0["host_registered"] else
+                                       f"staged ({s0['register_why_not']})"), flush=True)
+            t0 = time.perf_counter()
+            for t in rng.integers(1000, c.vocab_size, args.tokens):
+                m.net.forward(np.array([int(t)]), cache, last_only=True)
+            cuda_sync(be)
+            dt = (time.perf_counter() - t0) / args.tokens
+            s1 = st0.stats()
+            hits, misses = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+            h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
+            direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
+            roof = pcie * 1e9 / h2d if h2d else float("inf")
+            rates[mode, name] = 1 / dt
+            print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
+                  f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
+                  f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "
+                  f"traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
+                  f"{s1['host_waits'] - s0['host_waits']}", flush=True)
+    if len(modes) == 2:
+        print(" direct (on) / staged (off): " + "; ".join(
+            f"{name.split(' (')[0]} {rates[True, name] / rates[False, name]:.2f}x"
+            for (mode, name) in rates if mode is False), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

@@ -38,10 +38,12 @@ def make_backend(name="cpu"):
 class Model:
     """A loaded model: `config`, `tokenizer`, `stats`, `logits(ids)`, `generate(ids, ...)`."""
 
-    def __init__(self, path: str | Path, backend: str = "cpu", n_ctx: int | None = None, gpu_mem: int | None = None):
+    def __init__(self, path: str | Path, backend: str = "cpu", n_ctx: int | None = None, gpu_mem: int | None = None,
+                 host_register: bool | None = None):
         """gpu_mem: VRAM bytes for a cache of routed experts streamed from the file (CUDA backend);
         None: every weight resident when the model fits the GPU, else the experts stream through
-        what is left (`placement`)."""
+        what is left (`placement`). host_register: when experts stream, pin the mapped file so they are
+        DMA'd from it directly (None: if it fits in RAM; backends/cuda/streaming.py)."""
         from .tokenizer import load_tokenizer
 
         self.path = Path(path)
@@ -59,12 +61,13 @@ class Model:
         self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.max_position_embeddings)
         self.quant_fallback = list(f.get(KEY_QUANT_FALLBACK, []))
         self.placement = None
+        self._streamer = None             # the backend's ExpertStreamer, when this model set one up
         if hasattr(self.backend, "free_memory"):
-            self.placement = self._place(gpu_mem)
+            self.placement = self._place(gpu_mem, host_register)
         elif gpu_mem is not None:
             raise InputError(f"--gpu-mem needs the cuda backend (this is {self.backend.name})")
 
-    def _place(self, gpu_mem: int | None):
+    def _place(self, gpu_mem: int | None, host_register: bool | None = None):
         """Everything resident when it fits the GPU; else (or with gpu_mem) the routed experts stream
         through a VRAM cache (localmoe/placement.py decides, the backend's ExpertStreamer moves them)."""
         from .placement import PlacementError, layer_bytes, plan
@@ -78,11 +81,19 @@ class Model:
         except PlacementError as e:
             raise InputError(str(e)) from None
         if p.streams(0):
-            be.stream_experts(p.expert_cache[0], c.num_hidden_layers, c.n_experts)
+            be.stream_experts(p.expert_cache[0], c.num_hidden_layers, c.n_experts, host_buffer=self.file.data,
+                              host_register=host_register)
             moe = [(i, L.experts) for i, L in enumerate(self.net.layers) if L.experts is not None]
             be.next_experts = {i: nxt for (i, _), nxt in zip(moe, moe[1:])}
-            self.net.stats.expert_cache = be.streamer
+            self.net.stats.expert_cache = self._streamer = be.streamer
         return p
+
+    def close(self) -> None:
+        """Unmap the file, after the expert streamer this model set up has unregistered it from CUDA. The
+        model is unusable afterwards; a backend passed in stays its owner's to close."""
+        if self._streamer is not None:
+            self._streamer.close()
+        self.file.close()
 
     @property
     def stats(self):
@@ -218,6 +229,6 @@ def resolve(name_or_path: str | os.PathLike | None = None) -> Path:
 
 
 def load(path_or_name: str | os.PathLike | None = None, backend: str = "cpu", n_ctx: int | None = None,
-         gpu_mem: int | None = None) -> Model:
+         gpu_mem: int | None = None, host_register: bool | None = None) -> Model:
     """The model at a path or preset name; without one, the bundled demo model."""
-    return Model(resolve(path_or_name), backend=backend, n_ctx=n_ctx, gpu_mem=gpu_mem)
+    return Model(resolve(path_or_name), backend=backend, n_ctx=n_ctx, gpu_mem=gpu_mem, host_register=host_register)

@@ -4,11 +4,14 @@ On the CPU the device is simulated (SimStreamer): pools are numpy arrays, and th
 that runs only when an event behind it is waited for, as late as a real GPU may run it. So a missing
 copy -> kernel wait leaves stale bytes in a slot, a staging buffer refilled too early corrupts a copy,
 and a copy into a slot before the copy stream waited for its previous readers fails an assertion; the
-mutation test checks that each of these bugs is caught. The GPU test runs the real cupy path (skipped
-without a GPU).
+mutation test checks that each of these bugs is caught. The "mapped file" of the direct path is one
+uint8 array the layers' tensors are carved from (`Blob`); registering it is recorded, every copy must
+come from pinned memory (a staging buffer or the registered range), and unregistering with copies still
+queued fails. The GPU test runs the real cupy path (skipped without a GPU).
 """
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,8 +36,12 @@ class SimStreamer(ExpertStreamer):
     Events: ("copy", queue position) or ("compute", number of fetches whose kernels had run). The
     test plays the kernels: `consume(slots)` right after each fetch reads the slots."""
 
+    fail_register = None      # an exception for _register to raise (a CUDA refusal)
+
     def _init_device(self):
         self.queue, self.ran = [], 0
+        self.registered = []      # (start, nbytes) ranges registered now
+        self.unregistered = []
         self.allowed = 0          # the copy stream has waited for the readers of fetches 1..allowed
         self.consumed = 0         # fetches whose kernels have run
         self.last_reader = {}     # slot -> number of the fetch that read it last
@@ -48,7 +55,24 @@ class SimStreamer(ExpertStreamer):
         return np.empty(nbytes, np.uint8)
 
     def _h2d(self, pool, offset, src):
+        assert self.pinned(src), "a copy from pageable memory"
         self.queue.append(("copy", pool, offset, src))   # src is read when the copy runs, not now
+
+    def pinned(self, src):
+        p = src.__array_interface__["data"][0]
+        return (any(np.shares_memory(src, b) for b in self._stage)
+                or any(lo <= p and p + src.nbytes <= lo + n for lo, n in self.registered))
+
+    def _register(self, start, nbytes):
+        if self.fail_register is not None:
+            raise self.fail_register
+        self.registered.append((start, nbytes))
+
+    def _unregister(self, start):
+        assert self.ran == len(self.queue), "unregistered while copies from it are queued"
+        (r,) = [r for r in self.registered if r[0] == start]
+        self.registered.remove(r)
+        self.unregistered.append(r)
 
     def _record(self, on_copy):
         return ("copy", len(self.queue)) if on_copy else ("compute", self.consumed)
@@ -89,12 +113,29 @@ class SimStreamer(ExpertStreamer):
             self.last_reader[s] = self.consumed
 
 
-def random_layer(rng, E=8, H=128, I=64, D=96) -> tuple[Weight, Weight, Weight]:
+class Blob:
+    """One uint8 array standing in for the mapped GGUF: random tensors carved from it back to back, each at
+    an odd offset (tensors in a file share pages); the file's `data`."""
+
+    def __init__(self, nbytes: int):
+        self.data, self.used = np.zeros(nbytes, np.uint8), 0
+
+    def __call__(self, rng, shape):
+        n = int(np.prod(shape))
+        self.used += 13
+        a = self.data[self.used:self.used + n].reshape(shape)
+        a[...] = rng.integers(0, 256, shape, dtype=np.uint8)
+        self.used += n
+        return a
+
+
+def random_layer(rng, E=8, H=128, I=64, D=96, blob: Blob | None = None) -> tuple[Weight, Weight, Weight]:
     """Q8_0-shaped random bytes: gate and up as views of one fused [E, 2I, .] tensor (mistral4's
     layout: each expert's rows are contiguous, the tensor is not), down [E, D, .] with cols I + 32 (not
-    a multiple of 64: a uint8 pool)."""
-    gu = rng.integers(0, 256, (E, 2 * I, H // 32 * 34), dtype=np.uint8)
-    down = rng.integers(0, 256, (E, D, (I + 32) // 32 * 34), dtype=np.uint8)
+    a multiple of 64: a uint8 pool). In `blob` when given, else separate arrays."""
+    alloc = blob or (lambda rng, shape: rng.integers(0, 256, shape, dtype=np.uint8))
+    gu = alloc(rng, (E, 2 * I, H // 32 * 34))
+    down = alloc(rng, (E, D, (I + 32) // 32 * 34))
     return (Weight(gu[:, :I], Q8, H, "gate"), Weight(gu[:, I:], Q8, H, "up"),
             Weight(down, Q8, I + 32, "down"))
 
@@ -129,14 +170,20 @@ def drive(st: SimStreamer, layers, rng, steps=150, k=3, max_tokens=3, prefetch=0
     return lookups
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "hot"])
-def test_random_fetches_put_the_right_bytes_in_the_slots(policy, monkeypatch):
+def test_random_fetches_put_the_right_bytes_in_the_slots(policy, direct, monkeypatch):
+    """Staged, or direct from the registered file: with the copies run as late as they may be, every slot
+    holds its expert's bytes."""
     monkeypatch.setattr(streaming, "MIN_CHUNK", 1000)      # host copies in 3 pieces, over 3 threads
     rng = np.random.default_rng(["lru", "lfu", "hot"].index(policy))
     L, E = 3, 8
-    layers = [random_layer(rng) for _ in range(L)]
+    blob = Blob(1 << 20) if direct else None
+    layers = [random_layer(rng, blob=blob) for _ in range(L)]
     bpe = sum(w.raw[0].nbytes for w in layers[0])
     kw = {"hot_counts": rng.integers(0, 50, (L, E)), "hot_fraction": 0.2} if policy == "hot" else {}
+    if direct:
+        kw.update(host_buffer=blob.data, host_register=True)
     st = SimStreamer(FAKE_BE, 10 * bpe + bpe // 2, L, E, policy=policy, copy_threads=3, **kw)
     assert st.stats()["slots"] == 0 and st.stats()["bytes_h2d"] == 0       # nothing allocated yet
     if policy == "hot":                                     # fill the hot set first, as the backend would
@@ -151,8 +198,15 @@ def test_random_fetches_put_the_right_bytes_in_the_slots(policy, monkeypatch):
     assert n["hits"] + n["misses"] == n["lookups"] == lookups
     loads = n["misses"] + n["prefetch_loads"] + n["admits"]
     assert n["bytes_h2d"] == loads * bpe == n["bytes_moved"]
-    assert n["evictions"] > 0 and n["prefetch_loads"] > 0 and n["hits"] > 0 and n["host_waits"] > 0
+    assert n["evictions"] > 0 and n["prefetch_loads"] > 0 and n["hits"] > 0
     assert n["tokens"] == 150 // L
+    if direct:                                              # no staging buffer, no host wait
+        assert n["host_registered"] and n["register_why_not"] == "" and n["register_s"] >= 0
+        assert st.registered == [(blob.data.ctypes.data, blob.data.nbytes)]
+        assert n["bytes_direct"] == n["bytes_h2d"] and n["staging_bytes"] == 0 and n["host_waits"] == 0
+    else:
+        assert not n["host_registered"] and n["register_why_not"] == "no mapped file given"
+        assert n["bytes_direct"] == 0 and n["staging_bytes"] == 3 * bpe and n["host_waits"] > 0
     st.run()                                                # every queued copy done: the whole table holds
     assert st.copied == n["bytes_h2d"]
     table = st.cache.table()
@@ -175,24 +229,127 @@ def test_prefetch_does_not_wait_and_fetch_waits_for_it():
     assert (n["prefetch_hits"], n["misses"], n["bytes_h2d"]) == (2, 3, 5 * bpe)
 
 
-@pytest.mark.parametrize("bug", ["no compute wait", "staging reused early", "no copy wait"])
-def test_the_simulation_catches_ordering_bugs(bug):
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+@pytest.mark.parametrize("bug", ["no compute wait", "no host wait", "no copy wait"])
+def test_the_simulation_catches_ordering_bugs(bug, direct):
+    """Each missing wait is caught: "no host wait" reuses a staging buffer early (staged) or unregisters the
+    file with copies from it in flight (direct, at close)."""
     class Broken(SimStreamer):
         def _wait(self, ev, on_copy):
             if bug != ("no copy wait" if on_copy else "no compute wait"):
                 super()._wait(ev, on_copy)
 
         def _sync(self, ev):
-            return False if bug == "staging reused early" else super()._sync(ev)
+            return False if bug == "no host wait" else super()._sync(ev)
     rng = np.random.default_rng(3)
-    layers = [random_layer(rng) for _ in range(3)]
+    blob = Blob(1 << 20) if direct else None
+    layers = [random_layer(rng, blob=blob) for _ in range(3)]
     bpe = sum(w.raw[0].nbytes for w in layers[0])
-    st = Broken(FAKE_BE, 6 * bpe, 3, 8)
+    kw = {"host_buffer": blob.data, "host_register": True} if direct else {}
+    st = Broken(FAKE_BE, 6 * bpe, 3, 8, **kw)
     with pytest.raises(AssertionError):
         drive(st, layers, rng, steps=60, k=2, max_tokens=3)
+        *_, slots = st.fetch(1, *layers[1], [[0]])          # one slot pinned: a prefetch of layer 0 loads
+        st.consume(slots)
+        for e in range(8):                                   # (at most 5 of its 8 experts are resident)
+            st.prefetch(0, *layers[0], [e])
+        st.close()                                           # with those copies in flight
         st.run()
         for layer, e in zip(*np.nonzero(st.cache.table() >= 0)):
             check_slots(layers[layer], st.pools, [e], np.array([st.cache.table()[layer, e]], np.int32))
+    assert st.stats()["bytes_direct"] == (st.stats()["bytes_h2d"] if direct else 0)
+
+
+def test_close_unregisters_after_the_copies():
+    """close() waits for the copies in flight, then unregisters the one range; later copies are staged."""
+    rng = np.random.default_rng(4)
+    blob = Blob(1 << 20)
+    layers = [random_layer(rng, blob=blob) for _ in range(2)]
+    bpe = sum(w.raw[0].nbytes for w in layers[0])
+    st = SimStreamer(FAKE_BE, 4 * bpe, 2, 8, host_buffer=blob.data, host_register=True)
+    st.fetch(0, *layers[0], [[1, 2]])
+    st.prefetch(1, *layers[1], [3, 4])
+    assert st.ran < len(st.queue)                            # in flight when close() is called
+    st.close()
+    assert st.registered == [] and st.unregistered == [(blob.data.ctypes.data, blob.data.nbytes)]
+    n = st.stats()
+    assert not n["host_registered"] and n["register_why_not"] == "closed" and n["bytes_direct"] == 4 * bpe
+    *pools, slots = st.fetch(1, *layers[1], [[5, 3]])       # after close: staged (3 is still resident)
+    check_slots(layers[1], pools, [[5, 3]], slots)
+    assert st.stats()["bytes_direct"] == 4 * bpe and st.stats()["staging_bytes"] == 3 * bpe
+    st.close()                                               # twice: nothing more
+    assert len(st.unregistered) == 1
+
+
+def test_a_refused_registration_falls_back_to_staging():
+    rng = np.random.default_rng(6)
+    blob = Blob(1 << 20)
+    layers = [random_layer(rng, blob=blob) for _ in range(3)]
+    bpe = sum(w.raw[0].nbytes for w in layers[0])
+    st = SimStreamer(FAKE_BE, 6 * bpe, 3, 8, host_buffer=blob.data, host_register=True)
+    st.fail_register = RuntimeError("cudaErrorNotSupported: operation not supported")
+    drive(st, layers, rng, steps=60, k=2)
+    n = st.stats()
+    assert not n["host_registered"] and st.registered == []
+    assert n["register_why_not"] == "cudaHostRegister failed: cudaErrorNotSupported: operation not supported"
+    assert n["bytes_direct"] == 0 and n["bytes_h2d"] > 0 and n["staging_bytes"] == 3 * bpe
+    st.close()
+    assert st.unregistered == []
+
+
+def test_weights_outside_the_registered_file_are_staged():
+    """Layer 0 lies in the registered buffer, layer 1 does not: only layer 0's experts are DMA'd directly
+    (the simulation fails a copy from unregistered, unstaged memory)."""
+    rng = np.random.default_rng(8)
+    blob = Blob(1 << 19)
+    layers = [random_layer(rng, blob=blob), random_layer(rng)]
+    bpe = sum(w.raw[0].nbytes for w in layers[0])
+    st = SimStreamer(FAKE_BE, 4 * bpe, 2, 8, host_buffer=blob.data, host_register=True)
+    *pools, slots = st.fetch(0, *layers[0], [[1, 2]])
+    check_slots(layers[0], pools, [[1, 2]], slots)
+    assert st.stats()["staging_bytes"] == 0                  # not made until a staged copy needs one
+    st.consume(slots)
+    drive(st, layers, rng, steps=40, k=2, max_tokens=1)
+    n = st.stats()
+    assert 0 < n["bytes_direct"] < n["bytes_h2d"] and n["staging_bytes"] == 3 * bpe and n["host_registered"]
+    direct_loads = sum(1 for op in st.queue if op[0] == "copy" and not any(np.shares_memory(op[3], b)
+                                                                            for b in st._stage)) // 3
+    assert direct_loads * bpe == n["bytes_direct"]
+    assert all(np.shares_memory(op[3], blob.data) for op in st.queue if op[0] == "copy"
+               and not any(np.shares_memory(op[3], b) for b in st._stage))
+
+
+def test_pinnable_bytes_leaves_a_quarter_or_8_gib():
+    GiB = 2 ** 30
+    info = "MemFree:        1000 kB\nMemTotal:       {} kB\nBuffers: 0 kB\n"
+    assert streaming.pinnable_bytes(info.format(128 * 2 ** 20)) == 96 * GiB          # 128 GiB: a quarter left
+    assert streaming.pinnable_bytes(info.format(24 * 2 ** 20)) == 16 * GiB           # 24 GiB: 8 GiB left
+    assert streaming.pinnable_bytes(info.format(6 * 2 ** 20)) == 0
+    assert streaming.pinnable_bytes("MemFree: 5 kB\n") is None
+
+
+@pytest.mark.parametrize("total_gib, setting, registered, why", [
+    (64, None, True, ""),
+    (8, None, False, r"the file \(0\.5 GiB\) is more than the RAM it may pin \(0\.0 GiB"),
+    (None, None, False, r"RAM unknown"),
+    (8, True, True, ""),                                    # on: the RAM check is skipped
+    (64, False, False, r"turned off")])
+def test_auto_registers_when_the_file_fits_in_ram(monkeypatch, total_gib, setting, registered, why):
+    info = "" if total_gib is None else f"MemTotal: {total_gib * 2 ** 20} kB\n"
+    monkeypatch.setattr(streaming, "_meminfo", lambda: info)
+    rng = np.random.default_rng(9)
+    big = np.zeros(2 ** 29, np.uint8)                        # 0.5 GiB, never touched but by the layers
+    blob = Blob(1)
+    blob.data = big
+    layers = [random_layer(rng, blob=blob)]
+    bpe = sum(w.raw[0].nbytes for w in layers[0])
+    st = SimStreamer(FAKE_BE, 4 * bpe, 1, 8, host_buffer=big, host_register=setting)
+    assert st.stats()["register_why_not"] == "not set up yet"
+    *pools, slots = st.fetch(0, *layers[0], [[1, 2]])
+    check_slots(layers[0], pools, [[1, 2]], slots)
+    n = st.stats()
+    assert n["host_registered"] == registered and re.match(why, n["register_why_not"])
+    assert n["bytes_direct"] == (2 * bpe if registered else 0)
 
 
 def test_errors():
@@ -230,13 +387,38 @@ def pool_gemv(be, w: Weight, dev, dev2, mats, xidx, x, P, fused):
     return y
 
 
+def mapped_read_only(path, layers):
+    """The layers' tensors written to one file at odd offsets and mapped back read-only (as GGUFFile maps
+    a model): (the mapping, its uint8 array, the layers as Weights over it)."""
+    import mmap
+    offs, pos = [], 0
+    with open(path, "wb") as f:
+        for ws in layers:
+            for w in ws:
+                pos += 13
+                f.seek(pos)
+                f.write(np.ascontiguousarray(w.raw).tobytes())
+                offs.append(pos)
+                pos += w.raw.nbytes
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    data = np.frombuffer(mm, np.uint8)
+    it = iter(offs)
+    out = [tuple(Weight(data[o:o + w.raw.nbytes].reshape(w.raw.shape), w.type, w.cols, w.name)
+                 for w, o in zip(ws, it)) for ws in layers]
+    return mm, data, out
+
+
 @needs_gpu
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0], ids=lambda t: t.name)
-def test_gpu_pools_match_resident_experts(t):
+def test_gpu_pools_match_resident_experts(t, direct, tmp_path):
     """Through the real cupy path: the pools' bytes are the experts', and the gemv kernels on the pools
     with slot ids give the same bits as on the resident tensors with expert ids. A large matmul before
     each step's gemvs keeps the compute stream busy, so copies that did not wait for the previous
-    readers (rule 2), or gemvs that did not wait for the copies (rule 1), would read the wrong bytes."""
+    readers (rule 2), or gemvs that did not wait for the copies (rule 1), would read the wrong bytes.
+    direct: the experts lie in a read-only file mapping registered with CUDA (skipped at the end, after
+    the staged fallback was checked, where CUDA refuses to register it)."""
     import cupy as cp
     from localmoe.backends.cuda import CUDABackend
     be = CUDABackend()
@@ -245,7 +427,11 @@ def test_gpu_pools_match_resident_experts(t):
     layers = [(quantized(rng, (E, I, H), t), quantized(rng, (E, I, H), t), quantized(rng, (E, H, I), t))
               for _ in range(L)]
     bpe = sum(w.expert_nbytes() for w in layers[0])
-    st = ExpertStreamer(be, 4 * bpe, L, E, policy="lru")
+    kw = {}
+    if direct:
+        mm, data, layers = mapped_read_only(tmp_path / "experts.bin", layers)
+        kw = {"host_buffer": data, "host_register": True}
+    st = ExpertStreamer(be, 4 * bpe, L, E, policy="lru", **kw)
     busy = cp.asarray(rng.standard_normal((4096, 4096)).astype(np.float32))
     results = []
     for step in range(60):
@@ -279,6 +465,11 @@ def test_gpu_pools_match_resident_experts(t):
     n = st.stats()
     assert n["evictions"] > 0 and n["bytes_h2d"] == (n["misses"] + n["prefetch_loads"]) * bpe
     assert st.fast == all(be.K.fast_ok(int(w.type), w.cols) for w in layers[0])
+    assert n["bytes_direct"] == (n["bytes_h2d"] if n["host_registered"] else 0)
+    assert n["staging_bytes"] == (0 if n["host_registered"] else 3 * bpe)
+    st.close()
+    if direct and not n["host_registered"]:
+        pytest.skip(f"CUDA refused to register the read-only mapping: {n['register_why_not']}")
 
 
 def test_stats_report_the_expert_cache():
@@ -295,3 +486,43 @@ def test_stats_report_the_expert_cache():
     d = st.as_dict()
     assert d["cache_hit_rate"] == 0.75 and d["bytes_h2d"] == 5 * 2 ** 20 and d["bytes_h2d_per_token"] == 5 * 2 ** 18
     assert "hit rate 75.0%" in st.cache_line() and "1.2 MiB/token" in st.cache_line()
+    assert "DMA" not in st.cache_line() and "staged" not in st.cache_line()
+    st.expert_cache = SimStreamer(FAKE_BE, 1 << 20, 2, 8)     # not set up yet: says why it stages
+    assert st.as_dict()["cache_direct_dma"] is False
+    assert st.cache_line().endswith("; staged (not set up yet)")
+
+
+def test_the_model_hands_its_mapped_file_to_the_streamer(request):
+    """Model._place gives the streamer the file's whole mapping (the expert tensors lie in it: DMA'd
+    directly) and Model.close() unregisters it before unmapping. A CPU backend stands in for the GPU."""
+    try:
+        scripted_gguf = request.getfixturevalue("scripted_gguf")
+    except pytest.FixtureLookupError:            # the GPU machine runs this file with --noconftest
+        pytest.skip("needs tests/conftest.py's scripted_gguf (run without --noconftest)")
+    from localmoe.backends.cpu import CPUBackend
+    from localmoe.model import Model
+
+    class FakeGPU(CPUBackend):
+        streamer = None
+
+        def free_memory(self):
+            return 64 * 2 ** 30
+
+        def stream_experts(self, budget, n_layers, n_experts, policy="lfu", **kw):
+            self.streamer = SimStreamer(FAKE_BE, budget, n_layers, n_experts, policy, **kw)
+
+    be = FakeGPU()
+    probe = Model(scripted_gguf)
+    ex = next(L.experts for L in probe.net.layers if L.experts is not None)
+    m = Model(scripted_gguf, backend=be, gpu_mem=2 * probe.config.n_experts * ex.bytes_per_expert, host_register=True)
+    st = be.streamer
+    assert m.placement.streams() and m.stats.expert_cache is st and st._host is m.file.data
+    i, ex = next((i, L.experts) for i, L in enumerate(m.net.layers) if L.experts is not None)
+    *pools, slots = st.fetch(i, ex.gate, ex.up, ex.down, [[0, 1]])
+    check_slots((ex.gate, ex.up, ex.down), pools, [[0, 1]], slots)
+    n = st.stats()
+    assert n["host_registered"] and n["bytes_direct"] == n["bytes_h2d"] == 2 * ex.bytes_per_expert
+    assert st.registered == [(m.file.data.ctypes.data, m.file.size)]
+    assert "direct DMA from the mapped file" in m.stats.cache_line()
+    m.close()
+    assert st.registered == [] and len(st.unregistered) == 1 and m.file.data is None and st._host is None

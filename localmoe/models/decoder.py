@@ -99,8 +99,11 @@ class Stats:
              "expert_bytes": self.expert_bytes}
         if self.expert_cache is not None:
             c = self.expert_cache.stats()
-            d.update(cache_hit_rate=c["hits"] / max(1, c["hits"] + c["misses"]), cache_slots=c["slots"],
+            hits, misses = c.get("hits", 0), c.get("misses", 0)          # none before the first fetch
+            d.update(cache_hit_rate=hits / max(1, hits + misses), cache_slots=c["slots"],
                      bytes_h2d=c["bytes_h2d"], bytes_h2d_per_token=c["bytes_h2d"] / max(1, self.tokens))
+            if "host_registered" in c:
+                d.update(cache_direct_dma=c["host_registered"], cache_register_why_not=c["register_why_not"])
         return d
 
     def cache_line(self) -> str:
@@ -108,8 +111,12 @@ class Stats:
         if self.expert_cache is None:
             return ""
         d = self.as_dict()
+        how = ""
+        if "cache_direct_dma" in d:
+            how = "; direct DMA from the mapped file" if d["cache_direct_dma"] else \
+                f"; staged ({d['cache_register_why_not']})"
         return (f"expert cache: {d['cache_slots']} slots, hit rate {d['cache_hit_rate']:.1%}, host->GPU "
-                f"{d['bytes_h2d_per_token'] / 2 ** 20:.1f} MiB/token ({d['bytes_h2d'] / 2 ** 30:.2f} GiB in all)")
+                f"{d['bytes_h2d_per_token'] / 2 ** 20:.1f} MiB/token ({d['bytes_h2d'] / 2 ** 30:.2f} GiB in all){how}")
 
 
 class Decoder:

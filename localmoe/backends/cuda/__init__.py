@@ -92,9 +92,20 @@ class CUDABackend:
     def stream_experts(self, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", **kw) -> None:
         """Keep the routed experts in a `budget_bytes` pool of slots instead of uploading them whole
         (streaming.py); dense weights stay resident. Decode steps are then captured as one graph segment per
-        MoE layer, the host fetching between them (`replay`)."""
+        MoE layer, the host fetching between them (`replay`). kw: ExpertStreamer's, e.g. host_buffer (the mapped
+        file, DMA'd from directly once registered) and host_register. Called again, it replaces the streamer:
+        the old one is closed and the graphs that read its pools are dropped."""
         from .streaming import ExpertStreamer
+        if self.streamer is not None:
+            self.close()
+            self._graphs.clear()
         self.streamer = ExpertStreamer(self, budget_bytes, n_layers, n_experts, policy, **kw)
+
+    def close(self) -> None:
+        """Unregister the mapped file the expert streamer pinned (this must come before the file is unmapped);
+        resident weights stay usable."""
+        if self.streamer is not None:
+            self.streamer.close()
 
     # -- weights ----------------------------------------------------------------------------------
     def upload(self, w: Weight):

@@ -6,13 +6,23 @@ instead of E. A slot s holds one (layer, expert)'s three matrices at matrix inde
 gemv kernels run unchanged with `mats` = slot ids instead of expert ids. All MoE layers share the pools
 (their expert tensors must have the same shapes and types). S = budget // bytes per expert
 (`ExpertCache.for_budget`); localmoe/cache.py decides which expert occupies which slot, this module
-moves the bytes: from the memory-mapped GGUF (`w.raw[e]`, pageable) into one of a small ring of pinned
-staging buffers (a host memcpy: this is where the file is read), then cudaMemcpyAsync into the slot on
-a dedicated non-blocking copy stream, so the copies overlap the kernels of the compute stream. The host
-memcpy is split over `copy_threads` threads (numpy releases the GIL). Measured on an H100 machine
-(16 cores; 14.2 MB Q4_0 experts from RAM, all misses): 8.0 GB/s end to end with one thread, 16.7 GB/s
-with four, 14.2 with eight; a pinned host -> device copy alone does 54 GB/s, the host copy alone 9.8
-GB/s on one thread and 29.5 on four (the two share the host's memory bandwidth).
+moves the bytes from the memory-mapped GGUF (`w.raw[e]`) into the slot with cudaMemcpyAsync on a dedicated
+non-blocking copy stream, so the copies overlap the kernels of the compute stream. Two ways:
+- direct (when the model hands over its file's bytes, `host_buffer`): at the first fetch the whole mapping
+  is registered with CUDA once (cudaHostRegister, read-only flag: the map is PROT_READ; one range, since
+  neighbouring tensors share pages), so its pages are pinned and each matrix is DMA'd straight from the
+  file's bytes: no host copy, no host wait. Pinning keeps the whole file in RAM, so by default
+  (`host_register=None`) it is done only when the file leaves max(8 GiB, 25%) of MemTotal free
+  (`pinnable_bytes`); False never registers, True skips that check. If CUDA refuses (a driver or device
+  without read-only registration, say) the reason is kept (`stats()["register_why_not"]`) and every copy
+  is staged. `close()` unregisters (after the copies in flight), before the file may be unmapped.
+- staged (no buffer, not registered, or a weight outside the registered range): the host first copies
+  the expert into one of a small ring of pinned staging buffers (this is where the file is read; allocated
+  at the first staged copy), split over `copy_threads` threads (numpy releases the GIL). Measured on an
+  H100 machine (16 cores; 14.2 MB Q4_0 experts from RAM, all misses): 8.0 GB/s end to end with one
+  thread, 16.7 GB/s with four, 14.2 with eight; a pinned host -> device copy alone does 54 GB/s, the host
+  copy alone 9.8 GB/s on one thread and 29.5 on four (the two share the host's memory bandwidth). The
+  direct path has not been measured yet (bench/bench_cuda.py --gpu-mem compares the two).
 
 Ordering (all on the device, through events; the host only blocks to reuse a staging buffer):
 1. copy -> kernel: an event is recorded on the copy stream after each slot's copy; `fetch` makes the
@@ -25,8 +35,9 @@ Ordering (all on the device, through events; the host only blocks to reuse a sta
    event of the previous fetch's slots, and a copy into a slot makes the copy stream wait for that
    slot's event first. The current fetch's slots have no such event yet; the cache pins them until the
    next lookup, so a `prefetch` issued meanwhile never copies into them.
-3. staging: a staging buffer is refilled by the host only after the event recorded behind its last
-   copy has completed (`host_waits` counts the times the host had to block).
+3. staging (staged copies only): a staging buffer is refilled by the host only after the event recorded
+   behind its last copy has completed (`host_waits` counts the times the host had to block). Direct
+   copies read the file's bytes, which nothing writes.
 The compute stream is cupy's current stream at each call: the backend's kernels must run on it, and
 the calls must come from one stream (the waits of rule 1 are not repeated for a slot once done).
 Host decisions per layer (which experts, which copies) mean a step that streams is captured as one CUDA
@@ -38,6 +49,8 @@ of the above on the CPU with a simulated copy stream. Nothing here imports cupy 
 """
 from __future__ import annotations
 
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -47,19 +60,48 @@ from .. import Weight
 
 N_STAGING = 3        # pinned staging buffers of one expert each: a miss's host read overlaps the last one's DMA
 MIN_CHUNK = 1 << 20  # a host copy is split over threads in pieces of at least this many bytes
+REGISTER_READ_ONLY = 0x08   # cudaHostRegisterReadOnly: needed to pin a PROT_READ mapping
+GiB = 1 << 30
 
 
 def _describe(w: Weight) -> str:
     return f"{w.name or '?'} type {int(w.type)} cols {w.cols} {w.n_experts} x {w.raw[0].nbytes} B"
 
 
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def pinnable_bytes(meminfo: str) -> int | None:
+    """How much of the host's RAM the mapped file may pin (/proc/meminfo's text): MemTotal less
+    max(8 GiB, a quarter of it), left for everything else since pinned pages cannot be paged out.
+    None when MemTotal is not there."""
+    m = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo, re.M)
+    if m is None:
+        return None
+    total = int(m.group(1)) * 1024
+    return max(0, total - max(8 * GiB, total // 4))
+
+
+def _meminfo() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 class ExpertStreamer:
     """Fetches (layer, expert) matrices into the slot pools on demand or ahead of need; see the module
     docstring. `budget_bytes` is the VRAM for the pools; `policy` and `cache_kw` go to ExpertCache;
-    `copy_threads` host threads copy from the mapped file into the staging buffers."""
+    `copy_threads` host threads copy from the mapped file into the staging buffers. `host_buffer`: the
+    whole mapped file as one uint8 array (GGUFFile.data), registered with CUDA at the first fetch when
+    `host_register` allows it (None: if it fits in RAM, `pinnable_bytes`) so weights inside it are copied
+    without staging; held until `close()`, which must come before the file is unmapped."""
 
     def __init__(self, be, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", *,
-                 copy_threads: int = 4, **cache_kw):
+                 copy_threads: int = 4, host_buffer: np.ndarray | None = None, host_register: bool | None = None,
+                 **cache_kw):
         self.be, self.xp = be, be.xp
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
@@ -68,7 +110,14 @@ class ExpertStreamer:
         self.cache: ExpertCache | None = None   # made with the pools, once the first layer's shapes are known
         self.pools: tuple = ()
         self.fast = False                        # every pool a uint32 view (the fast kernels' layout)
-        self.bytes_h2d = self.host_waits = 0
+        self.bytes_h2d = self.bytes_direct = self.host_waits = 0
+        if host_buffer is not None and (host_buffer.dtype != np.uint8 or not host_buffer.flags.c_contiguous):
+            raise ValueError("host_buffer must be one contiguous uint8 array (the mapped file)")
+        self._host, self.host_register = host_buffer, host_register
+        self._host_range = (0, 0)                # [start, end) registered with CUDA
+        self.host_registered, self.register_s, self.register_why_not = False, 0.0, "not set up yet"
+        self._stage: list = []
+        self._newest_copy = None                 # the event behind the last copy enqueued
 
     # -- the calls the backend makes ------------------------------------------------------------------
     def fetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray):
@@ -111,14 +160,37 @@ class ExpertStreamer:
             self.cache.end_token(n)
 
     def stats(self) -> dict:
-        """ExpertCache.stats() and what actually moved: bytes_h2d (host -> device copies), host_waits
-        (staging buffer still in flight), slots, slot_bytes (one expert), pool_bytes, staging_bytes."""
+        """ExpertCache.stats() and what actually moved: bytes_h2d (host -> device copies), bytes_direct (of
+        those, DMA'd straight from the registered file), host_waits (staging buffer still in flight), slots,
+        slot_bytes (one expert), pool_bytes, staging_bytes; host_registered, register_s (the registration's
+        seconds), register_why_not ('' when registered)."""
         n = self.cache.stats() if self.cache is not None else {}
         slots = self.cache.capacity if self.cache is not None else 0
         sb = getattr(self, "slot_bytes", 0)
-        n.update(bytes_h2d=self.bytes_h2d, host_waits=self.host_waits, slots=slots, slot_bytes=sb,
-                 pool_bytes=slots * sb, staging_bytes=len(getattr(self, "_stage", ())) * sb)
+        n.update(bytes_h2d=self.bytes_h2d, bytes_direct=self.bytes_direct, host_waits=self.host_waits, slots=slots,
+                 slot_bytes=sb, pool_bytes=slots * sb, staging_bytes=len(self._stage) * sb,
+                 host_registered=self.host_registered, register_s=self.register_s,
+                 register_why_not=self.register_why_not)
         return n
+
+    def close(self) -> None:
+        """Unregister the mapped file once the copies in flight are done, let go of it (the mapping may
+        be unmapped after this, not before) and stop the copy threads. Later copies are staged."""
+        if self.host_registered:
+            if self._newest_copy is not None:
+                self._sync(self._newest_copy)     # a DMA may still read the pinned pages
+            self.host_registered, self.register_why_not = False, "closed"
+            self._unregister(self._host_range[0])
+        self._host = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=False)
+            self._threads = None
+
+    def __del__(self):
+        try:                                      # dropped without close(): unpin all the same
+            self.close()
+        except Exception:                         # e.g. at interpreter exit, the CUDA context already gone
+            pass
 
     # -- internals ------------------------------------------------------------------------------------
     def _check(self, layer: int, *ws: Weight) -> tuple[Weight, ...]:
@@ -133,7 +205,7 @@ class ExpertStreamer:
         return ws
 
     def _setup(self, ws: tuple[Weight, ...], spec) -> None:
-        """Allocate the pools and staging buffers for this layout (the first fetch/prefetch/admit)."""
+        """Allocate the pools and register the mapped file for this layout (the first fetch/prefetch/admit)."""
         if any(w.raw.ndim != 3 or w.n_experts != self.n_experts for w in ws):
             raise ValueError(f"expected expert tensors [{self.n_experts}, rows, row_bytes], got "
                              f"{'; '.join(map(_describe, ws))}")
@@ -149,7 +221,6 @@ class ExpertStreamer:
         self._init_device()
         self.pools = tuple(self._alloc(S * m, f) for m, f in zip(self.mat_bytes, fasts))
         self.fast = all(fasts)
-        self._stage = [self._pinned(self.slot_bytes) for _ in range(N_STAGING)]
         self._stage_ev: list = [None] * N_STAGING
         self._next_stage = 0
         self._ready = [(0, None)] * S          # slot -> (copy number, event after its last copy)
@@ -158,7 +229,44 @@ class ExpertStreamer:
         self._fetches = self._copy_waited = 0
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
+        self._pin_host()
         self.cache = cache
+
+    def _pin_host(self) -> None:
+        """Register the mapped file with CUDA when allowed (timed); else keep the reason: copies are staged."""
+        why = self._why_not_register()
+        if not why:
+            start, n = _address(self._host), self._host.nbytes
+            t0 = time.perf_counter()
+            try:
+                self._register(start, n)
+            except Exception as e:             # any CUDA error: the staged path works everywhere
+                why = f"cudaHostRegister failed: {e}"
+            else:
+                self.host_registered, self._host_range = True, (start, start + n)
+            self.register_s = time.perf_counter() - t0
+        self.register_why_not = why
+
+    def _why_not_register(self) -> str:
+        if self._host is None:
+            return "no mapped file given"
+        if self.host_register is False:
+            return "turned off (host_register=False)"
+        if self.host_register is None:
+            room = pinnable_bytes(_meminfo())
+            if room is None:
+                return "RAM unknown (no MemTotal in /proc/meminfo)"
+            if self._host.nbytes > room:
+                return (f"the file ({self._host.nbytes / GiB:.1f} GiB) is more than the RAM it may pin "
+                        f"({room / GiB:.1f} GiB: MemTotal less max(8 GiB, 25%))")
+        return ""
+
+    def _registered(self, a: np.ndarray) -> bool:
+        """a's bytes lie, contiguous, inside the registered range (so they can be DMA'd as they are)."""
+        if not self.host_registered or not a.flags.c_contiguous:
+            return False
+        lo, hi = self._host_range
+        return lo <= _address(a) and _address(a) + a.nbytes <= hi
 
     def _release_previous(self) -> None:
         """Rule 2: the previous fetch's kernels are enqueued by now; mark its slots free after them."""
@@ -176,25 +284,42 @@ class ExpertStreamer:
             self._copy_in(ws, e, s)
 
     def _copy_in(self, ws, e: int, s: int) -> None:
-        """Expert e's gate, up and down matrices -> slot s of the pools, through a staging buffer."""
+        """Expert e's gate, up and down matrices -> slot s of the pools: straight from the registered
+        file, else through a staging buffer."""
+        srcs = [w.raw[e] for w in ws]
+        b = None
+        if all(map(self._registered, srcs)):
+            srcs = [a.reshape(-1).view(np.uint8) for a in srcs]
+            self.bytes_direct += self.slot_bytes
+        else:
+            b = self._fill_stage(ws, e)
+            ends = np.cumsum(self.mat_bytes).tolist()
+            srcs = [self._stage[b][end - m:end] for end, m in zip(ends, self.mat_bytes)]
+        n, ev = self._free_after[s]
+        if n > self._copy_waited:                 # rule 2: one wait covers every older fetch's readers
+            self._wait(ev, on_copy=True)
+            self._copy_waited = n
+        for pool, m, src in zip(self.pools, self.mat_bytes, srcs):
+            self._h2d(pool, s * m, src)
+        ev = self._record(on_copy=True)           # rules 1 and 3: the slot is ready, the buffer reusable
+        self._copies += 1
+        self._ready[s] = (self._copies, ev)
+        self._newest_copy = ev
+        if b is not None:
+            self._stage_ev[b] = ev
+        self.bytes_h2d += self.slot_bytes
+
+    def _fill_stage(self, ws, e: int) -> int:
+        """The next staging buffer (made at the first staged copy), once its last copy is done (rule 3),
+        filled with expert e's matrices; its index."""
+        if not self._stage:
+            self._stage = [self._pinned(self.slot_bytes) for _ in range(N_STAGING)]
         b = self._next_stage
         self._next_stage = (b + 1) % N_STAGING
         if self._stage_ev[b] is not None and self._sync(self._stage_ev[b]):   # rule 3
             self.host_waits += 1
         self._read(self._stage[b], ws, e)
-        n, ev = self._free_after[s]
-        if n > self._copy_waited:                 # rule 2: one wait covers every older fetch's readers
-            self._wait(ev, on_copy=True)
-            self._copy_waited = n
-        off = 0
-        for pool, m in zip(self.pools, self.mat_bytes):
-            self._h2d(pool, s * m, self._stage[b][off:off + m])
-            off += m
-        ev = self._record(on_copy=True)           # rules 1 and 3: the slot is ready, the buffer reusable
-        self._copies += 1
-        self._ready[s] = (self._copies, ev)
-        self._stage_ev[b] = ev
-        self.bytes_h2d += off
+        return b
 
     def _read(self, stage: np.ndarray, ws, e: int) -> None:
         """Expert e's matrices -> stage, back to back (this reads the mapped file), in pieces over threads."""
@@ -224,10 +349,27 @@ class ExpertStreamer:
         return cupyx.empty_pinned(nbytes, np.uint8)
 
     def _h2d(self, pool, offset: int, src: np.ndarray) -> None:
-        """Copy the pinned host bytes src to byte `offset` of pool, asynchronously on the copy stream."""
+        """Copy the pinned host bytes src (a staging buffer or the registered file) to byte `offset` of pool,
+        asynchronously on the copy stream."""
         rt = self.xp.cuda.runtime
         rt.memcpyAsync(pool.data.ptr + offset, src.ctypes.data, src.nbytes, rt.memcpyHostToDevice,
                        self._copy_stream.ptr)
+
+    def _register(self, start: int, nbytes: int) -> None:
+        """Page-lock the host range [start, start + nbytes) for DMA (read-only: the mapping is PROT_READ);
+        raises on any CUDA error, naming whether the device supports read-only registration."""
+        rt = self.xp.cuda.runtime
+        try:
+            rt.hostRegister(start, nbytes, REGISTER_READ_ONLY)
+        except Exception as e:
+            try:
+                ok = rt.deviceGetAttribute(113, rt.getDevice())   # cudaDevAttrHostRegisterReadOnlySupported
+            except Exception:
+                ok = "?"
+            raise RuntimeError(f"{e} (cudaDevAttrHostRegisterReadOnlySupported = {ok})") from e
+
+    def _unregister(self, start: int) -> None:
+        self.xp.cuda.runtime.hostUnregister(start)
 
     def _stream(self, on_copy: bool):
         return self._copy_stream if on_copy else self.xp.cuda.get_current_stream()
