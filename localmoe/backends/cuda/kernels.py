@@ -478,6 +478,7 @@ def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
 
 
 XSUM_OFF_TOKEN = "nsb"
+X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
@@ -499,26 +500,36 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
         "    ST = XW + 18 * U + ((4 - ((18 * U) & 3)) & 3)",
         "    nsb = 9 * U",
         "    zero = int32(0)",
-        # quantize x row xr: one 32-block per warp iteration, lane = element
-        f"    for blk in range(warp, cols >> 5, {warps}):",
-        "        v = x[xr, blk * 32 + lane]",
-        "        a = abs(v)",
-        "        for o in (16, 8, 4, 2, 1):",
-        "            a = max(a, cuda.shfl_xor_sync(0xffffffff, a, o))",
-        "        d = a / float32(32767.0)",
-        "        inv = float32(1.0) / d if d > float32(0.0) else float32(0.0)",
-        "        q = int32(libdevice.rintf(v * inv))",
-        "        qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
-        "        cu = blk >> 3",
-        "        b = blk & 7",
-        "        if (lane & 1) == 0:",
-        "            sm[sk + cu * 132 + b * 16 + (lane >> 1)] = (q & 0xffff) | (qn << 16)",
-        "        qs = q",
-        "        for o in (16, 8, 4, 2, 1):",
-        "            qs += cuda.shfl_xor_sync(0xffffffff, qs, o)",
-        "        if lane == 0:",
-        "            sm[XW + cu * 9 + b] = libdevice.float_as_int(d)",
-        "            sm[XW + nsb + cu * 9 + b] = qs",
+        # quantize x row xr: a warp takes 32-blocks warp, warp + warps, ... (lane = element), X_LOADS at a
+        # time, all loaded before the first is quantized (stores to shared memory would hold back later loads)
+        "    nblk = cols >> 5",
+        f"    for r in range(warp, nblk, {warps * X_LOADS}):",
+    ]
+    src += [f"        v{i} = x[xr, min(r + {i * warps}, nblk - 1) * 32 + lane]" for i in range(X_LOADS)]
+    for i in range(X_LOADS):
+        src += [
+            f"        blk = r + {i * warps}",
+            "        if blk < nblk:",
+            f"            v = v{i}",
+            "            a = abs(v)",
+            "            for o in (16, 8, 4, 2, 1):",
+            "                a = max(a, cuda.shfl_xor_sync(0xffffffff, a, o))",
+            "            d = a / float32(32767.0)",
+            "            inv = float32(1.0) / d if d > float32(0.0) else float32(0.0)",
+            "            q = int32(libdevice.rintf(v * inv))",
+            "            qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
+            "            cu = blk >> 3",
+            "            b = blk & 7",
+            "            if (lane & 1) == 0:",
+            "                sm[sk + cu * 132 + b * 16 + (lane >> 1)] = (q & 0xffff) | (qn << 16)",
+            "            qs = q",
+            "            for o in (16, 8, 4, 2, 1):",
+            "                qs += cuda.shfl_xor_sync(0xffffffff, qs, o)",
+            "            if lane == 0:",
+            "                sm[XW + cu * 9 + b] = libdevice.float_as_int(d)",
+            "                sm[XW + nsb + cu * 9 + b] = qs",
+        ]
+    src += [
         "    cuda.syncthreads()",
         "    SEG = min(U, 32)",
         "    CPT = max(1, U >> 5)",
@@ -645,16 +656,48 @@ def rmsnorm_kernel(x, w, out, eps):
     _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
 
 
-@cuda.jit
-def add_rmsnorm_kernel(x, d, w, xo, out, eps):
-    """One block per row: xo = x + d (the residual stream), out = rmsnorm(xo) * w."""
-    red = cuda.shared.array(THREADS, float32)
-    t = cuda.blockIdx.x
-    tid = cuda.threadIdx.x
-    for i in range(tid, x.shape[1], THREADS):
-        xo[t, i] = x[t, i] + d[t, i]
-    cuda.syncthreads()
-    _rmsnorm_row(xo, t, x.shape[1], w, out, t, eps, red, tid)
+ROW_LOADS = 16             # add_rmsnorm: values per thread loaded up front (THREADS * 16 = 4096, Small 4's hidden)
+
+
+def _make_add_rmsnorm():
+    """One block per row: xo = x + d (the residual stream), out = rmsnorm(xo) * w. Each thread loads its
+    ROW_LOADS values of x, d and w into named registers before its first store: a store to global memory
+    keeps every later load waiting (numba cannot tell the arrays apart), which made the two-pass form 16
+    dependent cold reads per thread. Same sums in the same order as `_rmsnorm_row`: the same bits.
+    Rows longer than THREADS * ROW_LOADS take the two-pass form."""
+    R = ROW_LOADS
+    src = [
+        "def kern(x, d, w, xo, out, eps):",
+        "    red = cuda.shared.array(THREADS, float32)",
+        "    t = cuda.blockIdx.x",
+        "    tid = cuda.threadIdx.x",
+        "    n = x.shape[1]",
+        f"    if n > THREADS * {R}:",
+        "        for i in range(tid, n, THREADS):",
+        "            xo[t, i] = x[t, i] + d[t, i]",
+        "        cuda.syncthreads()",
+        "        _rmsnorm_row(xo, t, n, w, out, t, eps, red, tid)",
+        "        return",
+    ]
+    src += [f"    i{j} = min(tid + {j} * THREADS, n - 1)" for j in range(R)]
+    src += [f"    a{j} = x[t, i{j}] + d[t, i{j}]" for j in range(R)]
+    src += [f"    w{j} = w[i{j}]" for j in range(R)]
+    src.append("    ss = float32(0.0)")
+    for j in range(R):
+        src += [f"    if tid + {j} * THREADS < n:", f"        ss += a{j} * a{j}"]
+    src += ["    ss = _block_reduce(red, ss, tid, False)",
+            "    inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)"]
+    for j in range(R):
+        src += [f"    if tid + {j} * THREADS < n:",
+                f"        xo[t, i{j}] = a{j}",
+                f"        out[t, i{j}] = a{j} * inv * w{j}"]
+    g = dict(cuda=cuda, float32=float32, math=math, min=min, THREADS=THREADS, _rmsnorm_row=_rmsnorm_row,
+             _block_reduce=_block_reduce)
+    exec(compile("\n".join(src), "<add_rmsnorm>", "exec"), g)
+    return cuda.jit(g["kern"])
+
+
+add_rmsnorm_kernel = _make_add_rmsnorm()
 
 
 @cuda.jit
