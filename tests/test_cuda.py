@@ -87,7 +87,7 @@ def backends():
 
 @needs_gpu
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows,cols", [(300, 4096), (64, 2048), (40, 96), (17, 32)])
+@pytest.mark.parametrize("rows,cols", [(300, 4096), (64, 2048), (300, 128), (40, 96), (17, 32)])
 @pytest.mark.parametrize("n", [1, 5])
 def test_linear(backends, t, rows, cols, n):
     gpu, cpu = backends

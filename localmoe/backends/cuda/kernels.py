@@ -97,15 +97,19 @@ def _q4_half(w, xs, xi):
 
 
 @cuda.jit(device=True, inline=True)
-def _q4_pair(st, o, xs, xi):
-    """Two Q4_0 blocks (9 words at st[o:]) against 64 activations at xs[xi:]."""
-    w0 = st[o]
-    w4 = st[o + 4]
-    a = (_q4_half(w0 >> 16, xs, xi) + _q4_word(st[o + 1], xs, xi + 2) + _q4_word(st[o + 2], xs, xi + 6)
-         + _q4_word(st[o + 3], xs, xi + 10) + _q4_half(w4 & 0xffff, xs, xi + 14))
-    b = (_q4_word(st[o + 5], xs, xi + 32) + _q4_word(st[o + 6], xs, xi + 36) + _q4_word(st[o + 7], xs, xi + 40)
-         + _q4_word(st[o + 8], xs, xi + 44))
+def _q4_pair_w(w0, w1, w2, w3, w4, w5, w6, w7, w8, xs, xi):
+    """Two Q4_0 blocks (9 words) against 64 activations at xs[xi:]."""
+    a = (_q4_half(w0 >> 16, xs, xi) + _q4_word(w1, xs, xi + 2) + _q4_word(w2, xs, xi + 6)
+         + _q4_word(w3, xs, xi + 10) + _q4_half(w4 & 0xffff, xs, xi + 14))
+    b = _q4_word(w5, xs, xi + 32) + _q4_word(w6, xs, xi + 36) + _q4_word(w7, xs, xi + 40) + _q4_word(w8, xs, xi + 44)
     return h2f(w0 & 0xffff) * a + h2f(w4 >> 16) * b
+
+
+@cuda.jit(device=True, inline=True)
+def _q4_pair(st, o, xs, xi):
+    """_q4_pair_w on the 9 words at st[o:]."""
+    return _q4_pair_w(st[o], st[o + 1], st[o + 2], st[o + 3], st[o + 4], st[o + 5], st[o + 6], st[o + 7],
+                      st[o + 8], xs, xi)
 
 
 @cuda.jit(device=True, inline=True)
@@ -127,17 +131,23 @@ def _q8_half(w, xs, xi):
 
 
 @cuda.jit(device=True, inline=True)
-def _q8_pair(st, o, xs, xi):
-    """Two Q8_0 blocks (17 words at st[o:]) against 64 activations at xs[xi:]."""
-    w0 = st[o]
-    w8 = st[o + 8]
-    a = _q8_half(w0 >> 16, xs, xi) + _q8_half(w8 & 0xffff, xs, xi + 30)
-    for j in range(7):
-        a += _q8_word(st[o + 1 + j], xs, xi + 2 + 4 * j)
-    b = float32(0.0)
-    for j in range(8):
-        b += _q8_word(st[o + 9 + j], xs, xi + 32 + 4 * j)
+def _q8_pair_w(w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15, w16, xs, xi):
+    """Two Q8_0 blocks (17 words) against 64 activations at xs[xi:]."""
+    a = (_q8_half(w0 >> 16, xs, xi) + _q8_half(w8 & 0xffff, xs, xi + 30) + _q8_word(w1, xs, xi + 2)
+         + _q8_word(w2, xs, xi + 6) + _q8_word(w3, xs, xi + 10) + _q8_word(w4, xs, xi + 14)
+         + _q8_word(w5, xs, xi + 18) + _q8_word(w6, xs, xi + 22) + _q8_word(w7, xs, xi + 26))
+    b = (_q8_word(w9, xs, xi + 32) + _q8_word(w10, xs, xi + 36) + _q8_word(w11, xs, xi + 40)
+         + _q8_word(w12, xs, xi + 44) + _q8_word(w13, xs, xi + 48) + _q8_word(w14, xs, xi + 52)
+         + _q8_word(w15, xs, xi + 56) + _q8_word(w16, xs, xi + 60))
     return h2f(w0 & 0xffff) * a + h2f(w8 >> 16) * b
+
+
+@cuda.jit(device=True, inline=True)
+def _q8_pair(st, o, xs, xi):
+    """_q8_pair_w on the 17 words at st[o:]."""
+    return _q8_pair_w(st[o], st[o + 1], st[o + 2], st[o + 3], st[o + 4], st[o + 5], st[o + 6], st[o + 7],
+                      st[o + 8], st[o + 9], st[o + 10], st[o + 11], st[o + 12], st[o + 13], st[o + 14],
+                      st[o + 15], st[o + 16], xs, xi)
 
 
 def _make_fast(qt: int, fused: bool):
@@ -193,6 +203,55 @@ def _make_fast(qt: int, fused: bool):
                 y[p, r] = g
 
     return kern
+
+
+# -- lanes: short rows (Q4_0 / Q8_0, cols % 64 == 0, cols <= LANE_COLS), one row per thread ---------------
+# MLA's absorbed key matrices are 32 heads of 512 x 128: rows of 72 bytes (Q4_0), too short for a warp
+# per row (the fast kernel's warps took one such row per round trip). Here each thread loads its whole
+# row into named registers (all loads issued before any arithmetic) and does its dot product alone, x in
+# shared memory (read as broadcasts). Generated per column count, so the loads are straight-line code.
+
+LANE_COLS = 256
+
+
+def lanes_ok(qt: int, cols: int, fused: bool) -> bool:
+    return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= LANE_COLS and not fused
+
+
+def _make_lanes(qt: int, cols: int):
+    PW = 9 if qt == Q4_0 else 17                 # words per pair of blocks
+    RW = cols // 64 * PW                         # words per row
+    pair = "_q4_pair_w" if qt == Q4_0 else "_q8_pair_w"
+    src = [
+        "def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words):",
+        f"    xs = cuda.shared.array({cols}, float32)",
+        "    p = cuda.blockIdx.y",
+        "    tid = cuda.threadIdx.x",
+        "    xr = xidx[p]",
+        f"    for i in range(tid, {cols}, THREADS):",
+        "        xs[i] = x[xr, i]",
+        "    cuda.syncthreads()",
+        "    r = cuda.blockIdx.x * THREADS + tid",
+        "    if r < rows:",
+        f"        base = int64(mats[p]) * mat_words + int64(r) * {RW}",
+    ]
+    src += [f"        w{i} = W[base + {i}]" for i in range(RW)]
+    src.append("        acc = float32(0.0)")
+    for k in range(cols // 64):
+        ws = ", ".join(f"w{k * PW + i}" for i in range(PW))
+        src.append(f"        acc += {pair}({ws}, xs, {64 * k})")
+    src.append("        y[p, r] = acc")
+    g = dict(cuda=cuda, float32=float32, int64=int64, THREADS=THREADS, _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
+    exec(compile("\n".join(src), f"<lanes {qt} cols={cols}>", "exec"), g)
+    return cuda.jit(g["kern"])
+
+
+def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes):
+    key = ("lanes", qt, cols)
+    if key not in _CACHE:
+        _CACHE[key] = _make_lanes(qt, cols)
+    _CACHE[key][((rows + THREADS - 1) // THREADS, P), THREADS, STREAM[0]](W, W, mats, xidx, x, y, rows, cols,
+                                                                          mat_bytes // 4)
 
 
 # -- generic: any type, any shape ---------------------------------------------------------------------
@@ -287,6 +346,8 @@ def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps."""
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused)
+    if lanes_ok(qt, cols, fused):
+        return launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes)
     launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused)
 
 
