@@ -8,6 +8,7 @@ An architecture file supplies `attention` and `ffn` for one layer.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,6 +26,33 @@ def expert_weight(f: GGUFFile, name: str) -> Weight:
     """A routed-experts tensor: read one expert at a time, so the file gets no readahead for it."""
     f.advise_random(name)
     return weight(f, name)
+
+
+@dataclass(frozen=True)
+class Projections:
+    """Projections of one input with their weights stacked by rows where they are stored alike (as vLLM's
+    fused qkv): one gemv instead of one per projection, the launches of a decode step being its fixed cost.
+    Called with (backend, x [n, cols]), returns each projection's output, as views of one [n, sum] array."""
+    weights: tuple[Weight, ...]
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def stack(cls, *ws: Weight) -> "Projections":
+        groups: list[list[Weight]] = []
+        for w in ws:
+            if groups and (groups[-1][0].type, groups[-1][0].cols) == (w.type, w.cols):
+                groups[-1].append(w)
+            else:
+                groups.append([w])
+        return cls(tuple(g[0] if len(g) == 1 else Weight(np.concatenate([w.raw for w in g]), g[0].type, g[0].cols,
+                                                         "+".join(w.name for w in g)) for g in groups),
+                   tuple(w.rows for w in ws))
+
+    def __call__(self, be, x) -> list:
+        ys = [be.linear(w, x) for w in self.weights]
+        y = ys[0] if len(ys) == 1 else be.xp.concatenate(ys, axis=-1)
+        ends = np.cumsum(self.sizes)
+        return [y[..., e - s:e] for s, e in zip(self.sizes, ends)]
 
 
 _GENERATIONS = itertools.count()

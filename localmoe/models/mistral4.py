@@ -14,7 +14,7 @@ import numpy as np
 
 from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
-from .decoder import Decoder, KVCache, expert_weight, weight
+from .decoder import Decoder, KVCache, Projections, expert_weight, weight
 from .moe import DenseFFN, Experts, swiglu
 from .rope import Rope, rope_table
 
@@ -88,10 +88,9 @@ class Config:
 
 @dataclass
 class Layer:
-    q_a: object
-    q_a_norm: np.ndarray
-    q_b: object            # (or the plain q projection when q_lora_rank is 0)
-    kv_a: object
+    q_kv: Projections      # [attn_q_a (or attn_q when q_lora_rank is 0), attn_kv_a_mqa]: both read h
+    q_a_norm: np.ndarray | None
+    q_b: object | None
     kv_a_norm: np.ndarray
     k_b: object            # [heads, kv_lora, nope]
     v_b: object            # [heads, v_head_dim, kv_lora]
@@ -122,8 +121,8 @@ class Model(Decoder):
                 gate, up = expert_weight(f, b + "ffn_gate_exps.weight"), expert_weight(f, b + "ffn_up_exps.weight")
             experts = Experts(w("ffn_gate_inp"), gate, up, expert_weight(f, b + "ffn_down_exps.weight"))
         return Layer(
-            q_a=w("attn_q_a") if lora else None, q_a_norm=f.array(b + "attn_q_a_norm.weight") if lora else None,
-            q_b=w("attn_q_b") if lora else w("attn_q"), kv_a=w("attn_kv_a_mqa"),
+            q_kv=Projections.stack(w("attn_q_a") if lora else w("attn_q"), w("attn_kv_a_mqa")),
+            q_a_norm=f.array(b + "attn_q_a_norm.weight") if lora else None, q_b=w("attn_q_b") if lora else None,
             kv_a_norm=f.array(b + "attn_kv_a_norm.weight"), k_b=w("attn_k_b"), v_b=w("attn_v_b"),
             o=w("attn_output"), experts=experts,
             shared=ffn("_shexp") if experts is not None and has("ffn_gate_shexp") else None,
@@ -136,11 +135,10 @@ class Model(Decoder):
     def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
         n, heads, nope, kvr = len(h), c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
-        q = be.linear(L.q_a, h) if L.q_a is not None else h
-        if L.q_a is not None:
-            q = be.rmsnorm(q, L.q_a_norm, c.rms_norm_eps)
-        q = be.linear(L.q_b, q).reshape(n, heads, nope + c.qk_rope_head_dim)
-        kv = be.linear(L.kv_a, h)
+        q, kv = L.q_kv(be, h)
+        if L.q_b is not None:                                                          # q LoRA
+            q = be.linear(L.q_b, be.rmsnorm(q, L.q_a_norm, c.rms_norm_eps))
+        q = q.reshape(n, heads, nope + c.qk_rope_head_dim)
         # cache row = [rmsnorm(c), rope(k_rope)]; query[..., kvr:] = rope(q_rope) (both llama-4 scaled)
         q_nope, query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm,
                                     c.rms_norm_eps, cache.buffer(i, "latent"), c.llama_4_scaling_beta,

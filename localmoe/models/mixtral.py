@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
-from .decoder import Decoder, KVCache, expert_weight, weight
+from .decoder import Decoder, KVCache, Projections, expert_weight, weight
 from .moe import Experts
 from .rope import Rope, apply_rope, rope_tables
 
@@ -51,9 +51,7 @@ class Config:
 
 @dataclass
 class Layer:
-    q: object
-    k: object
-    v: object
+    qkv: Projections       # [attn_q, attn_k, attn_v]: all read h
     o: object
     experts: Experts
 
@@ -63,7 +61,7 @@ class Model(Decoder):
         super().__init__(f, cfg, be)
         w = lambda i, n: weight(f, f"blk.{i}.{n}.weight")
         x = lambda i, n: expert_weight(f, f"blk.{i}.{n}.weight")
-        self.layers = [Layer(w(i, "attn_q"), w(i, "attn_k"), w(i, "attn_v"), w(i, "attn_output"),
+        self.layers = [Layer(Projections.stack(w(i, "attn_q"), w(i, "attn_k"), w(i, "attn_v")), w(i, "attn_output"),
                              Experts(w(i, "ffn_gate_inp"), x(i, "ffn_gate_exps"), x(i, "ffn_up_exps"),
                                      x(i, "ffn_down_exps")))
                        for i in range(cfg.num_hidden_layers)]
@@ -77,9 +75,10 @@ class Model(Decoder):
         c, be, L = self.cfg, self.be, self.layers[i]
         n, hd = len(h), c.head_dim
         cos, sin = rope_tables(be, c.rope, cache.n_ctx, positions)
-        q = apply_rope(be.linear(L.q, h).reshape(n, c.num_attention_heads, hd), cos, sin, be.xp)
-        k = apply_rope(be.linear(L.k, h).reshape(n, c.num_key_value_heads, hd), cos, sin, be.xp)
-        cache.write(i, positions, k=k, v=be.linear(L.v, h).reshape(n, c.num_key_value_heads, hd))
+        q, k, v = L.qkv(be, h)
+        q = apply_rope(q.reshape(n, c.num_attention_heads, hd), cos, sin, be.xp)
+        k = apply_rope(k.reshape(n, c.num_key_value_heads, hd), cos, sin, be.xp)
+        cache.write(i, positions, k=k, v=v.reshape(n, c.num_key_value_heads, hd))
         o = be.attention(q, cache.buffer(i, "k"), cache.buffer(i, "v"), positions, hd ** -0.5)
         return be.linear(L.o, o.reshape(n, c.num_attention_heads * hd))
 

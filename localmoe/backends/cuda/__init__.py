@@ -170,6 +170,12 @@ class CUDABackend:
             x = x.reshape(shape)
         return self.xp.ascontiguousarray(x)
 
+    def _rows(self, x, cols: int):
+        """x as float32 device rows [n, cols], left a view when each row is contiguous (e.g. one
+        projection's part of a stacked output: `Projections`), so no copy kernel runs."""
+        x = self.xp.asarray(x, dtype=np.float32).reshape(-1, cols)
+        return x if x.strides[-1] == 4 else self.xp.ascontiguousarray(x)
+
     # -- the kernel interface ---------------------------------------------------------------------
     def linear(self, w: Weight, x):
         """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
@@ -211,8 +217,8 @@ class CUDABackend:
         return self.xp.asarray(CPUBackend.embed(None, w, ids))
 
     def rmsnorm(self, x, weight: np.ndarray, eps: float):
-        x2 = self._dev(x, (-1, x.shape[-1]))
-        out = self.xp.empty_like(x2)
+        x2 = self._rows(x, x.shape[-1])
+        out = self.xp.empty(x2.shape, np.float32)
         self.K.rmsnorm_kernel[len(x2), self.K.THREADS, self.S[0]](x2, self._vector(weight), out, np.float32(eps))
         self.launches += 1
         return out.reshape(x.shape)
@@ -228,7 +234,7 @@ class CUDABackend:
         q_nope = xp.empty((n, heads, q.shape[2] - r), np.float32)
         query = xp.empty((n, heads, kv.shape[1]), np.float32)
         self.K.mla_rope_kernel[(n, heads + 1), self.K.THREADS, self.S[0]](
-            self._dev(q), self._dev(kv), xp.asarray(positions, dtype=np.int32), cos, sin, self._vector(kv_norm),
+            self._dev(q), self._rows(kv, kv.shape[-1]), xp.asarray(positions, dtype=np.int32), cos, sin, self._vector(kv_norm),
             np.float32(eps), np.float64(beta), int(length), cache, q_nope, query)
         self.launches += 1
         return q_nope, query

@@ -654,7 +654,10 @@ def fast2_ok(qt: int, cols: int) -> bool:
 
 # Chosen by `bench/bench_cuda.py --sweep` on an H100 (2026-11-23): best mean ratio over Small 4's four shapes.
 # The staged variants (direct=False) were slower, and their fused forms failed to launch (CUDA_ERROR_INVALID_VALUE).
-FAST2 = {Q4_0: dict(warps=16, direct=True, bps=2), Q8_0: dict(warps=16, direct=True, bps=8)}
+# bps: blocks per SM (plain, fused) = what fits an SM by registers (`bench/kernel_registers.py`: 72-88 per thread
+# x 512 threads), so a launch is one wave: a second wave waits for the first's slowest warp (H100, 2026-11-23:
+# routed experts Q4_0 gate+up 30.0 -> 24.3 us, down 19.0 -> 14.9 us).
+FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1)), Q8_0: dict(warps=16, direct=True, bps=(2, 1))}
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool):
@@ -669,7 +672,7 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
-    bps = bps or cfg["bps"]
+    bps = bps or cfg["bps"][fused]
     kern = fast2_kernel(qt, fused, warps, direct)
     U = cols // 256
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))

@@ -1,0 +1,66 @@
+"""Registers per thread of the CUDA kernels, from `ptxas -v`, without a GPU: a block of T threads needs
+T x registers <= 65536 to launch at all, and 65536 / (T x registers) blocks fit on one SM.
+
+Needs numba-cuda with its NVVM (`pip install "numba-cuda[cu12]"`) and a CUDA toolkit's ptxas
+(found on PATH, under $CUDA_HOME/bin, or /usr/local/cuda*/bin).
+    python bench/kernel_registers.py
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from numba import types as t
+
+from localmoe.backends.cuda import kernels as K
+from localmoe.backends.cuda._numba import cuda
+
+REGS_PER_SM = 65536
+u32, i32, f1, f2 = t.uint32[::1], t.int32[::1], t.float32[::1], t.float32[:, ::1]
+GEMV_SIG = (u32, u32, i32, i32, f2, f2, t.int64, t.int64, t.int64)
+
+
+def ptxas() -> str:
+    found = shutil.which("ptxas") or next(iter(sorted(glob.glob(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin/ptxas"))
+                                                       + sorted(glob.glob("/usr/local/cuda*/bin/ptxas")), reverse=True)), None)
+    if found is None:
+        sys.exit("ptxas not found: install a CUDA toolkit or set CUDA_HOME")
+    return found
+
+
+def registers(py_func, sig, exe: str) -> str:
+    ptx, _ = cuda.compile_ptx(py_func, sig, cc=(9, 0))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        r = subprocess.run([exe, "-arch=sm_90", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    used = [line.split("Used", 1)[1].strip() for line in r.stderr.splitlines() if "registers" in line]
+    if r.returncode or not used:
+        sys.exit(f"ptxas failed: {r.stderr.strip()[:400]}")
+    return used[0]
+
+
+def main() -> None:
+    exe = ptxas()
+    rows = []
+    for qt, name in ((K.Q4_0, "Q4_0"), (K.Q8_0, "Q8_0")):
+        cfg = K.FAST2[qt]
+        for fused in (False, True):
+            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"])
+            rows.append((f"fast2 {name} {'fused' if fused else 'plain'} (bps {cfg['bps'][fused]})", 32 * cfg["warps"],
+                         registers(k.py_func, GEMV_SIG + (t.int64,), exe)))
+        for cols in (128, 256):
+            rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols).py_func, GEMV_SIG, exe)))
+    rows.append(("add_rmsnorm", K.THREADS, registers(K.add_rmsnorm_kernel.py_func, (f2, f2, f1, f2, f2, t.float32), exe)))
+    print(f"{'kernel':34s} {'threads':>7s}  ptxas -v (sm_90)                       blocks/SM by registers")
+    for name, threads, used in rows:
+        n = int(used.split()[0])
+        print(f"{name:34s} {threads:7d}  {used:38s} {REGS_PER_SM // (threads * n)}")
+
+
+if __name__ == "__main__":
+    main()
