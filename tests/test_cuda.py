@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmoe.backends import Weight
+from localmoe.backends import DenseFFN, Weight
 from localmoe.backends.cuda import available
 from localmoe.gguf.format import GGMLType
 
@@ -175,9 +175,12 @@ def test_expert_ffn(backends, t, fused, n):
     ids = np.stack([rng.choice(E, k, replace=False) for _ in range(n)])
     wts = rng.random((n, k)).astype(np.float32)
     assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts), cpu.expert_ffn(gate, up, down, x, ids, wts)) < 1e-4
-    plus = rng.standard_normal((n, H)).astype(np.float32)        # the shared expert's output, added in the combine
-    assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts, plus=plus),
-               cpu.expert_ffn(gate, up, down, x, ids, wts, plus=plus)) < 1e-4
+    # a shared expert: stored like the routed ones it runs in their launches (matrix E); stored otherwise
+    # (here F16, or 64 rows wide) it runs apart and is added in the combine
+    for st, si in ((t, I), (GGMLType.F16, I), (t, 64)):
+        shared = DenseFFN(make_weight(rng, (si, H), st), make_weight(rng, (si, H), st), make_weight(rng, (H, si), st))
+        assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts, shared=shared),
+                   cpu.expert_ffn(gate, up, down, x, ids, wts, shared=shared)) < 1e-4
 
 
 @needs_gpu

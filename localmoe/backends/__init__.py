@@ -37,3 +37,16 @@ class Weight:
 
     def expert_nbytes(self) -> int:
         return self.raw[0].nbytes
+
+
+@dataclass
+class DenseFFN:
+    """A SwiGLU FFN: down(silu(gate x) * up x) — the shared expert and dense layers."""
+    gate: Weight
+    up: Weight
+    down: Weight
+
+
+def swiglu(be, ffn: DenseFFN, x):
+    """ffn(x) through a backend's kernel interface (the backends' expert_ffn adds the shared expert with it)."""
+    return be.linear(ffn.down, be.glu(ffn.gate, ffn.up, x))

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends import DenseFFN, swiglu
 from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, Projections, expert_weight, weight
-from .moe import DenseFFN, Experts, swiglu
+from .moe import Experts
 from .rope import Rope, rope_table
 
 ARCH = "mistral4"
@@ -153,6 +154,5 @@ class Model(Decoder):
         c, L = self.cfg, self.layers[i]
         if L.dense is not None:
             return swiglu(self.be, L.dense, h)
-        shared = swiglu(self.be, L.shared, h) if L.shared is not None else None
         return self.routed(i, L.experts, h, routes, norm=c.norm_topk_prob, scale=c.routed_scaling_factor,
-                           n_group=c.n_group, topk_group=c.topk_group, plus=shared)
+                           n_group=c.n_group, topk_group=c.topk_group, shared=L.shared)

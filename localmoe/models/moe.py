@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import Weight
+from ..backends import DenseFFN, Weight
 
 
 def route_topk(logits: np.ndarray, k: int, norm: bool = True, scale: float = 1.0,
@@ -49,22 +49,10 @@ class Experts:
         return self.gate.expert_nbytes() + self.up.expert_nbytes() + self.down.expert_nbytes()
 
 
-@dataclass
-class DenseFFN:
-    """A SwiGLU FFN: down(silu(gate x) * up x) — the shared expert and dense layers."""
-    gate: Weight
-    up: Weight
-    down: Weight
-
-
-def swiglu(be, ffn: DenseFFN, x: np.ndarray) -> np.ndarray:
-    return be.linear(ffn.down, be.glu(ffn.gate, ffn.up, x))
-
-
 def moe(be, ex: Experts, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
-        topk_group: int = 1, plus=None, ids_out=None):
+        topk_group: int = 1, shared: DenseFFN | None = None, ids_out=None):
     """Routed experts for a batch x [n, H]: route (route_topk, on the backend), then run only the
-    selected experts; `plus` (the shared expert's output) is added to the result. The chosen ids
-    [n, k] go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
+    selected experts, plus the `shared` expert (weight 1) when there is one. The chosen ids [n, k]
+    go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
     ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group, out=ids_out)
-    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, plus=plus)
+    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, shared=shared)

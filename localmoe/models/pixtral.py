@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import Weight
+from ..backends import DenseFFN, Weight, swiglu
 from ..errors import ModelFileError
 from ..gguf.format import KEY_PROJECTOR_NORM_EPS
 from ..gguf.reader import GGUFFile
 from .decoder import weight
-from .moe import DenseFFN, swiglu
 from .rope import apply_rope
 
 ARCH = "clip"

@@ -11,7 +11,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
 import numpy as np  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from .. import Weight  # noqa: E402
+from .. import DenseFFN, Weight, swiglu  # noqa: E402
 from ...gguf.format import GGMLType  # noqa: E402
 from ...models.moe import route_topk  # noqa: E402
 from ...models.rope import apply_rope  # noqa: E402
@@ -104,12 +104,12 @@ class CPUBackend:
         return step(*inputs)
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
-                   weights: np.ndarray, plus: np.ndarray | None = None) -> np.ndarray:
+                   weights: np.ndarray, shared: DenseFFN | None = None) -> np.ndarray:
         """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e
-        (+ plus, e.g. the shared expert's output)."""
+        (+ the shared expert's swiglu(x), when given)."""
         y = kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
                                down.raw, int(down.type), up.raw, int(up.type))
-        return y if plus is None else y + plus
+        return y if shared is None else y + swiglu(self, shared, x)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
                   scale: float) -> np.ndarray:

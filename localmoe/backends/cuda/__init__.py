@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import Weight
+from .. import DenseFFN, Weight, swiglu
 
 
 def available() -> tuple[bool, str]:
@@ -121,6 +121,24 @@ class CUDABackend:
             self.bytes_uploaded += raw.nbytes
             hit = self._weights[k] = (w.raw, dev, fast)
         return hit[1], hit[2]
+
+    def _with_shared(self, routed: Weight, shared: Weight):
+        """One device array of routed's E matrices then the shared expert's as matrix E (read through the
+        gemv's `pools`), so the shared expert runs in the routed experts' launches; uploaded once."""
+        k = ("+shared", _key(routed.raw, int(routed.type)), _key(shared.raw, int(shared.type)))
+        hit = self._weights.get(k)
+        if hit is None:
+            parts = [np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8) for w in (routed, shared)]
+            dtype = np.uint32 if self.K.fast_ok(int(routed.type), routed.cols) else np.uint8
+            dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
+            start = 0
+            for a in parts:
+                a = a.view(dtype)
+                dev[start:start + a.size].copy_to_device(a)
+                start += a.size
+            self.bytes_uploaded += start * np.dtype(dtype).itemsize
+            hit = self._weights[k] = (routed.raw, dev, shared.raw)
+        return hit[1]
 
     def _vector(self, v: np.ndarray):
         k = _key(v)
@@ -268,10 +286,11 @@ class CUDABackend:
         self.launches += 1
         return ids, w
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, plus=None):
-        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e
-        (+ plus, e.g. the shared expert's output, added in the same kernel).
-        ids [n, k] and weights [n, k]: the router's device arrays (host arrays are uploaded)."""
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None):
+        """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e, plus the
+        shared expert's swiglu(x) when given: resident, and stored like the routed experts, it is matrix E of
+        the layer's uploads (`_with_shared`) and runs in the same launches with weight 1 (else its own, added
+        in the combine). ids [n, k] and weights [n, k]: the router's device arrays (host arrays are uploaded)."""
         xp = self.xp
         squeeze = x.ndim == 1
         x2 = self._dev(x, (-1, gate.cols))
@@ -279,10 +298,15 @@ class CUDABackend:
         if isinstance(ids, np.ndarray) and (ids.min() < 0 or ids.max() >= gate.n_experts):
             raise ValueError("expert id out of range")
         ids2 = xp.asarray(ids).reshape(n, -1)
-        k = ids2.shape[1]
-        P = n * k
+        wd = self._dev(weights, ids2.shape)
+        routed = (gate, up, down)
+        fold = (shared is not None and self.streamer is None
+                and all((int(s.type), s.rows, s.cols) == (int(r.type), r.rows, r.cols)
+                        for s, r in zip((shared.gate, shared.up, shared.down), routed)))
+        plus = swiglu(self, shared, x2) if shared is not None and not fold else None
         pg = pu = pd = None
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
+            P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             fetch = self._fetcher(layer, gate, up, down, x2, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
@@ -295,8 +319,16 @@ class CUDABackend:
                 slots = fetch()                # (the pools exist after the first fetch)
                 pg, pu, pd = self.streamer.pools
                 mats = xp.asarray(slots.reshape(P).astype(np.int32))
+        elif fold:                             # each token's row of slots: its k experts, then the shared one
+            pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
+            m2, w2 = xp.empty((n, ids2.shape[1] + 1), np.int32), xp.empty((n, ids2.shape[1] + 1), np.float32)
+            self.K.shared_slots_kernel[(n + 31) // 32, 32, self.S[0]](ids2, wd, gate.n_experts, m2, w2)
+            self.launches += 1
+            mats, wd = m2.reshape(-1), w2
         else:
-            mats = ids2.reshape(P).astype(np.int32, copy=False)
+            mats = ids2.reshape(-1).astype(np.int32, copy=False)
+        k = wd.shape[1]
+        P = n * k
         kt = ("tok", n, k)
         if kt not in self._ints:
             self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
@@ -308,7 +340,6 @@ class CUDABackend:
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
         yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
-        wd = self._dev(weights, (n, k))
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         pl = y if plus is None else self._dev(plus, (n, down.rows))

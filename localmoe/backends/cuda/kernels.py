@@ -992,8 +992,23 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
 
 
 @cuda.jit
+def shared_slots_kernel(ids, wts, E, mats, wout):
+    """mats[t] = [ids[t], E], wout[t] = [wts[t], 1]: token t's routed experts, then the shared expert
+    (matrix E of the uploads it shares with them) at weight 1."""
+    t = cuda.grid(1)
+    if t < ids.shape[0]:
+        k = ids.shape[1]
+        for j in range(k):
+            mats[t, j] = ids[t, j]
+            wout[t, j] = wts[t, j]
+        mats[t, k] = E
+        wout[t, k] = float32(1.0)
+
+
+@cuda.jit
 def combine_kernel(yp, wts, y, plus, add):
-    """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output)."""
+    """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output, when
+    it ran apart)."""
     t = cuda.blockIdx.y
     k = wts.shape[1]
     for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):
