@@ -38,10 +38,12 @@ def registers(py_func, sig, exe: str) -> str:
         f.write(ptx)
         f.flush()
         r = subprocess.run([exe, "-arch=sm_90", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    used = [line.split("Used", 1)[1].strip() for line in r.stderr.splitlines() if "registers" in line]
+    lines = r.stderr.splitlines()
+    used = [line.split("Used", 1)[1].strip() for line in lines if "registers" in line]
     if r.returncode or not used:
         sys.exit(f"ptxas failed: {r.stderr.strip()[:400]}")
-    return used[0]
+    spills = [line.split(":", 1)[1].strip() for line in lines if "spill" in line and " 0 bytes spill stores" not in line]
+    return used[0] + (f" ({spills[0]})" if spills else "")
 
 
 def main() -> None:
@@ -56,6 +58,10 @@ def main() -> None:
         for cols in (128, 256):
             rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols).py_func, GEMV_SIG, exe)))
     rows.append(("add_rmsnorm", K.THREADS, registers(K.add_rmsnorm_kernel.py_func, (f2, f2, f1, f2, f2, t.float32), exe)))
+    f3, a3 = t.float32[:, :, ::1], t.float32[:, :, :]
+    for dk in (128, 576):
+        rows.append((f"attention dk={dk}", K.THREADS, registers(
+            K.attention_kernel(dk).py_func, (f3, a3, a3, f3, f3, i32, t.float32, t.int64), exe)))
     print(f"{'kernel':34s} {'threads':>7s}  ptxas -v (sm_90)                       blocks/SM by registers")
     for name, threads, used in rows:
         n = int(used.split()[0])

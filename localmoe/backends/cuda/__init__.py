@@ -376,8 +376,8 @@ class CUDABackend:
         out = xp.empty((n, hq, dv), np.float32)
         s = xp.empty((n, hq, len(k)), np.float32)
         pos = xp.asarray(positions, dtype=np.int32)
-        self.K.attention_kernel[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out, s,
-                                                                   pos, np.float32(scale), hq // hkv)
+        self.K.attention_kernel(dk)[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out,
+                                                                       s, pos, np.float32(scale), hq // hkv)
         self.launches += 1
         return out
 

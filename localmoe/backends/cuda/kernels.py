@@ -807,60 +807,90 @@ MAX_DV = 512               # attention_kernel's largest value width (MLA's laten
 DV_PER_LANE = MAX_DV // 32  # numba sizes local arrays from global constants only, not expressions
 
 
-@cuda.jit
-def attention_kernel(q, k, v, out, s, positions, scale, group):
+KEYS_AT_ONCE = 4           # attention: keys a warp scores per pass, their loads issued before any store
+
+
+def _make_attention(nj: int):
     """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
-    0..positions[i] of kv head h // group. Scores go to the scratch s[i, h, :]. The positions come
-    from device memory, so one captured launch serves every decode step. Scores: one warp per key,
-    its lanes across the head dimension (coalesced reads of the key row; MLA's is 576 wide)."""
-    red = cuda.shared.array(THREADS, float32)
-    i = cuda.blockIdx.x
-    h = cuda.blockIdx.y
-    kh = h // group
-    tid = cuda.threadIdx.x
-    lane = tid & 31
-    end = positions[i] + 1
-    dk = q.shape[2]
-    dv = v.shape[2]
-    m = float32(-3.0e38)
-    for t in range(tid >> 5, end, WARPS):
-        a = float32(0.0)
-        for d in range(lane, dk, 32):
-            a += q[i, h, d] * k[t, kh, d]
-        for o in (16, 8, 4, 2, 1):
-            a += cuda.shfl_xor_sync(0xffffffff, a, o)
-        a *= scale
-        if lane == 0:
-            s[i, h, t] = a
-        m = max(m, a)
-    m = _block_reduce(red, m, tid, True)    # its barriers also publish s to the whole block
-    l = float32(0.0)
-    for t in range(tid, end, THREADS):
-        e = math.exp(s[i, h, t] - m)
-        s[i, h, t] = e
-        l += e
-    l = _block_reduce(red, l, tid, False)   # its barriers also publish s to the whole block
-    inv = float32(1.0) / l
-    # values: warp w sums keys w, w + WARPS, ...; lane holds d = lane + 32 j; partials meet in shared memory
-    part = cuda.shared.array((WARPS, MAX_DV), float32)
-    acc = cuda.local.array(DV_PER_LANE, float32)
-    lane = tid & 31
-    for j in range(DV_PER_LANE):
-        acc[j] = float32(0.0)
-    for t in range(tid >> 5, end, WARPS):
-        e = s[i, h, t]
-        for j in range(DV_PER_LANE):
-            d = lane + 32 * j
-            if d < dv:
-                acc[j] += e * v[t, kh, d]
-    for j in range(DV_PER_LANE):
-        part[tid >> 5, lane + 32 * j] = acc[j]
-    cuda.syncthreads()
-    for d in range(tid, dv, THREADS):
-        a = float32(0.0)
-        for w in range(WARPS):
-            a += part[w, d]
-        out[i, h, d] = a * inv
+    0..positions[i] of kv head h // group; for heads up to 32 * nj wide. Scores go to the scratch
+    s[i, h, :]. The positions come from device memory, so one captured launch serves every decode step.
+    Scores: a warp takes KEYS_AT_ONCE keys per pass, its lanes across the head dimension (coalesced reads of
+    each key row; MLA's is 576 wide), the query row held in registers, every key load issued before the pass's
+    stores of its scores (a store keeps later loads waiting: numba cannot tell the arrays apart). Same sums in
+    the same order as one key at a time."""
+    B = KEYS_AT_ONCE
+    src = [
+        "def kern(q, k, v, out, s, positions, scale, group):",
+        "    red = cuda.shared.array(THREADS, float32)",
+        "    i = cuda.blockIdx.x",
+        "    h = cuda.blockIdx.y",
+        "    kh = h // group",
+        "    tid = cuda.threadIdx.x",
+        "    lane = tid & 31",
+        "    end = positions[i] + 1",
+        "    dk = q.shape[2]",
+        "    dv = v.shape[2]",
+    ]
+    for j in range(nj):     # lane's part of the query row; past dk a zero times a clamped (real) key value
+        src += [f"    c{j} = min(lane + {32 * j}, dk - 1)",
+                f"    q{j} = q[i, h, c{j}] if lane + {32 * j} < dk else float32(0.0)"]
+    src += ["    m = float32(-3.0e38)",
+            f"    for t0 in range((tid >> 5) * {B}, end, WARPS * {B}):"]
+    src += [f"        t{b} = min(t0 + {b}, end - 1)" for b in range(B)]
+    src += [f"        a{b} = q0 * k[t{b}, kh, c0]" for b in range(B)]
+    src += [f"        a{b} += q{j} * k[t{b}, kh, c{j}]" for j in range(1, nj) for b in range(B)]
+    src += ["        for o in (16, 8, 4, 2, 1):"]
+    src += [f"            a{b} += cuda.shfl_xor_sync(0xffffffff, a{b}, o)" for b in range(B)]
+    for b in range(B):
+        src += [f"        if t0 + {b} < end:",
+                f"            a{b} *= scale",
+                "            if lane == 0:",
+                f"                s[i, h, t0 + {b}] = a{b}",
+                f"            m = max(m, a{b})"]
+    src += [
+        "    m = _block_reduce(red, m, tid, True)    # its barriers also publish s to the whole block",
+        "    l = float32(0.0)",
+        "    for t in range(tid, end, THREADS):",
+        "        e = math.exp(s[i, h, t] - m)",
+        "        s[i, h, t] = e",
+        "        l += e",
+        "    l = _block_reduce(red, l, tid, False)   # its barriers also publish s to the whole block",
+        "    inv = float32(1.0) / l",
+        "    # values: warp w sums keys w, w + WARPS, ...; lane holds d = lane + 32 j; partials meet in shared memory",
+        "    part = cuda.shared.array((WARPS, MAX_DV), float32)",
+        "    acc = cuda.local.array(DV_PER_LANE, float32)",
+        "    for j in range(DV_PER_LANE):",
+        "        acc[j] = float32(0.0)",
+        "    for t in range(tid >> 5, end, WARPS):",
+        "        e = s[i, h, t]",
+        "        for j in range(DV_PER_LANE):",
+        "            d = lane + 32 * j",
+        "            if d < dv:",
+        "                acc[j] += e * v[t, kh, d]",
+        "    for j in range(DV_PER_LANE):",
+        "        part[tid >> 5, lane + 32 * j] = acc[j]",
+        "    cuda.syncthreads()",
+        "    for d in range(tid, dv, THREADS):",
+        "        a = float32(0.0)",
+        "        for w in range(WARPS):",
+        "            a += part[w, d]",
+        "        out[i, h, d] = a * inv",
+    ]
+    g = dict(cuda=cuda, float32=float32, math=math, min=min, max=max, THREADS=THREADS, WARPS=WARPS, MAX_DV=MAX_DV,
+             DV_PER_LANE=DV_PER_LANE, _block_reduce=_block_reduce)
+    text = "\n".join(src)
+    exec(compile(text, f"<attention nj={nj}>", "exec"), g)
+    k = cuda.jit(g["kern"])
+    k.source_text = text
+    return k
+
+
+def attention_kernel(dk: int):
+    """The attention kernel for heads dk wide (one compile per 32 columns of width)."""
+    key = ("attention", (dk + 31) // 32)
+    if key not in _CACHE:
+        _CACHE[key] = _make_attention(key[1])
+    return _CACHE[key]
 
 
 MAX_EXPERTS = 512
