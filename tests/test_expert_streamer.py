@@ -140,6 +140,15 @@ def random_layer(rng, E=8, H=128, I=64, D=96, blob: Blob | None = None) -> tuple
             Weight(down, Q8, I + 32, "down"))
 
 
+def random_layers(rng, n: int, direct: bool = True):
+    """n random layers, all in one host blob (as in a mapped file) when direct; returns them, the bytes per
+    expert and the streamer's keywords for DMA straight from that blob."""
+    blob = Blob(1 << 20) if direct else None
+    layers = [random_layer(rng, blob=blob) for _ in range(n)]
+    kw = {"host_buffer": blob.data, "host_register": True} if direct else {}
+    return layers, sum(w.raw[0].nbytes for w in layers[0]), kw
+
+
 def check_slots(ws, pools, ids, slots):
     """Each requested expert's bytes sit in its slot of every pool."""
     assert slots.shape == np.shape(ids) and slots.dtype == np.int32
@@ -178,12 +187,9 @@ def test_random_fetches_put_the_right_bytes_in_the_slots(policy, direct, monkeyp
     monkeypatch.setattr(streaming, "MIN_CHUNK", 1000)      # host copies in 3 pieces, over 3 threads
     rng = np.random.default_rng(["lru", "lfu", "hot"].index(policy))
     L, E = 3, 8
-    blob = Blob(1 << 20) if direct else None
-    layers = [random_layer(rng, blob=blob) for _ in range(L)]
-    bpe = sum(w.raw[0].nbytes for w in layers[0])
-    kw = {"hot_counts": rng.integers(0, 50, (L, E)), "hot_fraction": 0.2} if policy == "hot" else {}
-    if direct:
-        kw.update(host_buffer=blob.data, host_register=True)
+    layers, bpe, kw = random_layers(rng, L, direct)
+    if policy == "hot":
+        kw.update(hot_counts=rng.integers(0, 50, (L, E)), hot_fraction=0.2)
     st = SimStreamer(FAKE_BE, 10 * bpe + bpe // 2, L, E, policy=policy, copy_threads=3, **kw)
     assert st.stats()["slots"] == 0 and st.stats()["bytes_h2d"] == 0       # nothing allocated yet
     if policy == "hot":                                     # fill the hot set first, as the backend would
@@ -202,7 +208,7 @@ def test_random_fetches_put_the_right_bytes_in_the_slots(policy, direct, monkeyp
     assert n["tokens"] == 150 // L
     if direct:                                              # no staging buffer, no host wait
         assert n["host_registered"] and n["register_why_not"] == "" and n["register_s"] >= 0
-        assert st.registered == [(blob.data.ctypes.data, blob.data.nbytes)]
+        assert st.registered == [(kw["host_buffer"].ctypes.data, kw["host_buffer"].nbytes)]
         assert n["bytes_direct"] == n["bytes_h2d"] and n["staging_bytes"] == 0 and n["host_waits"] == 0
     else:
         assert not n["host_registered"] and n["register_why_not"] == "no mapped file given"
@@ -242,10 +248,7 @@ def test_the_simulation_catches_ordering_bugs(bug, direct):
         def _sync(self, ev):
             return False if bug == "no host wait" else super()._sync(ev)
     rng = np.random.default_rng(3)
-    blob = Blob(1 << 20) if direct else None
-    layers = [random_layer(rng, blob=blob) for _ in range(3)]
-    bpe = sum(w.raw[0].nbytes for w in layers[0])
-    kw = {"host_buffer": blob.data, "host_register": True} if direct else {}
+    layers, bpe, kw = random_layers(rng, 3, direct)
     st = Broken(FAKE_BE, 6 * bpe, 3, 8, **kw)
     with pytest.raises(AssertionError):
         drive(st, layers, rng, steps=60, k=2, max_tokens=3)
@@ -263,15 +266,13 @@ def test_the_simulation_catches_ordering_bugs(bug, direct):
 def test_close_unregisters_after_the_copies():
     """close() waits for the copies in flight, then unregisters the one range; later copies are staged."""
     rng = np.random.default_rng(4)
-    blob = Blob(1 << 20)
-    layers = [random_layer(rng, blob=blob) for _ in range(2)]
-    bpe = sum(w.raw[0].nbytes for w in layers[0])
-    st = SimStreamer(FAKE_BE, 4 * bpe, 2, 8, host_buffer=blob.data, host_register=True)
+    layers, bpe, kw = random_layers(rng, 2)
+    st = SimStreamer(FAKE_BE, 4 * bpe, 2, 8, **kw)
     st.fetch(0, *layers[0], [[1, 2]])
     st.prefetch(1, *layers[1], [3, 4])
     assert st.ran < len(st.queue)                            # in flight when close() is called
     st.close()
-    assert st.registered == [] and st.unregistered == [(blob.data.ctypes.data, blob.data.nbytes)]
+    assert st.registered == [] and st.unregistered == [(kw["host_buffer"].ctypes.data, kw["host_buffer"].nbytes)]
     n = st.stats()
     assert not n["host_registered"] and n["register_why_not"] == "closed" and n["bytes_direct"] == 4 * bpe
     *pools, slots = st.fetch(1, *layers[1], [[5, 3]])       # after close: staged (3 is still resident)
@@ -283,10 +284,8 @@ def test_close_unregisters_after_the_copies():
 
 def test_a_refused_registration_falls_back_to_staging():
     rng = np.random.default_rng(6)
-    blob = Blob(1 << 20)
-    layers = [random_layer(rng, blob=blob) for _ in range(3)]
-    bpe = sum(w.raw[0].nbytes for w in layers[0])
-    st = SimStreamer(FAKE_BE, 6 * bpe, 3, 8, host_buffer=blob.data, host_register=True)
+    layers, bpe, kw = random_layers(rng, 3)
+    st = SimStreamer(FAKE_BE, 6 * bpe, 3, 8, **kw)
     st.fail_register = RuntimeError("cudaErrorNotSupported: operation not supported")
     drive(st, layers, rng, steps=60, k=2)
     n = st.stats()
