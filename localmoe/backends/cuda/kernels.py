@@ -43,6 +43,20 @@ BLOCKS_PER_SM = 2          # gemv grid: this many blocks per SM, split over the 
 _TWO112 = float32(5.192296858534828e+33)   # 2**112: rebias an fp16 exponent into fp32
 
 
+def _jit_source(src: list[str], name: str, **names):
+    """cuda.jit of a generated kernel `kern` (straight-line code where numba would keep a loop: named
+    registers, loads placed before stores), its globals the module's common names plus `names`; the text
+    is kept as `.source_text` (the simulator checks run it)."""
+    text = "\n".join(src)
+    g = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32, libdevice=libdevice, math=math,
+             min=min, max=max, abs=abs, THREADS=THREADS, WARPS=WARPS)
+    g.update(names)
+    exec(compile(text, f"<{name}>", "exec"), g)
+    k = cuda.jit(g["kern"])
+    k.source_text = text
+    return k
+
+
 @cuda.jit(device=True, inline=True)
 def h2f(h):
     """float32 of the fp16 bit pattern in the low 16 bits of h (normals and subnormals)."""
@@ -250,9 +264,7 @@ def _make_lanes(qt: int, cols: int):
         ws = ", ".join(f"w{k * PW + i}" for i in range(PW))
         src.append(f"        acc += {pair}({ws}, xs, {64 * k})")
     src.append("        y[p, r] = acc")
-    g = dict(cuda=cuda, float32=float32, int64=int64, THREADS=THREADS, _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
-    exec(compile("\n".join(src), f"<lanes {qt} cols={cols}>", "exec"), g)
-    return cuda.jit(g["kern"])
+    return _jit_source(src, f"lanes {qt} cols={cols}", _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
 
 
 def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes):
@@ -305,13 +317,7 @@ def _make_f32rows():
         "            y[p, r] = a",
         "        cuda.syncthreads()",
     ]
-    g = dict(cuda=cuda, float32=float32, int64=int64, min=min, WARPS=WARPS, ldg4=ldg4, f32bits=f32bits,
-             warp_sum=warp_sum)
-    text = "\n".join(src)
-    exec(compile(text, "<f32rows>", "exec"), g)
-    k = cuda.jit(g["kern"])
-    k.source_text = text
-    return k
+    return _jit_source(src, "f32rows", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
 
 
 def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms):
@@ -703,14 +709,9 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
         "            if row < rows:",
         "                y[p, row] = silu(acc) * acc2" if fused else "                y[p, row] = acc",
     ]
-    text = "\n".join(src)
-    g = dict(cuda=cuda, int32=int32, int64=int64, uint32=uint32, float32=float32, libdevice=libdevice,
-             ldg4=ldg4, lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16, lo_f16=lo_f16,
-             hi_f16=hi_f16, silu=silu, min=min, max=max, abs=abs)
-    exec(compile(text, f"<fast2 {qt} fused={fused} warps={warps} direct={direct}>", "exec"), g)
-    k = cuda.jit(g["kern"])
-    k.source_text = text
-    return k
+    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct}", ldg4=ldg4, lds4=lds4,
+                       sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
+                       lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 
 def fast2_ok(qt: int, cols: int) -> bool:
@@ -821,10 +822,7 @@ def _make_add_rmsnorm():
         src += [f"    if tid + {j} * THREADS < n:",
                 f"        xo[t, i{j}] = a{j}",
                 f"        out[t, i{j}] = a{j} * inv * w{j}"]
-    g = dict(cuda=cuda, float32=float32, math=math, min=min, THREADS=THREADS, _rmsnorm_row=_rmsnorm_row,
-             _block_reduce=_block_reduce)
-    exec(compile("\n".join(src), "<add_rmsnorm>", "exec"), g)
-    return cuda.jit(g["kern"])
+    return _jit_source(src, "add_rmsnorm", _rmsnorm_row=_rmsnorm_row, _block_reduce=_block_reduce)
 
 
 add_rmsnorm_kernel = _make_add_rmsnorm()
@@ -942,13 +940,7 @@ def _make_attention(nj: int):
         "            a += part[w, d]",
         "        out[i, h, d] = a * inv",
     ]
-    g = dict(cuda=cuda, float32=float32, math=math, min=min, max=max, THREADS=THREADS, WARPS=WARPS, MAX_DV=MAX_DV,
-             DV_PER_LANE=DV_PER_LANE, _block_reduce=_block_reduce)
-    text = "\n".join(src)
-    exec(compile(text, f"<attention nj={nj}>", "exec"), g)
-    k = cuda.jit(g["kern"])
-    k.source_text = text
-    return k
+    return _jit_source(src, f"attention nj={nj}", MAX_DV=MAX_DV, DV_PER_LANE=DV_PER_LANE, _block_reduce=_block_reduce)
 
 
 def attention_kernel(dk: int):
