@@ -377,6 +377,10 @@ def model_bench(args, copy_bw) -> None:
     print(f"HBM roofline: copy {copy_bw:.0f} GB/s / {per_tok / 1e9:.3f} GB = {roof:.0f} tok/s; "
           f"graph decode {1 / timed['graph']:.2f} tok/s = {1 / timed['graph'] / roof:.2%} of it")
     dt, launches = timed["eager"], eager_launches
+    if be.pdl_why_not:
+        print(f"programmatic dependent launch: off ({be.pdl_why_not})")
+    else:
+        pdl_compare(m, rng, ids, steps)
     if args.kernel_times:
         kernel_times(m, cache, int(rng.integers(1000, c.vocab_size)))
 
@@ -643,6 +647,30 @@ def kernel_times(m, cache, token: int, reps: int = 10) -> None:
           f"flush, the flush's {flush:.1f} us subtracted): sum {total / 1e3:.2f} ms")
     for label, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
         print(f"  {label:34s} {n:4d} calls  {us / n:8.1f} us each  {us / 1e3:6.2f} ms  {us / total:6.1%}")
+
+
+def pdl_compare(m, rng, ids, steps: int, rounds: int = 3) -> None:
+    """Graph decode with and without programmatic dependent launch, rounds interleaved (graphs re-captured at
+    each switch); the backend's default (on) is left set."""
+    be, res = m.backend, {True: [], False: []}
+    for _ in range(rounds):
+        for on in (True, False):
+            be.pdl = on
+            cache = m.new_cache()
+            m.prefill(np.array(ids), cache)
+            for _ in range(4):
+                m.net.forward(np.array([int(rng.integers(1000, m.config.vocab_size))]), cache, last_only=True)
+            cuda_sync(be)
+            t0 = time.perf_counter()
+            for t in rng.integers(1000, m.config.vocab_size, steps):
+                m.net.forward(np.array([int(t)]), cache, last_only=True)
+            cuda_sync(be)
+            res[on].append(steps / (time.perf_counter() - t0))
+    be.pdl = True
+    fmt = lambda v: " ".join(f"{x:.1f}" for x in v)
+    print(f"programmatic dependent launch, graph decode tok/s over {rounds} interleaved rounds of {steps} tokens: "
+          f"on {fmt(res[True])}, off {fmt(res[False])}; best on / best off = {max(res[True]) / max(res[False]):.3f}",
+          flush=True)
 
 
 def cuda_sync(be):

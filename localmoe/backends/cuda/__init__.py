@@ -84,6 +84,25 @@ class CUDABackend:
         self._ints: dict = {}             # cached index arrays
         self.bytes_uploaded = 0           # weight bytes host -> device so far
         self.launches = 0                 # kernel launches so far (for launches per token)
+        from ._numba import PDL_WHY_NOT
+        cc = tuple(getattr(cuda.get_current_device(), "compute_capability", (0, 0)))
+        self.pdl_why_not = PDL_WHY_NOT or ("" if cc >= (9, 0) else f"compute capability {cc} < 9.0")
+        self.pdl = not self.pdl_why_not
+
+    @property
+    def pdl(self) -> bool:
+        """Programmatic dependent launch (_numba.PDL): on where the GPU and numba-cuda allow it. Switching it
+        drops the captured graphs (the bench compares)."""
+        from ._numba import PDL
+        return PDL[0]
+
+    @pdl.setter
+    def pdl(self, on: bool) -> None:
+        from ._numba import PDL
+        if on and self.pdl_why_not:
+            raise RuntimeError(f"no programmatic dependent launch: {self.pdl_why_not}")
+        PDL[0] = bool(on)
+        self._graphs.clear()
 
     def free_memory(self) -> int:
         """Free bytes on the GPU now (for localmoe/placement.py)."""

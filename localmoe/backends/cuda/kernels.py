@@ -36,6 +36,41 @@ SUPPORTED = (F32, F16, BF16, Q8_0, Q4_0)
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18}
 ESIZE = {F32: 4, F16: 2, BF16: 2}
 
+from llvmlite import ir as _ir  # noqa: E402
+from numba.core import types as _t  # noqa: E402
+from numba.core.extending import intrinsic as _intrinsic  # noqa: E402
+
+_I32 = _ir.IntType(32)
+_I64 = _ir.IntType(64)
+
+
+def _asm(builder, rtype, argtypes, text, constraints, args, side_effect=False):
+    fn = _ir.InlineAsm(_ir.FunctionType(rtype, argtypes), text, constraints, side_effect=side_effect)
+    return builder.call(fn, args)
+
+
+def _has_griddepcontrol() -> bool:
+    """sm_90 and later (or no GPU: the offline tools in bench/ compile for sm_90)."""
+    try:
+        return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+    except Exception:
+        return True
+
+
+@_intrinsic
+def grid_dependency(typingctx):
+    """Every kernel's first statement (programmatic dependent launch, see _numba.PDL): wait until the kernel
+    before it in the stream has completed and its writes are visible, then let the next kernel launch, so
+    that one's blocks are resident, waiting here, when this one ends. A no-op for a launch without the PDL
+    attribute; nothing is emitted before sm_90."""
+    def codegen(context, builder, sig, args):
+        if _has_griddepcontrol():
+            _asm(builder, _ir.VoidType(), [], "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;",
+                 "~{memory}", [], side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(), codegen
+
+
 WARPS = 8
 THREADS = 32 * WARPS
 STREAM = [0]              # the stream every launch goes to (the backend sets its own: capturable, unlike the legacy one)
@@ -46,9 +81,10 @@ _TWO112 = float32(5.192296858534828e+33)   # 2**112: rebias an fp16 exponent int
 def _jit_source(src: list[str], name: str, **names):
     """cuda.jit of a generated kernel `kern` (straight-line code where numba would keep a loop: named
     registers, loads placed before stores), its globals the module's common names plus `names`; the text
-    is kept as `.source_text` (the simulator checks run it)."""
-    text = "\n".join(src)
-    g = dict(cuda=cuda, float32=float32, int32=int32, int64=int64, uint32=uint32, libdevice=libdevice, math=math,
+    is kept as `.source_text` (the simulator checks run it). The kernel begins with `grid_dependency()`."""
+    assert src[0].startswith("def kern(")
+    text = "\n".join([src[0], "    grid_dependency()"] + src[1:])
+    g = dict(cuda=cuda, grid_dependency=grid_dependency, float32=float32, int32=int32, int64=int64, uint32=uint32, libdevice=libdevice, math=math,
              min=min, max=max, abs=abs, THREADS=THREADS, WARPS=WARPS)
     g.update(names)
     exec(compile(text, f"<{name}>", "exec"), g)
@@ -202,6 +238,7 @@ def _make_fast(qt: int, fused: bool):
 
     @cuda.jit
     def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words):
+        grid_dependency()
         xs = cuda.shared.array(0, float32)
         stage = cuda.shared.array(STAGE, uint32)
         p = cuda.blockIdx.y
@@ -370,6 +407,7 @@ def _make_generic(qt: int, fused: bool):
     @cuda.jit
     def kern(W, W2, mats, xidx, x, y, rows, cols, row_bytes, mat_bytes):
         """One row per block at a time, its columns split over all the block's threads."""
+        grid_dependency()
         red = cuda.shared.array(WARPS, float32)
         red2 = cuda.shared.array(WARPS, float32)
         p = cuda.blockIdx.y
@@ -453,17 +491,6 @@ def launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_by
 # lanes on different units hit different banks), then per 32-block d_x (float bits) at XW + 9 cu + b
 # and the block's int16 sum (Q4_0's -8 offset) at XW + 9 U + 9 cu + b.
 
-from llvmlite import ir as _ir  # noqa: E402
-from numba.core import types as _t  # noqa: E402
-from numba.core.extending import intrinsic as _intrinsic  # noqa: E402
-
-_I32 = _ir.IntType(32)
-_I64 = _ir.IntType(64)
-
-
-def _asm(builder, rtype, argtypes, text, constraints, args, side_effect=False):
-    fn = _ir.InlineAsm(_ir.FunctionType(rtype, argtypes), text, constraints, side_effect=side_effect)
-    return builder.call(fn, args)
 
 
 def _i32s(context, builder, sig, args):
@@ -782,6 +809,7 @@ def _rmsnorm_row(x, r, n, w, out, orow, eps, red, tid):
 @cuda.jit
 def rmsnorm_kernel(x, w, out, eps):
     """One block per row: out = x * rsqrt(mean(x^2) + eps) * w."""
+    grid_dependency()
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
     _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
@@ -835,6 +863,7 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
     s = 1 + beta * log1p(position // length) (llama-4 query scaling; 1 when beta is 0). Block (j, heads):
     cache[position] = [rmsnorm(kv[j, :kvr]) * w, rope(kv[j, kvr:])]. cos/sin: whole tables, rows read
     at the positions from device memory (so one captured launch serves every decode step)."""
+    grid_dependency()
     red = cuda.shared.array(THREADS, float32)
     j = cuda.blockIdx.x
     h = cuda.blockIdx.y
@@ -962,6 +991,7 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
     largest (within the best topk_group of n_group groups, a group ranked by its two largest),
     renormalised, times scale; ties go to the lower expert id like the reference's stable sort.
     On the GPU so a decode step needs no host round trip (and can be captured)."""
+    grid_dependency()
     t = cuda.grid(1)
     if t >= logits.shape[0]:
         return
@@ -1029,6 +1059,7 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
     """route_kernel's choice without groups, one warp per row t: lane holds experts lane + 32 j; softmax
     by shuffles; each of the k picks is a warp-wide argmax (ties to the lower id, like the stable sort).
     The order of the picks only needs exp(logit - max), so it cannot depend on the summation order."""
+    grid_dependency()
     t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
     lane = cuda.threadIdx.x & 31
     if t >= logits.shape[0]:
@@ -1083,6 +1114,7 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
 def shared_slots_kernel(ids, wts, E, mats, wout):
     """mats[t] = [ids[t], E], wout[t] = [wts[t], 1]: token t's routed experts, then the shared expert
     (matrix E of the uploads it shares with them) at weight 1."""
+    grid_dependency()
     t = cuda.grid(1)
     if t < ids.shape[0]:
         k = ids.shape[1]
@@ -1097,6 +1129,7 @@ def shared_slots_kernel(ids, wts, E, mats, wout):
 def combine_kernel(yp, wts, y, plus, add):
     """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output, when
     it ran apart)."""
+    grid_dependency()
     t = cuda.blockIdx.y
     k = wts.shape[1]
     for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):
@@ -1109,5 +1142,6 @@ def combine_kernel(yp, wts, y, plus, add):
 @cuda.jit
 def copy_kernel(src, dst):
     """Plain device-to-device copy of uint32 words (the bandwidth yardstick)."""
+    grid_dependency()
     for i in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
         dst[i] = src[i]
