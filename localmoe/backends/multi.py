@@ -46,16 +46,26 @@ class PipeComm:
 
     def broadcast(self, msg) -> None:
         for c in self.conns:
-            c.send(msg)
+            try:
+                c.send(msg)
+            except OSError:                         # the worker has stopped: its last message says why
+                if c.poll(30):
+                    self._reply(c)
+                raise
 
     def reduce_sum(self, part):
         out = np.array(part)
         for c in self.conns:
-            reply = c.recv()
-            if isinstance(reply, BaseException):
-                raise RuntimeError(f"expert worker failed: {reply!r}")
-            out += reply
+            out += self._reply(c)
         return out
+
+    @staticmethod
+    def _reply(conn):
+        """The worker's next message; the error it sent, raised, if it failed."""
+        reply = conn.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError(f"expert worker failed: {reply!r}")
+        return reply
 
 
 def serve_experts(path: str, device: int, n_devices: int, conn, backend: str = "cpu") -> None:
