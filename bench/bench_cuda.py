@@ -650,12 +650,18 @@ def kernel_times(m, cache, token: int, reps: int = 10) -> None:
 
 
 def pdl_compare(m, rng, ids, steps: int, rounds: int = 3) -> None:
-    """Graph decode with and without programmatic dependent launch, rounds interleaved (graphs re-captured at
-    each switch); the backend's default (on) is left set."""
-    be, res = m.backend, {True: [], False: []}
+    """Graph decode and a 512-token prefill with and without programmatic dependent launch, rounds interleaved
+    (graphs re-captured at each switch); the backend's default (on) is left set."""
+    be, res, pre = m.backend, {True: [], False: []}, {True: [], False: []}
+    prompt = rng.integers(1000, m.config.vocab_size, 512)
     for _ in range(rounds):
         for on in (True, False):
             be.pdl = on
+            cache = m.new_cache()
+            t0 = time.perf_counter()
+            m.prefill(prompt, cache)
+            cuda_sync(be)
+            pre[on].append(len(prompt) / (time.perf_counter() - t0))
             cache = m.new_cache()
             m.prefill(np.array(ids), cache)
             for _ in range(4):
@@ -669,8 +675,9 @@ def pdl_compare(m, rng, ids, steps: int, rounds: int = 3) -> None:
     be.pdl = True
     fmt = lambda v: " ".join(f"{x:.1f}" for x in v)
     print(f"programmatic dependent launch, graph decode tok/s over {rounds} interleaved rounds of {steps} tokens: "
-          f"on {fmt(res[True])}, off {fmt(res[False])}; best on / best off = {max(res[True]) / max(res[False]):.3f}",
-          flush=True)
+          f"on {fmt(res[True])}, off {fmt(res[False])}; best on / best off = {max(res[True]) / max(res[False]):.3f}; "
+          f"prefill of {len(prompt)} tokens, tok/s: on {fmt(pre[True])}, off {fmt(pre[False])}; best on / best off = "
+          f"{max(pre[True]) / max(pre[False]):.3f}", flush=True)
 
 
 def cuda_sync(be):

@@ -55,10 +55,15 @@ def main() -> None:
             k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"])
             rows.append((f"fast2 {name} {'fused' if fused else 'plain'} (bps {cfg['bps'][fused]})", 32 * cfg["warps"],
                          registers(k.py_func, GEMV_SIG + (t.int64,), exe)))
+        k = K._make_fast2(qt, False, cfg["warps"], True, preload=True)
+        rows.append((f"fast2 {name} plain preload", 32 * cfg["warps"], registers(k.py_func, GEMV_SIG + (t.int64,), exe)))
         for cols in (128, 256):
-            rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols).py_func, GEMV_SIG, exe)))
-    rows.append(("f32rows (router)", K.THREADS, registers(K._make_f32rows().py_func,
-                                                          (t.uint8[::1], i32, i32, f2, f2, t.int64, t.int64, t.int64), exe)))
+            rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols, False).py_func, GEMV_SIG, exe)))
+            rows.append((f"lanes {name} cols={cols} preload", K.THREADS,
+                         registers(K._make_lanes(qt, cols, True).py_func, GEMV_SIG, exe)))
+    for preload in (False, True):
+        rows.append((f"f32rows (router){' preload' if preload else ''}", K.THREADS, registers(
+            K._make_f32rows(preload).py_func, (t.uint8[::1], i32, i32, f2, f2, t.int64, t.int64, t.int64), exe)))
     rows.append(("add_rmsnorm", K.THREADS, registers(K.add_rmsnorm_kernel.py_func, (f2, f2, f1, f2, f2, t.float32), exe)))
     f3, a3 = t.float32[:, :, ::1], t.float32[:, :, :]
     for dk in (128, 576):

@@ -179,9 +179,11 @@ class CUDABackend:
         return self._ints[k]
 
     # -- the batched gemv -------------------------------------------------------------------------
-    def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None):
+    def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
+             preload: bool = True):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
-        device arrays laid out like w (and w2) to read instead of their uploads (the expert slots)."""
+        device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
+        preload=False when the kernel just before this one wrote `mats` (kernels.launch_gemv)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)[0]
@@ -191,7 +193,7 @@ class CUDABackend:
         y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
-                           fused=w2 is not None)
+                           fused=w2 is not None, preload=preload)
         self.launches += 1
         return y
 
@@ -352,10 +354,12 @@ class CUDABackend:
         if kt not in self._ints:
             self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
         tok = self._ints[kt]
+        # the router's kernels just wrote mats: the gate's launch cannot read it early; the down projection's can
         if int(gate.type) == int(up.type):
-            h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu))  # silu(g) * u, fused
+            h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
+                          preload=False)                                                      # silu(g) * u, fused
         else:
-            g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,))
+            g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False)
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
         yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))

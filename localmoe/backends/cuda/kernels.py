@@ -81,9 +81,12 @@ _TWO112 = float32(5.192296858534828e+33)   # 2**112: rebias an fp16 exponent int
 def _jit_source(src: list[str], name: str, **names):
     """cuda.jit of a generated kernel `kern` (straight-line code where numba would keep a loop: named
     registers, loads placed before stores), its globals the module's common names plus `names`; the text
-    is kept as `.source_text` (the simulator checks run it). The kernel begins with `grid_dependency()`."""
+    is kept as `.source_text` (the simulator checks run it). The kernel begins with `grid_dependency()` unless it
+    calls it itself, after loads of weights that no kernel writes (see _make_fast2's preload)."""
     assert src[0].startswith("def kern(")
-    text = "\n".join([src[0], "    grid_dependency()"] + src[1:])
+    if not any(line.strip() == "grid_dependency()" for line in src):     # else placed by the kernel (after preloads)
+        src = [src[0], "    grid_dependency()"] + src[1:]
+    text = "\n".join(src)
     g = dict(cuda=cuda, grid_dependency=grid_dependency, float32=float32, int32=int32, int64=int64, uint32=uint32, libdevice=libdevice, math=math,
              min=min, max=max, abs=abs, THREADS=THREADS, WARPS=WARPS)
     g.update(names)
@@ -278,36 +281,44 @@ def lanes_ok(qt: int, cols: int, fused: bool) -> bool:
     return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= LANE_COLS and not fused
 
 
-def _make_lanes(qt: int, cols: int):
+def _make_lanes(qt: int, cols: int, preload: bool):
+    """preload: the row's words are loaded before grid_dependency() (`mats` constant or written two or more
+    kernels back: see _make_fast2)."""
     PW = 9 if qt == Q4_0 else 17                 # words per pair of blocks
     RW = cols // 64 * PW                         # words per row
     pair = "_q4_pair_w" if qt == Q4_0 else "_q8_pair_w"
-    src = [
-        "def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words):",
+    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words):",
+           "    p = cuda.blockIdx.y",
+           "    tid = cuda.threadIdx.x",
+           "    r = cuda.blockIdx.x * THREADS + tid"]
+    ind = "    " if preload else "        "
+    row = "min(r, rows - 1)" if preload else "r"
+    loads = [f"{ind}base = int64(mats[p]) * mat_words + int64({row}) * {RW}"]
+    loads += [f"{ind}w{i} = W[base + {i}]" for i in range(RW)]
+    if preload:
+        src += loads + ["    grid_dependency()"]
+    src += [
         f"    xs = cuda.shared.array({cols}, float32)",
-        "    p = cuda.blockIdx.y",
-        "    tid = cuda.threadIdx.x",
         "    xr = xidx[p]",
         f"    for i in range(tid, {cols}, THREADS):",
         "        xs[i] = x[xr, i]",
         "    cuda.syncthreads()",
-        "    r = cuda.blockIdx.x * THREADS + tid",
         "    if r < rows:",
-        f"        base = int64(mats[p]) * mat_words + int64(r) * {RW}",
     ]
-    src += [f"        w{i} = W[base + {i}]" for i in range(RW)]
-    src.append("        acc = float32(0.0)")
+    if not preload:
+        src += loads
+    src += ["        acc = float32(0.0)"]
     for k in range(cols // 64):
         ws = ", ".join(f"w{k * PW + i}" for i in range(PW))
         src.append(f"        acc += {pair}({ws}, xs, {64 * k})")
     src.append("        y[p, r] = acc")
-    return _jit_source(src, f"lanes {qt} cols={cols}", _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
+    return _jit_source(src, f"lanes {qt} cols={cols} preload={preload}", _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
 
 
-def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes):
-    key = ("lanes", qt, cols)
+def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload=False):
+    key = ("lanes", qt, cols, preload)
     if key not in _CACHE:
-        _CACHE[key] = _make_lanes(qt, cols)
+        _CACHE[key] = _make_lanes(qt, cols, preload)
     _CACHE[key][((rows + THREADS - 1) // THREADS, P), THREADS, STREAM[0]](W, W, mats, xidx, x, y, rows, cols,
                                                                           mat_bytes // 4)
 
@@ -319,49 +330,63 @@ def f32rows_ok(qt: int, cols: int, fused: bool) -> bool:
     return qt == F32 and cols % 4 == 0 and cols <= 4 * THREADS * F32_LOADS and not fused
 
 
-def _make_f32rows():
+def _make_f32rows(preload: bool):
     """Float32 rows of <= 4 * THREADS * F32_LOADS columns (the router, 128 x 4096): a block per row, each
     thread's 16-byte pieces of it (coalesced across the block) and its x values loaded before any
-    arithmetic, instead of the generic kernel's byte loads one column at a time."""
+    arithmetic, instead of the generic kernel's byte loads one column at a time. preload: the block's first
+    row is loaded before grid_dependency() (`mats` constant or written two or more kernels back)."""
     L = F32_LOADS
-    src = [
-        "def kern(W, mats, xidx, x, y, rows, cols, mat_bytes):",
-        "    red = cuda.shared.array(WARPS, float32)",
-        "    p = cuda.blockIdx.y",
-        "    tid = cuda.threadIdx.x",
-        "    xr = xidx[p]",
-        "    mbase = int64(mats[p]) * mat_bytes",
-        "    for r in range(cuda.blockIdx.x, rows, cuda.gridDim.x):",
-        "        rb = mbase + int64(r) * (4 * cols)",
-    ]
-    for l in range(L):       # columns c .. c + 3 (clamped to the row; counted only when in it)
-        src += [f"        c{l} = min(4 * (tid + {THREADS * l}), cols - 4)",
-                f"        w{l}0, w{l}1, w{l}2, w{l}3 = ldg4(W, rb + 4 * c{l})"]
-        src += [f"        x{l}{j} = x[xr, c{l} + {j}]" for j in range(4)]
-    src.append("        acc = float32(0.0)")
-    for l in range(L):
-        src += [f"        if 4 * (tid + {THREADS * l}) < cols:"]
-        src += [f"            acc += f32bits(w{l}{j}) * x{l}{j}" for j in range(4)]
-    src += [
-        "        acc = warp_sum(acc)",
-        "        if (tid & 31) == 0:",
-        "            red[tid >> 5] = acc",
-        "        cuda.syncthreads()",
-        "        if tid == 0:",
-        "            a = red[0]",
-        "            for w in range(1, WARPS):",
-        "                a += red[w]",
-        "            y[p, r] = a",
-        "        cuda.syncthreads()",
-    ]
-    return _jit_source(src, "f32rows", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
+
+    def weights(ind: str, prefix: str) -> list[str]:
+        out = []
+        for l in range(L):       # columns c .. c + 3 (clamped to the row; counted only when in it)
+            out += [f"{ind}c{l} = min(4 * (tid + {THREADS * l}), cols - 4)",
+                    f"{ind}{prefix}{l}0, {prefix}{l}1, {prefix}{l}2, {prefix}{l}3 = ldg4(W, rb + 4 * c{l})"]
+        return out
+
+    def row(ind: str, prefix: str) -> list[str]:
+        """Row r's dot product with x and its store; the weight words in {prefix}{l}{j}."""
+        out = [f"{ind}x{l}{j} = x[xr, c{l} + {j}]" for l in range(L) for j in range(4)]
+        out.append(f"{ind}acc = float32(0.0)")
+        for l in range(L):
+            out += [f"{ind}if 4 * (tid + {THREADS * l}) < cols:"]
+            out += [f"{ind}    acc += f32bits({prefix}{l}{j}) * x{l}{j}" for j in range(4)]
+        out += [f"{ind}acc = warp_sum(acc)",
+                f"{ind}if (tid & 31) == 0:",
+                f"{ind}    red[tid >> 5] = acc",
+                f"{ind}cuda.syncthreads()",
+                f"{ind}if tid == 0:",
+                f"{ind}    a = red[0]",
+                f"{ind}    for w in range(1, WARPS):",
+                f"{ind}        a += red[w]",
+                f"{ind}    y[p, r] = a",
+                f"{ind}cuda.syncthreads()"]
+        return out
+
+    src = ["def kern(W, mats, xidx, x, y, rows, cols, mat_bytes):",
+           "    p = cuda.blockIdx.y",
+           "    tid = cuda.threadIdx.x",
+           "    mbase = int64(mats[p]) * mat_bytes"]
+    first = "cuda.blockIdx.x"
+    if preload:
+        src += ["    r = cuda.blockIdx.x", "    rb = mbase + int64(min(r, rows - 1)) * (4 * cols)"]
+        src += weights("    ", "P") + ["    grid_dependency()"]
+    src += ["    red = cuda.shared.array(WARPS, float32)", "    xr = xidx[p]"]
+    if preload:
+        src += ["    if r < rows:"] + row("        ", "P")
+        first = "cuda.blockIdx.x + cuda.gridDim.x"
+    src += [f"    for r in range({first}, rows, cuda.gridDim.x):",
+            "        rb = mbase + int64(r) * (4 * cols)"]
+    src += weights("        ", "w") + row("        ", "w")
+    return _jit_source(src, f"f32rows preload={preload}", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
 
 
-def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms):
-    if "f32rows" not in _CACHE:
-        _CACHE["f32rows"] = _make_f32rows()
+def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False):
+    key = ("f32rows", preload)
+    if key not in _CACHE:
+        _CACHE[key] = _make_f32rows(preload)
     gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
-    _CACHE["f32rows"][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes)
+    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes)
 
 
 # -- generic: any type, any shape ---------------------------------------------------------------------
@@ -449,15 +474,17 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
     return fast, _CACHE[key]
 
 
-def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False):
+def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
-    kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps."""
+    kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
+    preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
+    loading weights before the previous kernel ends (_make_fast2) do."""
     if fast2_ok(qt, cols):
-        return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused)
+        return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload)
     if lanes_ok(qt, cols, fused):
-        return launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes)
+        return launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload)
     if f32rows_ok(qt, cols, fused):
-        return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms)
+        return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload)
     launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused)
 
 
@@ -641,13 +668,25 @@ XSUM_OFF_TOKEN = "nsb"
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
 
 
-def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
+def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False):
+    """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
+    grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
+    written two or more kernels back (or never: dense weights), which that kernel's start has waited for."""
+    assert not preload or (direct and not fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
-    src = [
-        "def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u):",
+    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u):"]
+    if preload:
+        src += [
+            f"    t0 = cuda.blockIdx.x * {warps} + (cuda.threadIdx.x >> 5)",
+            "    total0 = rows * (cols >> 8)",
+            f"    ub = int64(mats[cuda.blockIdx.y]) * mat_words + min(t0 * 32 + (cuda.threadIdx.x & 31), total0 - 1) * {UW}",
+        ]
+        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4(W, ub + {4 * i})" for i in range(UV)]
+        src.append("    grid_dependency()")
+    src += [
         "    sm = cuda.shared.array(0, int32)",
         "    sk = smem_word_skew(sm)",
         "    p = cuda.blockIdx.y",
@@ -697,47 +736,56 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool):
         "    ntask = (total + 32 * CPT - 1) // (32 * CPT)",
         "    mb = int64(mats[p]) * mat_words",
         f"    sbase = ST + warp * {32 * UW}",
-        f"    for t in range(cuda.blockIdx.x * {warps} + warp, ntask, cuda.gridDim.x * {warps}):",
     ]
-    src += [f"        {a} = float32(0.0)" for a in accs]
-    src += [
-        "        for c in range(CPT):",
-        "            u0 = (t * CPT + c) * 32",
-        "            u = u0 + lane",
-        "            cu = u & (U - 1)",
-        "            xu = sk + cu * 132",
-        "            sb = XW + cu * 9",
-    ]
-    for m, a in zip(mats, accs):
-        if direct:
-            src.append(f"            ub = mb + min(u, total - 1) * {UW}")
-            for i in range(UV):
-                src.append(f"            {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4({m}, ub + {4 * i})")
-        else:
-            src.append(f"            nv = min(32, total - u0) * {UV}")
-            src.append(f"            cb = mb + u0 * {UW}")
-            for i in range(UV):
-                src.append(f"            vi = min(lane + {32 * i}, nv - 1)")
-                src.append(f"            r0, r1, r2, r3 = ldg4({m}, cb + 4 * vi)")
-                src.append(f"            sts4(sm, sbase + {4 * 32 * i} + 4 * lane, r0, r1, r2, r3)")
-            src.append("            cuda.syncwarp()")
-            for i in range(UV):
-                src.append(f"            {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
-                           f"lds4(sm, sbase + lane * {UW} + {4 * i})")
-            src.append("            cuda.syncwarp()")
-        src += _unit_code(qt, f"{m}w", a, "            ")
-    for a in accs:
-        src += [f"        for o in (16, 8, 4, 2, 1):",
-                f"            if o < SEG:",
-                f"                {a} += cuda.shfl_xor_sync(0xffffffff, {a}, o)"]
-    src += [
-        "        if (lane & (SEG - 1)) == 0:",
-        "            row = (t * CPT * 32 + lane) >> log2u",
-        "            if row < rows:",
-        "                y[p, row] = silu(acc) * acc2" if fused else "                y[p, row] = acc",
-    ]
-    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct}", ldg4=ldg4, lds4=lds4,
-                       sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
+
+    def task(ind: str, first: bool) -> list[str]:
+        """One warp task t (CPT chunks of 32 units): dot products, segmented sums, stores. first: the
+        preloaded task (CPT is 1), its words already in Pw*."""
+        L = [f"{a} = float32(0.0)" for a in accs]
+        L += ["for c in range(CPT):",
+              "    u0 = (t * CPT + c) * 32",
+              "    u = u0 + lane",
+              "    cu = u & (U - 1)",
+              "    xu = sk + cu * 132",
+              "    sb = XW + cu * 9"]
+        for m, a in zip(mats, accs):
+            if first:
+                L += [f"    {m}w{j} = Pw{j}" for j in range(UW)]
+            elif direct:
+                L.append(f"    ub = mb + min(u, total - 1) * {UW}")
+                for i in range(UV):
+                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4({m}, ub + {4 * i})")
+            else:
+                L.append(f"    nv = min(32, total - u0) * {UV}")
+                L.append(f"    cb = mb + u0 * {UW}")
+                for i in range(UV):
+                    L.append(f"    vi = min(lane + {32 * i}, nv - 1)")
+                    L.append(f"    r0, r1, r2, r3 = ldg4({m}, cb + 4 * vi)")
+                    L.append(f"    sts4(sm, sbase + {4 * 32 * i} + 4 * lane, r0, r1, r2, r3)")
+                L.append("    cuda.syncwarp()")
+                for i in range(UV):
+                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
+                             f"lds4(sm, sbase + lane * {UW} + {4 * i})")
+                L.append("    cuda.syncwarp()")
+            L += _unit_code(qt, f"{m}w", a, "    ")
+        for a in accs:
+            L += ["for o in (16, 8, 4, 2, 1):",
+                  "    if o < SEG:",
+                  f"        {a} += cuda.shfl_xor_sync(0xffffffff, {a}, o)"]
+        L += ["if (lane & (SEG - 1)) == 0:",
+              "    row = (t * CPT * 32 + lane) >> log2u",
+              "    if row < rows:",
+              "        y[p, row] = silu(acc) * acc2" if fused else "        y[p, row] = acc"]
+        return [ind + line for line in L]
+
+    first = f"cuda.blockIdx.x * {warps} + warp"
+    if preload:
+        src += [f"    t = {first}", "    if t < ntask:"] + task("        ", True)
+        first = f"{first} + cuda.gridDim.x * {warps}"
+    src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
+    src += task("        ", False)
+    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload}", ldg4=ldg4,
+                       lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 
@@ -751,24 +799,28 @@ def fast2_ok(qt: int, cols: int) -> bool:
 # bps: blocks per SM (plain, fused) = what fits an SM by registers (`bench/kernel_registers.py`: 72-88 per thread
 # x 512 threads), so a launch is one wave: a second wave waits for the first's slowest warp (H100, 2026-11-23:
 # routed experts Q4_0 gate+up 30.0 -> 24.3 us, down 19.0 -> 14.9 us).
-FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1)), Q8_0: dict(warps=16, direct=True, bps=(2, 1))}
+# preload (_make_fast2): Q4_0 only; Q8_0's plain kernel would need 128 registers per thread, one block per SM, not 2.
+FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
+         Q8_0: dict(warps=16, direct=True, bps=(2, 1), preload=False)}
 
 
-def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool):
-    key = ("fast2", qt, fused, warps, direct)
+def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload)
     return _CACHE[key]
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None):
+                 bps=None, preload=False):
+    """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
+    the kernel has that variant (plain, direct, cols <= 8192)."""
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
-    kern = fast2_kernel(qt, fused, warps, direct)
     U = cols // 256
+    kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
