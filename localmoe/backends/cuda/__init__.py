@@ -16,6 +16,8 @@ Importing this package needs neither numba-cuda nor a GPU; `available()` says wh
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import DenseFFN, Weight, swiglu
@@ -87,12 +89,12 @@ class CUDABackend:
         from ._numba import PDL_WHY_NOT
         cc = tuple(getattr(cuda.get_current_device(), "compute_capability", (0, 0)))
         self.pdl_why_not = PDL_WHY_NOT or ("" if cc >= (9, 0) else f"compute capability {cc} < 9.0")
-        self.pdl = not self.pdl_why_not
+        self.pdl = not self.pdl_why_not and os.environ.get("LOCALMOE_PDL", "1") != "0"
 
     @property
     def pdl(self) -> bool:
-        """Programmatic dependent launch (_numba.PDL): on where the GPU and numba-cuda allow it. Switching it
-        drops the captured graphs (the bench compares)."""
+        """Programmatic dependent launch (_numba.PDL): on where the GPU and numba-cuda allow it, unless
+        LOCALMOE_PDL=0. Switching it drops the captured graphs (the bench compares)."""
         from ._numba import PDL
         return PDL[0]
 
