@@ -115,6 +115,25 @@ def test_linear(backends, t, rows, cols, n):
 
 @needs_gpu
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [1024, 4096, 256])
+@pytest.mark.parametrize("n", [1, 3])
+def test_linear_of_the_norm(backends, t, cols, n):
+    """linear(w, x, norm=(weight, eps)) = linear(w, rmsnorm(x) * weight): in the gemv's own launch (fast2 at
+    512..4096 columns: MLA's q_b, its x a row-strided view of the stacked q_a + kv_a output) or as two calls."""
+    import cupy
+    gpu, cpu = backends
+    rng = np.random.default_rng(cols + n)
+    w = make_weight(rng, (300, cols), t)
+    wide = cupy.asarray(rng.standard_normal((n, cols + 576)).astype(np.float32) * 3)
+    nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    x = wide[:, :cols]
+    ref = cpu.linear(w, cupy.asnumpy(x), norm=(nw, 1e-6))
+    assert rel(gpu.linear(w, x, norm=(nw, 1e-6)), ref) < 1e-4
+    assert rel(gpu.linear(w, gpu.rmsnorm(x, nw, 1e-6)), ref) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
 def test_linear_heads(backends, t):
     gpu, cpu = backends
     rng = np.random.default_rng(1)
@@ -230,7 +249,8 @@ def test_rmsnorm_attention(backends):
 @pytest.mark.parametrize("E,k,n_group,topk_group", [(8, 2, 1, 1), (128, 4, 1, 1), (64, 6, 8, 3)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_route(backends, E, k, n_group, topk_group, norm):
-    """The GPU router chooses what moe.route_topk chooses, with the same weights."""
+    """The GPU router chooses what moe.route_topk chooses, with the same weights; it also writes the slot rows
+    the shared expert's fold reads: [ids, E] and [weights, 1]."""
     gpu, cpu = backends
     rng = np.random.default_rng(E + k + norm)
     logits = (3 * rng.standard_normal((37, E))).astype(np.float32)
@@ -239,6 +259,10 @@ def test_route(backends, E, k, n_group, topk_group, norm):
     import cupy
     assert np.array_equal(cupy.asnumpy(ids), ref_ids)
     assert rel(w, ref_w) < 1e-5
+    assert gpu._slot_rows[0] is ids and gpu._slot_rows[1] is w
+    slots, sw = (cupy.asnumpy(a) for a in gpu._slot_rows[2:])
+    assert np.array_equal(slots, np.concatenate([ref_ids, np.full((37, 1), E)], axis=1))
+    assert np.array_equal(sw, np.concatenate([cupy.asnumpy(w), np.ones((37, 1), np.float32)], axis=1))
     out = cupy.full((37, k), -1, np.int32)
     assert gpu.route(logits, k, norm, 2.5, n_group, topk_group, out=out)[0] is out
     assert np.array_equal(cupy.asnumpy(out), ref_ids)

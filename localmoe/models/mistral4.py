@@ -138,7 +138,7 @@ class Model(Decoder):
         n, heads, nope, kvr = len(h), c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
         q, kv = L.q_kv(be, h)
         if L.q_b is not None:                                                          # q LoRA
-            q = be.linear(L.q_b, be.rmsnorm(q, L.q_a_norm, c.rms_norm_eps))
+            q = be.linear(L.q_b, q, norm=(L.q_a_norm, c.rms_norm_eps))
         q = q.reshape(n, heads, nope + c.qk_rope_head_dim)
         # cache row = [rmsnorm(c), rope(k_rope)]; query[..., kvr:] = rope(q_rope) (both llama-4 scaled)
         q_nope, query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm,

@@ -36,8 +36,11 @@ class CPUBackend:
         """Activations as a host numpy array (they already are)."""
         return a
 
-    def linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
-        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
+    def linear(self, w: Weight, x: np.ndarray, norm: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks; of rmsnorm(x) * weight with norm = (weight, eps)
+        (one launch on a GPU)."""
+        if norm is not None:
+            x = self.rmsnorm(x, *norm)
         return kernels.matmul(w.raw, int(w.type), np.ascontiguousarray(x, dtype=np.float32))
 
     def linear_heads(self, w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -86,6 +86,7 @@ class CUDABackend:
         self._ints: dict = {}             # cached index arrays
         self.bytes_uploaded = 0           # weight bytes host -> device so far
         self.launches = 0                 # kernel launches so far (for launches per token)
+        self._slot_rows = None            # the last route's (ids, weights, slot rows, their weights): expert_ffn
         from ._numba import PDL_WHY_NOT
         cc = tuple(getattr(cuda.get_current_device(), "compute_capability", (0, 0)))
         self.pdl_why_not = PDL_WHY_NOT or ("" if cc >= (9, 0) else f"compute capability {cc} < 9.0")
@@ -182,10 +183,11 @@ class CUDABackend:
 
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
-             preload: bool = True):
+             preload: bool = True, norm=None):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
-        preload=False when the kernel just before this one wrote `mats` (kernels.launch_gemv)."""
+        preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
+        x rows with first (kernels.launch_gemv)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)[0]
@@ -195,7 +197,7 @@ class CUDABackend:
         y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
-                           fused=w2 is not None, preload=preload)
+                           fused=w2 is not None, preload=preload, norm=norm)
         self.launches += 1
         return y
 
@@ -218,12 +220,16 @@ class CUDABackend:
         return x if x.strides[-1] == 4 else self.xp.ascontiguousarray(x)
 
     # -- the kernel interface ---------------------------------------------------------------------
-    def linear(self, w: Weight, x):
-        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks."""
+    def linear(self, w: Weight, x, norm: tuple[np.ndarray, float] | None = None):
+        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks; with norm = (weight, eps), of rmsnorm(x) * weight,
+        inside the gemv's own launch where the kernel can (fast2: MLA's q_b)."""
         squeeze = x.ndim == 1
-        x2 = self._dev(x, (-1, w.cols))
+        if norm is not None and not self.K.fast2_norm_ok(int(w.type), w.cols):
+            x, norm = self.rmsnorm(x, *norm), None
+        x2 = self._rows(x, w.cols) if norm is not None else self._dev(x, (-1, w.cols))
         n = len(x2)
-        y = self.gemv(w, self._zeros(n), self._arange(n), x2, n)
+        y = self.gemv(w, self._zeros(n), self._arange(n), x2, n,
+                      norm=None if norm is None else (self._vector(norm[0]), np.float32(norm[1])))
         return y[0] if squeeze else y
 
     def linear_heads(self, w: Weight, x, out=None):
@@ -300,13 +306,15 @@ class CUDABackend:
             raise ValueError(f"router of {E} experts in {n_group} groups: the GPU router handles "
                              f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
         ids, w = xp.empty((n, k), np.int32) if out is None else out, xp.empty((n, k), np.float32)
+        slots, sw = xp.empty((n, k + 1), np.int32), xp.empty((n, k + 1), np.float32)
         if n_group == 1:        # one warp per token
             self.K.route_warp_kernel[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
-                z, k, bool(norm), np.float32(scale), ids, w)
+                z, k, bool(norm), np.float32(scale), ids, w, slots, sw)
         else:                   # grouped (DeepSeek-style): one thread per token
             self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group,
-                                                              topk_group, ids, w)
+                                                              topk_group, ids, w, slots, sw)
         self.launches += 1
+        self._slot_rows = (ids, w, slots, sw)
         return ids, w
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None):
@@ -344,9 +352,12 @@ class CUDABackend:
                 mats = xp.asarray(slots.reshape(P).astype(np.int32))
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
-            m2, w2 = xp.empty((n, ids2.shape[1] + 1), np.int32), xp.empty((n, ids2.shape[1] + 1), np.float32)
-            self.K.shared_slots_kernel[(n + 31) // 32, 32, self.S[0]](ids2, wd, gate.n_experts, m2, w2)
-            self.launches += 1
+            r = self._slot_rows
+            if r is not None and r[0] is ids and r[1] is weights:      # our router's: it wrote the rows too
+                m2, w2 = r[2], r[3]
+            else:
+                m2 = xp.concatenate([ids2.astype(np.int32), xp.full((n, 1), gate.n_experts, np.int32)], axis=1)
+                w2 = xp.concatenate([wd, xp.ones((n, 1), np.float32)], axis=1)
             mats, wd = m2.reshape(-1), w2
         else:
             mats = ids2.reshape(-1).astype(np.int32, copy=False)

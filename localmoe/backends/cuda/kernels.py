@@ -474,13 +474,17 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
     return fast, _CACHE[key]
 
 
-def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False):
+def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
+                norm=None):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
-    loading weights before the previous kernel ends (_make_fast2) do."""
+    loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
+    first, on `fast2_norm_ok` shapes only."""
     if fast2_ok(qt, cols):
-        return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload)
+        return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
+                            norm=norm)
+    assert norm is None
     if lanes_ok(qt, cols, fused):
         return launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload)
     if f32rows_ok(qt, cols, fused):
@@ -668,16 +672,18 @@ XSUM_OFF_TOKEN = "nsb"
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
 
 
-def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False):
+def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
-    written two or more kernels back (or never: dense weights), which that kernel's start has waited for."""
+    written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
+    norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
+    norm costs no launch of its own (MLA's q_a norm before q_b)."""
     assert not preload or (direct and not fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
-    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u):"]
+    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps):" if norm else "):")]
     if preload:
         src += [
             f"    t0 = cuda.blockIdx.x * {warps} + (cuda.threadIdx.x >> 5)",
@@ -702,9 +708,26 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         # quantize x row xr: a warp takes 32-blocks warp, warp + warps, ... (lane = element), X_LOADS at a
         # time, all loaded before the first is quantized (stores to shared memory would hold back later loads)
         "    nblk = cols >> 5",
-        f"    for r in range(warp, nblk, {warps * X_LOADS}):",
     ]
+    if norm:
+        src.append(f"    red = cuda.shared.array({warps}, float32)")
+    src.append(f"    for r in range(warp, nblk, {warps * X_LOADS}):")
     src += [f"        v{i} = x[xr, min(r + {i * warps}, nblk - 1) * 32 + lane]" for i in range(X_LOADS)]
+    if norm:   # one pass of this loop holds the whole row (fast2_norm_ok): every warp is in it, once
+        src += [f"        n{i} = nw[min(r + {i * warps}, nblk - 1) * 32 + lane]" for i in range(X_LOADS)]
+        src.append("        ss = float32(0.0)")
+        for i in range(X_LOADS):
+            src += [f"        if r + {i * warps} < nblk:", f"            ss += v{i} * v{i}"]
+        src += ["        for o in (16, 8, 4, 2, 1):",
+                "            ss += cuda.shfl_xor_sync(0xffffffff, ss, o)",
+                "        if lane == 0:",
+                "            red[warp] = ss",
+                "        cuda.syncthreads()",
+                "        ss = red[0]",
+                f"        for w in range(1, {warps}):",
+                "            ss += red[w]",
+                "        inv = float32(1.0) / math.sqrt(ss / float32(cols) + eps)"]
+        src += [f"        v{i} = v{i} * inv * n{i}" for i in range(X_LOADS)]
     for i in range(X_LOADS):
         src += [
             f"        blk = r + {i * warps}",
@@ -784,7 +807,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         first = f"{first} + cuda.gridDim.x * {warps}"
     src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
     src += task("        ", False)
-    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload}", ldg4=ldg4,
+    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm}", ldg4=ldg4,
                        lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
@@ -804,27 +827,36 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
          Q8_0: dict(warps=16, direct=True, bps=(2, 1), preload=False)}
 
 
-def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload)
+def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload, norm)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm)
     return _CACHE[key]
 
 
+def fast2_norm_ok(qt: int, cols: int) -> bool:
+    """fast2 can rmsnorm its x row first: one pass of its quantize loop holds the row, and every warp has a part."""
+    warps = FAST2.get(qt, {}).get("warps", 0)
+    return fast2_ok(qt, cols) and 32 * warps <= cols <= 32 * warps * X_LOADS
+
+
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False):
+                 bps=None, preload=False, norm=None):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
-    the kernel has that variant (plain, direct, cols <= 8192)."""
+    the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
+    (`fast2_norm_ok` shapes)."""
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
     U = cols // 256
-    kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32)
+    kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
+                        norm is not None)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
-    kern[(gx, P), 32 * warps, STREAM[0], shared](W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1)
+    args = (W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
+    kern[(gx, P), 32 * warps, STREAM[0], shared](*args)
 
 
 # -- the rest -----------------------------------------------------------------------------------------
@@ -1038,11 +1070,12 @@ MAX_GROUPS = 64
 
 
 @cuda.jit
-def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
+def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts, slots, swts):
     """Thread t: row t's router exactly as models/moe.route_topk: softmax over the experts, the k
     largest (within the best topk_group of n_group groups, a group ranked by its two largest),
     renormalised, times scale; ties go to the lower expert id like the reference's stable sort.
-    On the GPU so a decode step needs no host round trip (and can be captured)."""
+    On the GPU so a decode step needs no host round trip (and can be captured). Also the slot rows
+    slots[t] = [ids[t], E], swts[t] = [wts[t], 1]: the shared expert as matrix E (CUDABackend._with_shared)."""
     grid_dependency()
     t = cuda.grid(1)
     if t >= logits.shape[0]:
@@ -1104,13 +1137,18 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts):
         if norm:
             w = w / (total + float32(1e-20))
         wts[t, j] = w * scale
+        slots[t, j] = ids[t, j]
+        swts[t, j] = w * scale
+    slots[t, k] = E
+    swts[t, k] = float32(1.0)
 
 
 @cuda.jit
-def route_warp_kernel(logits, k, norm, scale, ids, wts):
+def route_warp_kernel(logits, k, norm, scale, ids, wts, slots, swts):
     """route_kernel's choice without groups, one warp per row t: lane holds experts lane + 32 j; softmax
     by shuffles; each of the k picks is a warp-wide argmax (ties to the lower id, like the stable sort).
-    The order of the picks only needs exp(logit - max), so it cannot depend on the summation order."""
+    The order of the picks only needs exp(logit - max), so it cannot depend on the summation order.
+    Also route_kernel's slot rows."""
     grid_dependency()
     t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
     lane = cuda.threadIdx.x & 31
@@ -1153,6 +1191,7 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
         wsum += w
         if lane == 0:
             ids[t, r] = be
+            slots[t, r] = be
             wts[t, r] = w
     if lane == 0:
         for r in range(k):
@@ -1160,21 +1199,9 @@ def route_warp_kernel(logits, k, norm, scale, ids, wts):
             if norm:
                 w = w / (wsum + float32(1e-20))
             wts[t, r] = w * scale
-
-
-@cuda.jit
-def shared_slots_kernel(ids, wts, E, mats, wout):
-    """mats[t] = [ids[t], E], wout[t] = [wts[t], 1]: token t's routed experts, then the shared expert
-    (matrix E of the uploads it shares with them) at weight 1."""
-    grid_dependency()
-    t = cuda.grid(1)
-    if t < ids.shape[0]:
-        k = ids.shape[1]
-        for j in range(k):
-            mats[t, j] = ids[t, j]
-            wout[t, j] = wts[t, j]
-        mats[t, k] = E
-        wout[t, k] = float32(1.0)
+            swts[t, r] = w * scale
+        slots[t, k] = E
+        swts[t, k] = float32(1.0)
 
 
 @cuda.jit
