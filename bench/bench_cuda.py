@@ -591,8 +591,8 @@ def kernel_times(m, cache, token: int, reps: int = 10) -> None:
 
     def recorder(name):
         def call(*a, **k):
-            if depth[0] == 0:
-                calls.append((name, a, k))
+            if depth[0] == 0:       # (with the router's slot rows of the moment: expert_ffn reads the latest)
+                calls.append((name, a, k, getattr(be, "_slot_rows", None)))
             depth[0] += 1
             try:
                 return orig[name](*a, **k)
@@ -634,10 +634,12 @@ def kernel_times(m, cache, token: int, reps: int = 10) -> None:
 
     flush = timed(lambda: None)
     rows: dict = {}
-    for name, a, k in calls:
+    for name, a, k, slot_rows in calls:
         w = a[0] if a and hasattr(a[0], "raw") else None
         label = name + (":" + ".".join(p for p in w.name.split(".") if not p.isdigit() and p not in ("blk", "weight"))
                         if w is not None else "")
+        if slot_rows is not None:
+            be._slot_rows = slot_rows
         us = timed(lambda: orig[name](*a, **k)) - flush
         r = rows.setdefault(label, [0, 0.0])
         r[0] += 1
