@@ -985,6 +985,7 @@ DV_PER_LANE = MAX_DV // 32  # numba sizes local arrays from global constants onl
 
 
 KEYS_AT_ONCE = 4           # attention: keys a warp scores per pass, their loads issued before any store
+VALUE_KEYS_AT_ONCE = 2     # ... and keys whose value rows it loads per pass (registers: 2 blocks per SM still fit)
 
 
 def _make_attention(nj: int):
@@ -1033,19 +1034,22 @@ def _make_attention(nj: int):
         "        l += e",
         "    l = _block_reduce(red, l, tid, False)   # its barriers also publish s to the whole block",
         "    inv = float32(1.0) / l",
-        "    # values: warp w sums keys w, w + WARPS, ...; lane holds d = lane + 32 j; partials meet in shared memory",
+        "    # values: warp w sums keys w, w + WARPS, ... (VALUE_KEYS_AT_ONCE of them per pass, every load of the pass",
+        "    # issued first); lane holds d = lane + 32 j; partials meet in shared memory",
         "    part = cuda.shared.array((WARPS, MAX_DV), float32)",
-        "    acc = cuda.local.array(DV_PER_LANE, float32)",
-        "    for j in range(DV_PER_LANE):",
-        "        acc[j] = float32(0.0)",
-        "    for t in range(tid >> 5, end, WARPS):",
-        "        e = s[i, h, t]",
-        "        for j in range(DV_PER_LANE):",
-        "            d = lane + 32 * j",
-        "            if d < dv:",
-        "                acc[j] += e * v[t, kh, d]",
-        "    for j in range(DV_PER_LANE):",
-        "        part[tid >> 5, lane + 32 * j] = acc[j]",
+    ]
+    J, B = DV_PER_LANE, VALUE_KEYS_AT_ONCE
+    src += [f"    acc{j} = float32(0.0)" for j in range(J)]
+    src += [f"    d{j} = min(lane + {32 * j}, dv - 1)" for j in range(J)]
+    src += [f"    for t0 in range(tid >> 5, end, WARPS * {B}):"]
+    src += [f"        t{b} = min(t0 + {b} * WARPS, end - 1)" for b in range(B)]
+    src += [f"        e{b} = s[i, h, t{b}]" for b in range(B)]
+    src += [f"        v{b}_{j} = v[t{b}, kh, d{j}]" for b in range(B) for j in range(J)]
+    for b in range(B):
+        src.append(f"        if t0 + {b} * WARPS < end:")
+        src += [f"            acc{j} += e{b} * v{b}_{j}" for j in range(J)]
+    src += [f"    part[tid >> 5, lane + {32 * j}] = acc{j}" for j in range(J)]
+    src += [
         "    cuda.syncthreads()",
         "    for d in range(tid, dv, THREADS):",
         "        a = float32(0.0)",
