@@ -981,7 +981,7 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
 
 
 MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 512 for Small 4)
-DV_PER_LANE = MAX_DV // 32  # numba sizes local arrays from global constants only, not expressions
+DV_PER_LANE = MAX_DV // 32  # attention: value columns per lane (lane + 32 j), a named register each
 
 
 KEYS_AT_ONCE = 4           # attention: keys a warp scores per pass, their loads issued before any store
@@ -1057,7 +1057,7 @@ def _make_attention(nj: int):
         "            a += part[w, d]",
         "        out[i, h, d] = a * inv",
     ]
-    return _jit_source(src, f"attention nj={nj}", MAX_DV=MAX_DV, DV_PER_LANE=DV_PER_LANE, _block_reduce=_block_reduce)
+    return _jit_source(src, f"attention nj={nj}", MAX_DV=MAX_DV, _block_reduce=_block_reduce)
 
 
 def attention_kernel(dk: int):
