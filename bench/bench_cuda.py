@@ -575,7 +575,7 @@ def profile_decode(m, cache, rng, steps: int) -> None:
     st.sort_stats("tottime").print_stats(18)
 
 
-KERNEL_METHODS = ("rmsnorm", "add_rmsnorm", "linear", "linear_heads", "glu", "mla_rope", "attention", "route",
+KERNEL_METHODS = ("rmsnorm", "linear", "linear_heads", "glu", "mla_rope", "attention", "route",
                   "expert_ffn")
 
 

@@ -51,20 +51,26 @@ def main() -> None:
     rows = []
     for qt, name in ((K.Q4_0, "Q4_0"), (K.Q8_0, "Q8_0")):
         cfg = K.FAST2[qt]
-        for fused in (False, True):
-            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"])
-            rows.append((f"fast2 {name} {'fused' if fused else 'plain'} (bps {cfg['bps'][fused]})", 32 * cfg["warps"],
-                         registers(k.py_func, GEMV_SIG + (t.int64,), exe)))
-        k = K._make_fast2(qt, False, cfg["warps"], True, preload=True)
-        rows.append((f"fast2 {name} plain preload", 32 * cfg["warps"], registers(k.py_func, GEMV_SIG + (t.int64,), exe)))
+        # the variants a decode step launches: plain and fused, with the norm (the layers' norms), with the
+        # residual (attn_output), preloaded where the type allows (_make_fast2)
+        pre = cfg.get("preload", False)
+        for fused, preload, norm, residual in ((False, False, False, False), (True, False, False, False),
+                                               (True, False, True, False), (False, pre, True, False),
+                                               (False, pre, False, True)):
+            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"], preload, norm, residual)
+            sig = GEMV_SIG + (t.int64,) + ((f1, t.float32) if norm else ()) + ((f2,) if residual else ())
+            label = " ".join(["fused" if fused else "plain"] + [v for v, on in (("preload", preload), ("norm", norm),
+                                                                                ("residual", residual)) if on])
+            rows.append((f"fast2 {name} {label} (bps {cfg['bps'][fused]})", 32 * cfg["warps"], registers(k.py_func, sig, exe)))
         for cols in (128, 256):
             rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols, False).py_func, GEMV_SIG, exe)))
             rows.append((f"lanes {name} cols={cols} preload", K.THREADS,
                          registers(K._make_lanes(qt, cols, True).py_func, GEMV_SIG, exe)))
     for preload in (False, True):
-        rows.append((f"f32rows (router){' preload' if preload else ''}", K.THREADS, registers(
-            K._make_f32rows(preload).py_func, (t.uint8[::1], i32, i32, f2, f2, t.int64, t.int64, t.int64), exe)))
-    rows.append(("add_rmsnorm", K.THREADS, registers(K.add_rmsnorm_kernel.py_func, (f2, f2, f1, f2, f2, t.float32), exe)))
+        for norm in (False, True):
+            sig = (t.uint8[::1], i32, i32, f2, f2, t.int64, t.int64, t.int64) + ((f1, t.float32) if norm else ())
+            rows.append((f"f32rows (router){' preload' if preload else ''}{' norm' if norm else ''}", K.THREADS,
+                         registers(K._make_f32rows(preload, norm).py_func, sig, exe)))
     f3, a3 = t.float32[:, :, ::1], t.float32[:, :, :]
     for dk in (128, 576):
         rows.append((f"attention dk={dk}", K.THREADS, registers(

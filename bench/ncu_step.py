@@ -20,7 +20,7 @@ for t in range(3):
     m.net.forward(np.array([1000 + t]), cache, last_only=True)
 be.stream.synchronize()
 order = []
-for meth in ("linear", "linear_heads", "rmsnorm", "add_rmsnorm", "mla_rope", "attention", "route", "expert_ffn"):
+for meth in ("linear", "linear_heads", "rmsnorm", "mla_rope", "attention", "route", "expert_ffn"):
     def wrapped(*a, _f=getattr(be, meth), _n=meth, **kw):
         order.append(_n + (":" + a[0].name if hasattr(a[0], "name") else ""))
         return _f(*a, **kw)

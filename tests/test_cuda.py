@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from localmoe.backends import DenseFFN, Weight
+from localmoe.backends import DenseFFN, Normed, Weight
 from localmoe.backends.cuda import available
 from localmoe.gguf.format import GGMLType
 
@@ -114,22 +114,26 @@ def test_linear(backends, t, rows, cols, n):
 
 
 @needs_gpu
-@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F16, GGMLType.F32], ids=lambda t: t.name)
 @pytest.mark.parametrize("cols", [1024, 4096, 256])
 @pytest.mark.parametrize("n", [1, 3])
-def test_linear_of_the_norm(backends, t, cols, n):
-    """linear(w, x, norm=(weight, eps)) = linear(w, rmsnorm(x) * weight): in the gemv's own launch (fast2 at
-    512..4096 columns: MLA's q_b, its x a row-strided view of the stacked q_a + kv_a output) or as two calls."""
+def test_linear_of_the_norm_plus_residual(backends, t, cols, n):
+    """linear(w, Normed(x, weight, eps), residual=r) = linear(w, rmsnorm(x) * weight) + r: norm and add in the
+    gemv's own launch where its kernel can (fast2 at 512..4096 columns: the layers' norms, MLA's q_b with its
+    x a row-strided view of the stacked q_a + kv_a output; f32rows: the router) or as more calls."""
     import cupy
     gpu, cpu = backends
-    rng = np.random.default_rng(cols + n)
+    rng = np.random.default_rng(cols + n + int(t))
     w = make_weight(rng, (300, cols), t)
     wide = cupy.asarray(rng.standard_normal((n, cols + 576)).astype(np.float32) * 3)
     nw = rng.uniform(0.5, 1.5, cols).astype(np.float32)
     x = wide[:, :cols]
-    ref = cpu.linear(w, cupy.asnumpy(x), norm=(nw, 1e-6))
-    assert rel(gpu.linear(w, x, norm=(nw, 1e-6)), ref) < 1e-4
+    r = rng.standard_normal((n, 300)).astype(np.float32)
+    ref = cpu.linear(w, Normed(cupy.asnumpy(x), nw, 1e-6))
+    assert rel(gpu.linear(w, Normed(x, nw, 1e-6)), ref) < 1e-4
     assert rel(gpu.linear(w, gpu.rmsnorm(x, nw, 1e-6)), ref) < 1e-4
+    assert rel(gpu.linear(w, Normed(x, nw, 1e-6), residual=cupy.asarray(r)), ref + r) < 1e-4
+    assert np.array_equal(cpu.linear(w, Normed(cupy.asnumpy(x), nw, 1e-6), residual=r), ref + r)
 
 
 @needs_gpu
@@ -161,6 +165,8 @@ def test_glu(backends, tg, tu, n):
     gate, up = make_weight(rng, (192, 512), tg), make_weight(rng, (192, 512), tu)
     x = rng.standard_normal((n, 512)).astype(np.float32)
     assert rel(gpu.glu(gate, up, x), cpu.glu(gate, up, x)) < 1e-4
+    nx = Normed(x, rng.uniform(0.5, 1.5, 512).astype(np.float32), 1e-6)       # (Q4_0/Q8_0: in fast2's prologue)
+    assert rel(gpu.glu(gate, up, nx), cpu.glu(gate, up, nx)) < 1e-4
 
 
 @needs_gpu
@@ -196,10 +202,13 @@ def test_mla_rope(backends, beta):
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.F32], ids=lambda t: t.name)
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("n", [1, 6])
-def test_expert_ffn(backends, t, fused, n):
+@pytest.mark.parametrize("H", [256, 512])
+def test_expert_ffn(backends, t, fused, n, H):
+    """Against the CPU backend; also of a `Normed` x (at H = 512 fast2's gate/up launch applies the norm)
+    plus a residual (added in the combine)."""
     gpu, cpu = backends
-    rng = np.random.default_rng(n + 7 * fused)
-    E, H, I, k = 8, 256, 128, 3
+    rng = np.random.default_rng(n + 7 * fused + H)
+    E, I, k = 8, 128, 3
     if fused:   # mistral4's layout: gate and up are views of one [E, 2I, H] tensor
         gu = make_weight(rng, (E, 2 * I, H), t)
         gate, up = (Weight(gu.raw[:, s], t, H) for s in (slice(0, I), slice(I, None)))
@@ -216,6 +225,10 @@ def test_expert_ffn(backends, t, fused, n):
         shared = DenseFFN(make_weight(rng, (si, H), st), make_weight(rng, (si, H), st), make_weight(rng, (H, si), st))
         assert rel(gpu.expert_ffn(gate, up, down, x, ids, wts, shared=shared),
                    cpu.expert_ffn(gate, up, down, x, ids, wts, shared=shared)) < 1e-4
+        nx, r = Normed(x, rng.uniform(0.5, 1.5, H).astype(np.float32), 1e-6), rng.standard_normal((n, H)).astype(np.float32)
+        for sh in (None, shared):
+            assert rel(gpu.expert_ffn(gate, up, down, nx, ids, wts, shared=sh, residual=r),
+                       cpu.expert_ffn(gate, up, down, nx, ids, wts, shared=sh, residual=r)) < 1e-4
 
 
 @needs_gpu
@@ -225,9 +238,6 @@ def test_rmsnorm_attention(backends):
     x = rng.standard_normal((5, 320)).astype(np.float32)
     nw = rng.standard_normal(320).astype(np.float32)
     assert rel(gpu.rmsnorm(x, nw, 1e-6), cpu.rmsnorm(x, nw, 1e-6)) < 1e-5
-    d = rng.standard_normal((5, 320)).astype(np.float32)
-    for ours, ref in zip(gpu.add_rmsnorm(x, d, nw, 1e-6), cpu.add_rmsnorm(x, d, nw, 1e-6)):
-        assert rel(ours, ref) < 1e-5
     for n, T, pos0, hq, hkv, dk, dv in [(3, 7, 4, 8, 2, 40, 24), (1, 300, 299, 4, 1, 320, 256), (6, 6, 0, 4, 4, 16, 16)]:
         q = rng.standard_normal((n, hq, dk)).astype(np.float32)
         k = rng.standard_normal((T, hkv, dk)).astype(np.float32)

@@ -47,6 +47,25 @@ class DenseFFN:
     down: Weight
 
 
-def swiglu(be, ffn: DenseFFN, x):
-    """ffn(x) through a backend's kernel interface (the backends' expert_ffn adds the shared expert with it)."""
-    return be.linear(ffn.down, be.glu(ffn.gate, ffn.up, x))
+@dataclass(frozen=True)
+class Normed:
+    """rmsnorm(x) * weight, not computed yet: the kernels that read it normalise x as they load it (a GPU's
+    gemv prologue), so a norm costs no launch of its own. Backends take it wherever an activation goes in
+    (`linear`, `glu`, `expert_ffn`); `plain` computes it for the rest."""
+    x: object
+    weight: np.ndarray
+    eps: float
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def plain(be, x):
+    """x as an array: a `Normed` computed through be.rmsnorm, anything else as it is."""
+    return be.rmsnorm(x.x, x.weight, x.eps) if isinstance(x, Normed) else x
+
+
+def swiglu(be, ffn: DenseFFN, x, residual=None):
+    """ffn(x) (+ residual) through a backend's kernel interface (the backends' expert_ffn adds the shared expert
+    with it)."""
+    return be.linear(ffn.down, be.glu(ffn.gate, ffn.up, x), residual=residual)

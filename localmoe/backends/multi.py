@@ -16,7 +16,7 @@ import multiprocessing
 
 import numpy as np
 
-from . import DenseFFN, Weight, swiglu
+from . import DenseFFN, Weight, plain, swiglu
 
 
 def expert_shard(w: Weight, device: int, n_devices: int) -> Weight:
@@ -108,14 +108,17 @@ class ExpertParallel:
         """Every kernel but the routed experts runs on the lead."""
         return getattr(self.lead, name)
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None):
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None,
+                   residual=None):
         """The routed experts of layer `gate.name`'s block, each computed on the device that owns it; their
-        sum (+ the shared expert, run on the lead) on the lead."""
+        sum (+ the shared expert, run on the lead, + residual) on the lead."""
         layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
-        to_host = self.lead.to_host
+        to_host, x = self.lead.to_host, plain(self.lead, x)
         self.comm.broadcast((layer, to_host(x), to_host(ids), to_host(weights)))
         y = self.comm.reduce_sum(owned_ffn(self.lead, gate, up, down, 0, self.n_devices, x, ids, weights))
-        return y if shared is None else y + swiglu(self.lead, shared, x)
+        if shared is not None:
+            y = swiglu(self.lead, shared, x, residual=y)
+        return y if residual is None else y + residual
 
     def close(self) -> None:
         for c in self.comm.conns:

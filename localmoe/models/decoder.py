@@ -1,7 +1,8 @@
 """What every decoder-only MoE shares: weights from the GGUF, the KV cache, the layer loop, counters.
 
-step() reads like the paper: per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head (each residual
-add and the norm after it are one backend call, `add_rmsnorm`: one kernel on a GPU). forward()
+step() reads like the paper: per layer x += attention(norm(x)), x += ffn(norm(x)); norm; head. A norm is handed
+on as a `Normed` (the kernels that read it apply it) and each residual add as `residual=` (the kernel that
+produces the sum adds it), so neither costs a launch of its own on a GPU. forward()
 does the host part around it (embedding rows, positions, cache growth, counters).
 An architecture file supplies `attention` and `ffn` for one layer.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import Weight
+from ..backends import Normed, Weight
 from ..gguf.reader import GGUFFile
 from .moe import moe
 
@@ -148,7 +149,8 @@ class Stats:
 
 
 class Decoder:
-    """The layer loop. Subclasses load their layers and define attention(i, h, pos, cache) and ffn(i, h)."""
+    """The layer loop. Subclasses load their layers and define attention(i, h, pos, cache, residual) and
+    ffn(i, h, routes, residual): the layer's output + residual, h a `Normed`."""
 
     def __init__(self, f: GGUFFile, cfg, be):
         self.cfg, self.be = cfg, be
@@ -190,12 +192,10 @@ class Decoder:
         Returns (logits, the expert ids chosen per layer [layers, n, k]; rows of dense layers unused)."""
         be, eps, c = self.be, self.cfg.rms_norm_eps, self.cfg
         routes = be.xp.zeros((c.num_hidden_layers, len(x), c.num_experts_per_tok), np.int32)
-        after_ffn = self.attn_norm[1:] + [self.norm]             # the norm that follows layer i's ffn
-        h = be.rmsnorm(x, self.attn_norm[0], eps)
         for i in range(c.num_hidden_layers):
-            x, h = be.add_rmsnorm(x, self.attention(i, h, positions, cache), self.ffn_norm[i], eps)
-            x, h = be.add_rmsnorm(x, self.ffn(i, h, routes), after_ffn[i], eps)
-        return be.linear(self.lm_head, h[-1:] if last_only else h), routes
+            x = self.attention(i, Normed(x, self.attn_norm[i], eps), positions, cache, residual=x)
+            x = self.ffn(i, Normed(x, self.ffn_norm[i], eps), routes, residual=x)
+        return be.linear(self.lm_head, Normed(x[-1:] if last_only else x, self.norm, eps)), routes
 
     def routed(self, i: int, experts, h, routes, **kw):
         """Layer i's routed experts on h (moe.moe), writing the chosen ids to routes[i] for the counters."""

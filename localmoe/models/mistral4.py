@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends import DenseFFN, swiglu
+from ..backends import DenseFFN, Normed, swiglu
 from ..gguf.format import KEY_ATTN_SCALE
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, Projections, expert_weight, weight
@@ -133,12 +133,12 @@ class Model(Decoder):
         c = self.cfg
         return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank + c.qk_rope_head_dim,)}, n_ctx, self.be.xp)
 
-    def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def attention(self, i: int, h: Normed, positions: np.ndarray, cache: KVCache, residual) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
         n, heads, nope, kvr = len(h), c.num_attention_heads, c.qk_nope_head_dim, c.kv_lora_rank
         q, kv = L.q_kv(be, h)
         if L.q_b is not None:                                                          # q LoRA
-            q = be.linear(L.q_b, q, norm=(L.q_a_norm, c.rms_norm_eps))
+            q = be.linear(L.q_b, Normed(q, L.q_a_norm, c.rms_norm_eps))
         q = q.reshape(n, heads, nope + c.qk_rope_head_dim)
         # cache row = [rmsnorm(c), rope(k_rope)]; query[..., kvr:] = rope(q_rope) (both llama-4 scaled)
         q_nope, query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm,
@@ -148,11 +148,11 @@ class Model(Decoder):
         kvc = cache.buffer(i, "latent")[:, None, :]
         o_latent = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale)
         o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending
-        return be.linear(L.o, o.reshape(n, heads * c.v_head_dim))
+        return be.linear(L.o, o.reshape(n, heads * c.v_head_dim), residual=residual)
 
-    def ffn(self, i: int, h: np.ndarray, routes) -> np.ndarray:
+    def ffn(self, i: int, h: Normed, routes, residual) -> np.ndarray:
         c, L = self.cfg, self.layers[i]
         if L.dense is not None:
-            return swiglu(self.be, L.dense, h)
+            return swiglu(self.be, L.dense, h, residual=residual)
         return self.routed(i, L.experts, h, routes, norm=c.norm_topk_prob, scale=c.routed_scaling_factor,
-                           n_group=c.n_group, topk_group=c.topk_group, shared=L.shared)
+                           n_group=c.n_group, topk_group=c.topk_group, shared=L.shared, residual=residual)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends import Normed
 from ..errors import ModelFileError
 from ..gguf.reader import GGUFFile
 from .decoder import Decoder, KVCache, Projections, expert_weight, weight
@@ -71,7 +72,7 @@ class Model(Decoder):
         row = (c.num_key_value_heads, c.head_dim)
         return KVCache(c.num_hidden_layers, {"k": row, "v": row}, n_ctx, self.be.xp)
 
-    def attention(self, i: int, h: np.ndarray, positions: np.ndarray, cache: KVCache) -> np.ndarray:
+    def attention(self, i: int, h: Normed, positions: np.ndarray, cache: KVCache, residual) -> np.ndarray:
         c, be, L = self.cfg, self.be, self.layers[i]
         n, hd = len(h), c.head_dim
         cos, sin = rope_tables(be, c.rope, cache.n_ctx, positions)
@@ -80,7 +81,7 @@ class Model(Decoder):
         k = apply_rope(k.reshape(n, c.num_key_value_heads, hd), cos, sin, be.xp)
         cache.write(i, positions, k=k, v=v.reshape(n, c.num_key_value_heads, hd))
         o = be.attention(q, cache.buffer(i, "k"), cache.buffer(i, "v"), positions, hd ** -0.5)
-        return be.linear(L.o, o.reshape(n, c.num_attention_heads * hd))
+        return be.linear(L.o, o.reshape(n, c.num_attention_heads * hd), residual=residual)
 
-    def ffn(self, i: int, h: np.ndarray, routes) -> np.ndarray:
-        return self.routed(i, self.layers[i].experts, h, routes)
+    def ffn(self, i: int, h: Normed, routes, residual) -> np.ndarray:
+        return self.routed(i, self.layers[i].experts, h, routes, residual=residual)

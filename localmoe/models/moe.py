@@ -50,9 +50,9 @@ class Experts:
 
 
 def moe(be, ex: Experts, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
-        topk_group: int = 1, shared: DenseFFN | None = None, ids_out=None):
-    """Routed experts for a batch x [n, H]: route (route_topk, on the backend), then run only the
-    selected experts, plus the `shared` expert (weight 1) when there is one. The chosen ids [n, k]
-    go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
+        topk_group: int = 1, shared: DenseFFN | None = None, ids_out=None, residual=None):
+    """Routed experts for a batch x [n, H] (an array or a `Normed`): route (route_topk, on the backend), then
+    run only the selected experts, plus the `shared` expert (weight 1) when there is one, plus `residual`.
+    The chosen ids [n, k] go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
     ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group, out=ids_out)
-    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, shared=shared)
+    return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, shared=shared, residual=residual)

@@ -11,7 +11,7 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
 import numpy as np  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from .. import DenseFFN, Weight, swiglu  # noqa: E402
+from .. import DenseFFN, Weight, plain, swiglu  # noqa: E402
 from ...gguf.format import GGMLType  # noqa: E402
 from ...models.moe import route_topk  # noqa: E402
 from ...models.rope import apply_rope  # noqa: E402
@@ -36,12 +36,11 @@ class CPUBackend:
         """Activations as a host numpy array (they already are)."""
         return a
 
-    def linear(self, w: Weight, x: np.ndarray, norm: tuple[np.ndarray, float] | None = None) -> np.ndarray:
-        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks; of rmsnorm(x) * weight with norm = (weight, eps)
-        (one launch on a GPU)."""
-        if norm is not None:
-            x = self.rmsnorm(x, *norm)
-        return kernels.matmul(w.raw, int(w.type), np.ascontiguousarray(x, dtype=np.float32))
+    def linear(self, w: Weight, x, residual: np.ndarray | None = None) -> np.ndarray:
+        """y [n, rows] = x [n, cols] @ W.T (x an array or a `Normed`), on the stored blocks; + residual [n, rows]
+        when given (the residual stream's add: on a GPU, norm, product and add are one launch)."""
+        y = kernels.matmul(w.raw, int(w.type), np.ascontiguousarray(plain(self, x), dtype=np.float32))
+        return y if residual is None else y + residual
 
     def linear_heads(self, w: Weight, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Per-head matrices w [heads, rows, cols] applied to x [n, heads, cols] -> [n, heads, rows]
@@ -54,6 +53,7 @@ class CPUBackend:
 
     def glu(self, gate: Weight, up: Weight, x: np.ndarray) -> np.ndarray:
         """silu(x @ gate.T) * (x @ up.T) [n, rows]: the SwiGLU hidden layer (one fused kernel on a GPU)."""
+        x = plain(self, x)
         g = self.linear(gate, x)
         return g / (1.0 + np.exp(-g)) * self.linear(up, x)
 
@@ -67,11 +67,6 @@ class CPUBackend:
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = x.astype(np.float32, copy=False)
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-
-    def add_rmsnorm(self, x: np.ndarray, d: np.ndarray, weight: np.ndarray, eps: float):
-        """(x + d, rmsnorm(x + d) * weight): the residual add and the next norm (one kernel on a GPU)."""
-        x = x + d
-        return x, self.rmsnorm(x, weight, eps)
 
     def mla_rope(self, q: np.ndarray, kv: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                  kv_norm: np.ndarray, eps: float, cache: np.ndarray, beta: float = 0.0, length: int = 1):
@@ -106,13 +101,16 @@ class CPUBackend:
         """Run step(*inputs). (The CUDA backend captures keyed steps into graphs; here nothing to gain.)"""
         return step(*inputs)
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x: np.ndarray, ids: np.ndarray,
-                   weights: np.ndarray, shared: DenseFFN | None = None) -> np.ndarray:
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids: np.ndarray, weights: np.ndarray,
+                   shared: DenseFFN | None = None, residual: np.ndarray | None = None) -> np.ndarray:
         """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e
-        (+ the shared expert's swiglu(x), when given)."""
-        y = kernels.expert_ffn(np.ascontiguousarray(x, dtype=np.float32), ids, weights, gate.raw, int(gate.type),
-                               down.raw, int(down.type), up.raw, int(up.type))
-        return y if shared is None else y + swiglu(self, shared, x)
+        (+ the shared expert's swiglu(x), when given; + residual, when given). x: an array or a `Normed`."""
+        x = np.ascontiguousarray(plain(self, x), dtype=np.float32)
+        y = kernels.expert_ffn(x, ids, weights, gate.raw, int(gate.type), down.raw, int(down.type), up.raw,
+                               int(up.type))
+        if shared is not None:
+            y = swiglu(self, shared, x, residual=y)
+        return y if residual is None else y + residual
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
                   scale: float) -> np.ndarray:

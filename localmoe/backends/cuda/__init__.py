@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .. import DenseFFN, Weight, swiglu
+from .. import DenseFFN, Normed, Weight, plain, swiglu
 
 
 def available() -> tuple[bool, str]:
@@ -183,11 +183,12 @@ class CUDABackend:
 
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
-             preload: bool = True, norm=None):
+             preload: bool = True, norm=None, residual=None):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
-        x rows with first (kernels.launch_gemv)."""
+        x rows with first (kernels.norm_ok shapes); residual [P, rows]: added to y, in the same launch where
+        the kernel can (kernels.residual_ok), else by one more."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)[0]
@@ -196,10 +197,22 @@ class CUDABackend:
             dev, dev2 = pools[0], pools[-1]
         y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
+        fused = w2 is not None
+        own = residual is not None and self.K.residual_ok(qt, cols, fused)
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
-                           fused=w2 is not None, preload=preload, norm=norm)
+                           fused=fused, preload=preload, norm=norm, residual=residual if own else None)
         self.launches += 1
+        if residual is not None and not own:
+            y += residual
+            self.launches += 1
         return y
+
+    def _input(self, x, w: Weight, fused: bool = False):
+        """(x rows [n, w.cols], norm) for a gemv by w: a `Normed` x stays unnormalised, with norm = (weight, eps)
+        for the gemv to apply, where its kernel can (kernels.norm_ok); else x normalised here, norm None."""
+        if isinstance(x, Normed) and self.K.norm_ok(int(w.type), w.cols, fused):
+            return self._rows(x.x, w.cols), (self._vector(x.weight), np.float32(x.eps))
+        return self._dev(plain(self, x), (-1, w.cols)), None
 
     # -- activations ------------------------------------------------------------------------------
     def to_host(self, a) -> np.ndarray:
@@ -220,16 +233,15 @@ class CUDABackend:
         return x if x.strides[-1] == 4 else self.xp.ascontiguousarray(x)
 
     # -- the kernel interface ---------------------------------------------------------------------
-    def linear(self, w: Weight, x, norm: tuple[np.ndarray, float] | None = None):
-        """y [n, rows] = x [n, cols] @ W.T, on the stored blocks; with norm = (weight, eps), of rmsnorm(x) * weight,
-        inside the gemv's own launch where the kernel can (fast2: MLA's q_b)."""
-        squeeze = x.ndim == 1
-        if norm is not None and not self.K.fast2_norm_ok(int(w.type), w.cols):
-            x, norm = self.rmsnorm(x, *norm), None
-        x2 = self._rows(x, w.cols) if norm is not None else self._dev(x, (-1, w.cols))
+    def linear(self, w: Weight, x, residual=None):
+        """y [n, rows] = x [n, cols] @ W.T (+ residual [n, rows]), on the stored blocks; x an array or a `Normed`,
+        whose norm the gemv applies as it loads x where its kernel can (fast2, f32rows), as it adds the residual
+        in its store (fast2)."""
+        squeeze = (x.x if isinstance(x, Normed) else x).ndim == 1
+        x2, norm = self._input(x, w)
         n = len(x2)
-        y = self.gemv(w, self._zeros(n), self._arange(n), x2, n,
-                      norm=None if norm is None else (self._vector(norm[0]), np.float32(norm[1])))
+        y = self.gemv(w, self._zeros(n), self._arange(n), x2, n, norm=norm,
+                      residual=None if residual is None else self._dev(residual, (n, w.rows)))
         return y[0] if squeeze else y
 
     def linear_heads(self, w: Weight, x, out=None):
@@ -250,10 +262,11 @@ class CUDABackend:
     def glu(self, gate: Weight, up: Weight, x):
         """silu(x @ gate.T) * (x @ up.T) [n, rows]: the SwiGLU hidden layer, one fused gemv when gate
         and up are stored alike."""
-        x2 = self._dev(x, (-1, gate.cols))
-        n = len(x2)
         if int(gate.type) == int(up.type):
-            return self.gemv(gate, self._zeros(n), self._arange(n), x2, n, w2=up)
+            x2, norm = self._input(x, gate, fused=True)
+            n = len(x2)
+            return self.gemv(gate, self._zeros(n), self._arange(n), x2, n, w2=up, norm=norm)
+        x2 = self._dev(plain(self, x), (-1, gate.cols))
         g = self.linear(gate, x2)
         return g / (1.0 + self.xp.exp(-g)) * self.linear(up, x2)
 
@@ -286,15 +299,6 @@ class CUDABackend:
         self.launches += 1
         return q_nope, query
 
-    def add_rmsnorm(self, x, d, weight: np.ndarray, eps: float):
-        """(x + d, rmsnorm(x + d) * weight) in one kernel: the residual add and the next layer's norm."""
-        x2, d2 = self._dev(x, (-1, x.shape[-1])), self._dev(d, (-1, x.shape[-1]))
-        xo, out = self.xp.empty_like(x2), self.xp.empty_like(x2)
-        self.K.add_rmsnorm_kernel[len(x2), self.K.THREADS, self.S[0]](x2, d2, self._vector(weight), xo, out,
-                                                                     np.float32(eps))
-        self.launches += 1
-        return xo.reshape(x.shape), out.reshape(x.shape)
-
     def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
               out=None):
         """The router's choice for logits [n, E] on the GPU (moe.route_topk's arithmetic):
@@ -317,14 +321,20 @@ class CUDABackend:
         self._slot_rows = (ids, w, slots, sw)
         return ids, w
 
-    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None):
+    def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids, weights, shared: DenseFFN | None = None,
+                   residual=None):
         """sum_k weights[:, k] * down_e(silu(gate_e x) * up_e x) over each token's selected experts e, plus the
         shared expert's swiglu(x) when given: resident, and stored like the routed experts, it is matrix E of
         the layer's uploads (`_with_shared`) and runs in the same launches with weight 1 (else its own, added
-        in the combine). ids [n, k] and weights [n, k]: the router's device arrays (host arrays are uploaded)."""
+        in the combine), plus residual (in the combine). ids [n, k] and weights [n, k]: the router's device
+        arrays (host arrays are uploaded). x: an array, or a `Normed` the gate/up launch normalises."""
         xp = self.xp
-        squeeze = x.ndim == 1
-        x2 = self._dev(x, (-1, gate.cols))
+        squeeze = (x.x if isinstance(x, Normed) else x).ndim == 1
+        if int(gate.type) == int(up.type):
+            x2, norm = self._input(x, gate, fused=True)
+        else:
+            x2, norm = self._dev(plain(self, x), (-1, gate.cols)), None
+        xn = x2 if norm is None else Normed(x2, x.weight, x.eps)          # x2 as the other readers need it
         n = len(x2)
         if isinstance(ids, np.ndarray) and (ids.min() < 0 or ids.max() >= gate.n_experts):
             raise ValueError("expert id out of range")
@@ -334,12 +344,13 @@ class CUDABackend:
         fold = (shared is not None and self.streamer is None
                 and all((int(s.type), s.rows, s.cols) == (int(r.type), r.rows, r.cols)
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
-        plus = swiglu(self, shared, x2) if shared is not None and not fold else None
+        res = None if residual is None else self._dev(residual, (n, down.rows))
+        plus = swiglu(self, shared, xn, residual=res) if shared is not None and not fold else res
         pg = pu = pd = None
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
-            fetch = self._fetcher(layer, gate, up, down, x2, ids2)
+            fetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
                 mats = self._ints.get(("slots", layer, P))
                 if mats is None:
@@ -370,7 +381,7 @@ class CUDABackend:
         # the router's kernels just wrote mats: the gate's launch cannot read it early; the down projection's can
         if int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
-                          preload=False)                                                      # silu(g) * u, fused
+                          preload=False, norm=norm)                                           # silu(g) * u, fused
         else:
             g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False)
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
@@ -378,8 +389,8 @@ class CUDABackend:
         yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
-        pl = y if plus is None else self._dev(plus, (n, down.rows))
-        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, pl, plus is not None)
+        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,
+                                                                  plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
 

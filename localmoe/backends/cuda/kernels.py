@@ -330,11 +330,13 @@ def f32rows_ok(qt: int, cols: int, fused: bool) -> bool:
     return qt == F32 and cols % 4 == 0 and cols <= 4 * THREADS * F32_LOADS and not fused
 
 
-def _make_f32rows(preload: bool):
+def _make_f32rows(preload: bool, norm: bool):
     """Float32 rows of <= 4 * THREADS * F32_LOADS columns (the router, 128 x 4096): a block per row, each
     thread's 16-byte pieces of it (coalesced across the block) and its x values loaded before any
     arithmetic, instead of the generic kernel's byte loads one column at a time. preload: the block's first
-    row is loaded before grid_dependency() (`mats` constant or written two or more kernels back)."""
+    row is loaded before grid_dependency() (`mats` constant or written two or more kernels back).
+    norm: y = W (rmsnorm(x) * nw), as (W (x * nw)) / rms(x): the block holds all of x, so the sum of squares
+    rides along with the dot product."""
     L = F32_LOADS
 
     def weights(ind: str, prefix: str) -> list[str]:
@@ -347,23 +349,26 @@ def _make_f32rows(preload: bool):
     def row(ind: str, prefix: str) -> list[str]:
         """Row r's dot product with x and its store; the weight words in {prefix}{l}{j}."""
         out = [f"{ind}x{l}{j} = x[xr, c{l} + {j}]" for l in range(L) for j in range(4)]
-        out.append(f"{ind}acc = float32(0.0)")
+        if norm:
+            out += [f"{ind}n{l}{j} = nw[c{l} + {j}]" for l in range(L) for j in range(4)]
+        sums = ["acc", "ss"] if norm else ["acc"]             # ss: x's sum of squares, for the norm
+        out += [f"{ind}{a} = float32(0.0)" for a in sums]
         for l in range(L):
             out += [f"{ind}if 4 * (tid + {THREADS * l}) < cols:"]
-            out += [f"{ind}    acc += f32bits({prefix}{l}{j}) * x{l}{j}" for j in range(4)]
-        out += [f"{ind}acc = warp_sum(acc)",
-                f"{ind}if (tid & 31) == 0:",
-                f"{ind}    red[tid >> 5] = acc",
-                f"{ind}cuda.syncthreads()",
-                f"{ind}if tid == 0:",
-                f"{ind}    a = red[0]",
-                f"{ind}    for w in range(1, WARPS):",
-                f"{ind}        a += red[w]",
-                f"{ind}    y[p, r] = a",
+            if norm:
+                out += [f"{ind}    ss += x{l}{j} * x{l}{j}" for j in range(4)]
+            xn = (lambda j: f"(x{l}{j} * n{l}{j})") if norm else (lambda j: f"x{l}{j}")
+            out += [f"{ind}    acc += f32bits({prefix}{l}{j}) * {xn(j)}" for j in range(4)]
+        out += [f"{ind}{a} = warp_sum({a})" for a in sums]
+        out += [f"{ind}if (tid & 31) == 0:"] + [f"{ind}    red[{i} * WARPS + (tid >> 5)] = {a}" for i, a in enumerate(sums)]
+        out += [f"{ind}cuda.syncthreads()",
+                f"{ind}if tid == 0:"] + [f"{ind}    {a}0 = red[{i} * WARPS]" for i, a in enumerate(sums)]
+        out += [f"{ind}    for w in range(1, WARPS):"] + [f"{ind}        {a}0 += red[{i} * WARPS + w]" for i, a in enumerate(sums)]
+        out += [f"{ind}    y[p, r] = acc0 / math.sqrt(ss0 / float32(cols) + eps)" if norm else f"{ind}    y[p, r] = acc0",
                 f"{ind}cuda.syncthreads()"]
         return out
 
-    src = ["def kern(W, mats, xidx, x, y, rows, cols, mat_bytes):",
+    src = ["def kern(W, mats, xidx, x, y, rows, cols, mat_bytes" + (", nw, eps):" if norm else "):"),
            "    p = cuda.blockIdx.y",
            "    tid = cuda.threadIdx.x",
            "    mbase = int64(mats[p]) * mat_bytes"]
@@ -371,22 +376,23 @@ def _make_f32rows(preload: bool):
     if preload:
         src += ["    r = cuda.blockIdx.x", "    rb = mbase + int64(min(r, rows - 1)) * (4 * cols)"]
         src += weights("    ", "P") + ["    grid_dependency()"]
-    src += ["    red = cuda.shared.array(WARPS, float32)", "    xr = xidx[p]"]
+    src += [f"    red = cuda.shared.array({2 * WARPS}, float32)", "    xr = xidx[p]"]
     if preload:
         src += ["    if r < rows:"] + row("        ", "P")
         first = "cuda.blockIdx.x + cuda.gridDim.x"
     src += [f"    for r in range({first}, rows, cuda.gridDim.x):",
             "        rb = mbase + int64(r) * (4 * cols)"]
     src += weights("        ", "w") + row("        ", "w")
-    return _jit_source(src, f"f32rows preload={preload}", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
+    return _jit_source(src, f"f32rows preload={preload} norm={norm}", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
 
 
-def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False):
-    key = ("f32rows", preload)
+def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False, norm=None):
+    """norm: (weight, eps), x rows rmsnorm'ed first."""
+    key = ("f32rows", preload, norm is not None)
     if key not in _CACHE:
-        _CACHE[key] = _make_f32rows(preload)
+        _CACHE[key] = _make_f32rows(preload, norm is not None)
     gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
-    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes)
+    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes, *(norm or ()))
 
 
 # -- generic: any type, any shape ---------------------------------------------------------------------
@@ -475,20 +481,22 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None):
+                norm=None, residual=None):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
     loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
-    first, on `fast2_norm_ok` shapes only."""
+    first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only."""
+    assert norm is None or norm_ok(qt, cols, fused)
+    assert residual is None or residual_ok(qt, cols, fused)
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
-                            norm=norm)
+                            norm=norm, residual=residual)
+    if f32rows_ok(qt, cols, fused):
+        return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
     if lanes_ok(qt, cols, fused):
         return launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload)
-    if f32rows_ok(qt, cols, fused):
-        return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload)
     launch_gemv_v1(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused)
 
 
@@ -672,18 +680,22 @@ XSUM_OFF_TOKEN = "nsb"
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
 
 
-def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False):
+def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
+                residual: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
-    norm costs no launch of its own (MLA's q_a norm before q_b)."""
+    norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
+    residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output)."""
     assert not preload or (direct and not fused)
+    assert not (residual and fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
-    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps):" if norm else "):")]
+    src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
+           + (", res):" if residual else "):")]
     if preload:
         src += [
             f"    t0 = cuda.blockIdx.x * {warps} + (cuda.threadIdx.x >> 5)",
@@ -798,7 +810,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         L += ["if (lane & (SEG - 1)) == 0:",
               "    row = (t * CPT * 32 + lane) >> log2u",
               "    if row < rows:",
-              "        y[p, row] = silu(acc) * acc2" if fused else "        y[p, row] = acc"]
+              "        y[p, row] = silu(acc) * acc2" if fused else
+              "        y[p, row] = acc + res[p, row]" if residual else "        y[p, row] = acc"]
         return [ind + line for line in L]
 
     first = f"cuda.blockIdx.x * {warps} + warp"
@@ -807,7 +820,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         first = f"{first} + cuda.gridDim.x * {warps}"
     src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
     src += task("        ", False)
-    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm}", ldg4=ldg4,
+    return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
+                       f"residual={residual}", ldg4=ldg4,
                        lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
@@ -827,10 +841,11 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
          Q8_0: dict(warps=16, direct=True, bps=(2, 1), preload=False)}
 
 
-def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload, norm)
+def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
+                 residual: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload, norm, residual)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual)
     return _CACHE[key]
 
 
@@ -840,22 +855,33 @@ def fast2_norm_ok(qt: int, cols: int) -> bool:
     return fast2_ok(qt, cols) and 32 * warps <= cols <= 32 * warps * X_LOADS
 
 
+def norm_ok(qt: int, cols: int, fused: bool) -> bool:
+    """launch_gemv can take norm= on this shape (fast2's quantize prologue; f32rows holds the whole row)."""
+    return fast2_norm_ok(qt, cols) or f32rows_ok(qt, cols, fused)
+
+
+def residual_ok(qt: int, cols: int, fused: bool) -> bool:
+    """launch_gemv can take residual= on this shape (fast2's store)."""
+    return fast2_ok(qt, cols) and not fused
+
+
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None):
+                 bps=None, preload=False, norm=None, residual=None):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
-    (`fast2_norm_ok` shapes)."""
+    (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only)."""
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
     U = cols // 256
     kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
-                        norm is not None)
+                        norm is not None, residual is not None)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
-    args = (W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
+    args = ((W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
+            + (() if residual is None else (residual,)))
     kern[(gx, P), 32 * warps, STREAM[0], shared](*args)
 
 
@@ -897,47 +923,6 @@ def rmsnorm_kernel(x, w, out, eps):
     red = cuda.shared.array(THREADS, float32)
     t = cuda.blockIdx.x
     _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
-
-
-ROW_LOADS = 16             # add_rmsnorm: values per thread loaded up front (THREADS * 16 = 4096, Small 4's hidden)
-
-
-def _make_add_rmsnorm():
-    """One block per row: xo = x + d (the residual stream), out = rmsnorm(xo) * w. Each thread loads its
-    ROW_LOADS values of x, d and w into named registers before its first store: a store to global memory
-    keeps every later load waiting (numba cannot tell the arrays apart), which made the two-pass form 16
-    dependent cold reads per thread. Same sums in the same order as `_rmsnorm_row`: the same bits.
-    Rows longer than THREADS * ROW_LOADS take the two-pass form."""
-    R = ROW_LOADS
-    src = [
-        "def kern(x, d, w, xo, out, eps):",
-        "    red = cuda.shared.array(THREADS, float32)",
-        "    t = cuda.blockIdx.x",
-        "    tid = cuda.threadIdx.x",
-        "    n = x.shape[1]",
-        f"    if n > THREADS * {R}:",
-        "        for i in range(tid, n, THREADS):",
-        "            xo[t, i] = x[t, i] + d[t, i]",
-        "        cuda.syncthreads()",
-        "        _rmsnorm_row(xo, t, n, w, out, t, eps, red, tid)",
-        "        return",
-    ]
-    src += [f"    i{j} = min(tid + {j} * THREADS, n - 1)" for j in range(R)]
-    src += [f"    a{j} = x[t, i{j}] + d[t, i{j}]" for j in range(R)]
-    src += [f"    w{j} = w[i{j}]" for j in range(R)]
-    src.append("    ss = float32(0.0)")
-    for j in range(R):
-        src += [f"    if tid + {j} * THREADS < n:", f"        ss += a{j} * a{j}"]
-    src += ["    ss = _block_reduce(red, ss, tid, False)",
-            "    inv = float32(1.0) / math.sqrt(ss / float32(n) + eps)"]
-    for j in range(R):
-        src += [f"    if tid + {j} * THREADS < n:",
-                f"        xo[t, i{j}] = a{j}",
-                f"        out[t, i{j}] = a{j} * inv * w{j}"]
-    return _jit_source(src, "add_rmsnorm", _rmsnorm_row=_rmsnorm_row, _block_reduce=_block_reduce)
-
-
-add_rmsnorm_kernel = _make_add_rmsnorm()
 
 
 @cuda.jit
