@@ -200,7 +200,8 @@ def main() -> None:
             old = timeit(cuda, lambda: K.launch_gemv_v1(qt, cols, rows, W, W, mats, xidx, x, yb, nmat,
                                                                   row_bytes, mat_bytes, sms), 10)
             res = {"old": nmat * mat_bytes / old / 1e9}
-            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0])]):
+            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0],
+                                                        pipeline=K.FAST2[qt]["pipeline"][0])]):
                 if str(v) in failed:
                     continue
                 t = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms,
@@ -220,7 +221,7 @@ def main() -> None:
                 print(f"  {NAME[qt]} {k}: " + ", ".join(f"{results[(qt, s[0])][0][k]:.0f}" for s in SHAPES)
                       + f"  (mean ratio {tot[k] / len(SHAPES):.1%})")
             k = max(keys, key=tot.get)
-            K.FAST2[qt] = dict(warps=k[0], direct=k[1], bps=(k[2], k[2]))
+            K.FAST2[qt] = dict(K.FAST2[qt], warps=k[0], direct=k[1], bps=(k[2], k[2]))
             print(f"  -> {NAME[qt]} uses {K.FAST2[qt]}")
 
     rows_out = []
