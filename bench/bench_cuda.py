@@ -200,8 +200,7 @@ def main() -> None:
             old = timeit(cuda, lambda: K.launch_gemv_v1(qt, cols, rows, W, W, mats, xidx, x, yb, nmat,
                                                                   row_bytes, mat_bytes, sms), 10)
             res = {"old": nmat * mat_bytes / old / 1e9}
-            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0],
-                                                        pipeline=K.FAST2[qt]["pipeline"][0])]):
+            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0])]):
                 if str(v) in failed:
                     continue
                 t = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms,

@@ -52,16 +52,15 @@ def main() -> None:
     for qt, name in ((K.Q4_0, "Q4_0"), (K.Q8_0, "Q8_0")):
         cfg = K.FAST2[qt]
         # the variants a decode step launches: plain and fused, with the norm (the layers' norms), with the
-        # residual (attn_output), preloaded where the type allows, pipelined as FAST2 says (_make_fast2)
+        # residual (attn_output), preloaded where the type allows (_make_fast2)
         pre = cfg.get("preload", False)
         for fused, preload, norm, residual in ((False, False, False, False), (True, False, False, False),
                                                (True, False, True, False), (False, pre, True, False),
                                                (False, pre, False, True)):
-            pipe = cfg["pipeline"][fused]
-            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"], preload, norm, residual, pipe)
+            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"], preload, norm, residual)
             sig = GEMV_SIG + (t.int64,) + ((f1, t.float32) if norm else ()) + ((f2,) if residual else ())
             label = " ".join(["fused" if fused else "plain"] + [v for v, on in (("preload", preload), ("norm", norm),
-                                                                                ("residual", residual), ("pipeline", pipe)) if on])
+                                                                                ("residual", residual)) if on])
             rows.append((f"fast2 {name} {label} (bps {cfg['bps'][fused]})", 32 * cfg["warps"], registers(k.py_func, sig, exe)))
         for cols in (128, 256):
             rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols, False).py_func, GEMV_SIG, exe)))

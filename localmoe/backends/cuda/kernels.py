@@ -681,19 +681,15 @@ X_LOADS = 8                # fast2: x values a lane loads before quantizing them
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                residual: bool = False, pipeline: bool = False):
+                residual: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
-    residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
-    pipeline (direct, cols <= 8192): a warp loads its next task's weights before it computes the current one, so
-    its loads stay in flight through the arithmetic (else the warps of a launch load, then all compute, in step:
-    HBM idles between the rounds); the last round loads a clamped, already-read unit it does not use."""
+    residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output)."""
     assert not preload or (direct and not fused)
     assert not (residual and fused)
-    assert not pipeline or direct
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
     mats = ["W"] + (["W2"] if fused else [])
@@ -807,11 +803,6 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
                              f"lds4(sm, sbase + lane * {UW} + {4 * i})")
                 L.append("    cuda.syncwarp()")
             L += _unit_code(qt, f"{m}w", a, "    ")
-        return [ind + line for line in L] + store(ind)
-
-    def store(ind: str) -> list[str]:
-        """The segmented sums of task t's dot products and their store."""
-        L = []
         for a in accs:
             L += ["for o in (16, 8, 4, 2, 1):",
                   "    if o < SEG:",
@@ -823,35 +814,14 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
               "        y[p, row] = acc + res[p, row]" if residual else "        y[p, row] = acc"]
         return [ind + line for line in L]
 
-    def loads(ind: str, t: str, prefix: str) -> list[str]:
-        """Task {t}'s unit (CPT is 1) of each matrix into {m}{prefix}0.., clamped to the last unit."""
-        L = [f"ub = mb + min({t} * 32 + lane, total - 1) * {UW}"]
-        for m in mats:
-            L += [f"{m}{prefix}{4 * i}, {m}{prefix}{4 * i + 1}, {m}{prefix}{4 * i + 2}, {m}{prefix}{4 * i + 3} = "
-                  f"ldg4({m}, ub + {4 * i})" for i in range(UV)]
-        return [ind + line for line in L]
-
     first = f"cuda.blockIdx.x * {warps} + warp"
-    if pipeline:
-        src.append(f"    t = {first}")
-        src += ([f"    {m}w{j} = Pw{j}" for m in mats for j in range(UW)] if preload else loads("    ", "t", "w"))
-        src += ["    while t < ntask:", f"        tn = t + cuda.gridDim.x * {warps}"]
-        src += loads("        ", "tn", "n")
-        src += [f"        {a} = float32(0.0)" for a in accs]
-        src += ["        u = t * 32 + lane", "        cu = u & (U - 1)", "        xu = sk + cu * 132", "        sb = XW + cu * 9"]
-        for m, a in zip(mats, accs):
-            src += _unit_code(qt, f"{m}w", a, "        ")
-        src += store("        ")
-        src += [f"        {m}w{j} = {m}n{j}" for m in mats for j in range(UW)]
-        src.append("        t = tn")
-    else:
-        if preload:
-            src += [f"    t = {first}", "    if t < ntask:"] + task("        ", True)
-            first = f"{first} + cuda.gridDim.x * {warps}"
-        src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
-        src += task("        ", False)
+    if preload:
+        src += [f"    t = {first}", "    if t < ntask:"] + task("        ", True)
+        first = f"{first} + cuda.gridDim.x * {warps}"
+    src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
+    src += task("        ", False)
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual} pipeline={pipeline}", max_registers=65536 // (32 * warps), ldg4=ldg4,
+                       f"residual={residual}", max_registers=65536 // (32 * warps), ldg4=ldg4,
                        lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
@@ -867,18 +837,17 @@ def fast2_ok(qt: int, cols: int) -> bool:
 # x 512 threads), so a launch is one wave: a second wave waits for the first's slowest warp (H100, 2026-11-23:
 # routed experts Q4_0 gate+up 30.0 -> 24.3 us, down 19.0 -> 14.9 us).
 # preload (_make_fast2): Q4_0 only; Q8_0's plain kernel would need 128 registers per thread, one block per SM, not 2.
-# pipeline (plain, fused): Q4_0 plain only so far (68-112 registers); Q8_0's plain would need 140 (2 blocks per SM: 64).
 # Every fast2 kernel is compiled with at most 65536 / threads registers, so a block always launches (a variant past
-# it spills instead: the strided-x, norm, preload and residual one needs 140).
-FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True, pipeline=(True, False)),
-         Q8_0: dict(warps=16, direct=True, bps=(2, 1), preload=False, pipeline=(False, False))}
+# it spills instead: Q4_0 with a strided x, norm, preload and residual needs 140).
+FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
+         Q8_0: dict(warps=16, direct=True, bps=(2, 1), preload=False)}
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                 residual: bool = False, pipeline: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload, norm, residual, pipeline)
+                 residual: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload, norm, residual)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual, pipeline)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual)
     return _CACHE[key]
 
 
@@ -899,19 +868,17 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None, residual=None, pipeline=None):
+                 bps=None, preload=False, norm=None, residual=None):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
-    (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); pipeline: default FAST2's (plain, fused)
-    choice, taken on direct kernels of cols <= 8192."""
+    (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only)."""
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
     U = cols // 256
-    pipeline = cfg["pipeline"][fused] if pipeline is None else pipeline
     kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
-                        norm is not None, residual is not None, pipeline and direct and U <= 32)
+                        norm is not None, residual is not None)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
