@@ -470,10 +470,10 @@ class ReplayedRouting:
         self.t = xp.zeros(1, np.int64)
         be.next_experts = {}      # no prefetch: the router's guesses do not predict replayed ids
 
-    def __call__(self, router, x, k, *a, out=None):
+    def __call__(self, logits, k, *a, out=None):
         xp = self.be.xp
-        ids, w = self.route(router, x, k, *a, out=out)
-        if len(x) == 1:
+        ids, w = self.route(logits, k, *a, out=out)
+        if logits.shape[0] == 1:
             ids[...] = xp.take(self.routes, self.t, axis=0)[:, self.layer * k:(self.layer + 1) * k]
             self.layer = (self.layer + 1) % self.L
             if self.layer == 0:

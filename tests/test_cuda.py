@@ -258,46 +258,24 @@ def test_rmsnorm_attention(backends):
 @needs_gpu
 @pytest.mark.parametrize("E,k,n_group,topk_group", [(8, 2, 1, 1), (128, 4, 1, 1), (64, 6, 8, 3)])
 @pytest.mark.parametrize("norm", [True, False])
-@pytest.mark.parametrize("router_type", [GGMLType.F32, GGMLType.F16], ids=lambda t: t.name)
-def test_route(backends, E, k, n_group, topk_group, norm, router_type):
+def test_route(backends, E, k, n_group, topk_group, norm):
     """The GPU router chooses what moe.route_topk chooses, with the same weights; it also writes the slot rows
-    the shared expert's fold reads: [ids, E] and [weights, 1]. An identity router makes the logits exactly x,
-    so the choice can be compared exactly (F32: the router's gemv and the routing in one launch; F16 or with
-    groups: the gemv, then a routing kernel). Then a random router on a `Normed` x, 4 bytes per weight, whose
-    logits differ from the CPU's by rounding: the choice is compared where the k-th and (k+1)-th are apart."""
-    import cupy
+    the shared expert's fold reads: [ids, E] and [weights, 1]."""
     gpu, cpu = backends
-    rng = np.random.default_rng(E + k + norm + int(router_type))
-    n = 37
-    eye = Weight(np.eye(E, dtype=np.float32).astype(np.float16 if router_type == GGMLType.F16 else np.float32)
-                 .view(np.uint8), router_type, E, "router")
-    logits = (3 * rng.standard_normal((n, E))).astype(np.float32)
-    if router_type == GGMLType.F16:
-        logits = logits.astype(np.float16).astype(np.float32)          # exact through the f16 product too
-    ids, w = gpu.route(eye, logits, k, norm, 2.5, n_group, topk_group)
-    ref_ids, ref_w = cpu.route(eye, logits, k, norm, 2.5, n_group, topk_group)
+    rng = np.random.default_rng(E + k + norm)
+    logits = (3 * rng.standard_normal((37, E))).astype(np.float32)
+    ids, w = gpu.route(logits, k, norm, 2.5, n_group, topk_group)
+    ref_ids, ref_w = cpu.route(logits, k, norm, 2.5, n_group, topk_group)
+    import cupy
     assert np.array_equal(cupy.asnumpy(ids), ref_ids)
     assert rel(w, ref_w) < 1e-5
     assert gpu._slot_rows[0] is ids and gpu._slot_rows[1] is w
     slots, sw = (cupy.asnumpy(a) for a in gpu._slot_rows[2:])
-    assert np.array_equal(slots, np.concatenate([ref_ids, np.full((n, 1), E)], axis=1))
-    assert np.array_equal(sw, np.concatenate([cupy.asnumpy(w), np.ones((n, 1), np.float32)], axis=1))
-    out = cupy.full((n, k), -1, np.int32)
-    assert gpu.route(eye, logits, k, norm, 2.5, n_group, topk_group, out=out)[0] is out
+    assert np.array_equal(slots, np.concatenate([ref_ids, np.full((37, 1), E)], axis=1))
+    assert np.array_equal(sw, np.concatenate([cupy.asnumpy(w), np.ones((37, 1), np.float32)], axis=1))
+    out = cupy.full((37, k), -1, np.int32)
+    assert gpu.route(logits, k, norm, 2.5, n_group, topk_group, out=out)[0] is out
     assert np.array_equal(cupy.asnumpy(out), ref_ids)
-    if router_type != GGMLType.F32 or n_group > 1:
-        return
-    H = 512
-    router = make_weight(rng, (E, H), GGMLType.F32)
-    x = Normed((3 * rng.standard_normal((n, H))).astype(np.float32), rng.uniform(0.5, 1.5, H).astype(np.float32), 1e-6)
-    for _ in range(2):                          # the second launch finds the per-token counts zeroed by the first
-        ids, w = gpu.route(router, x, k, norm, 2.5, n_group, topk_group)
-        ref_ids, ref_w = cpu.route(router, x, k, norm, 2.5, n_group, topk_group)
-        z = np.sort(cpu.linear(router, x), axis=-1)[:, ::-1]
-        apart = (z[:, k - 1] - z[:, k]) > 1e-3 * np.abs(z).max()
-        assert apart.sum() > n // 2
-        assert np.array_equal(cupy.asnumpy(ids)[apart], ref_ids[apart])
-        assert rel(w[cupy.asarray(apart)], ref_w[apart]) < 1e-4
 
 
 @needs_gpu

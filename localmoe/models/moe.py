@@ -1,7 +1,7 @@
 """The pieces every MoE architecture shares: the router and the expert FFNs.
 
 gpt-fast's MoE in numpy: gate logits -> softmax -> top-k -> renormalise -> run only the chosen experts.
-`route_topk` is the reference the backends' `route` implement on the router's logits (the CPU backend calls it).
+`route_topk` is the reference the backends' `route` implement (the CPU backend calls it).
 """
 from __future__ import annotations
 
@@ -54,5 +54,5 @@ def moe(be, ex: Experts, x, k: int, norm: bool = True, scale: float = 1.0, n_gro
     """Routed experts for a batch x [n, H] (an array or a `Normed`): route (route_topk, on the backend), then
     run only the selected experts, plus the `shared` expert (weight 1) when there is one, plus `residual`.
     The chosen ids [n, k] go to `ids_out` (the decoder's counters). Returns y [n, H], on the backend's device."""
-    ids, w = be.route(ex.router, x, k, norm, scale, n_group, topk_group, out=ids_out)
+    ids, w = be.route(be.linear(ex.router, x), k, norm, scale, n_group, topk_group, out=ids_out)
     return be.expert_ffn(ex.gate, ex.up, ex.down, x, ids, w, shared=shared, residual=residual)

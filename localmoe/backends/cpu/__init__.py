@@ -85,11 +85,12 @@ class CPUBackend:
                                            apply_rope(kv[:, None, kvr:], c, s)[:, 0]], axis=-1)
         return np.ascontiguousarray(q[..., :nope] * scale, dtype=np.float32), query
 
-    def route(self, router: Weight, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
+    @staticmethod
+    def route(logits: np.ndarray, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
               topk_group: int = 1, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The router's choice for x [n, H] (an array or a `Normed`): (ids [n, k], weights [n, k]), moe.route_topk
-        of the logits x @ router.T (one launch on a GPU); ids written into `out` when given."""
-        ids, w = route_topk(self.linear(router, x), k, norm, scale, n_group, topk_group)
+        """The router's choice for logits [n, E]: (ids [n, k], weights [n, k]) as moe.route_topk;
+        ids written into `out` when given."""
+        ids, w = route_topk(logits, k, norm, scale, n_group, topk_group)
         if out is None:
             return ids, w
         out[...] = ids

@@ -299,36 +299,24 @@ class CUDABackend:
         self.launches += 1
         return q_nope, query
 
-    def route(self, router: Weight, x, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,
-              topk_group: int = 1, out=None):
-        """The router's choice for x [n, H] (an array or a `Normed`): logits x @ router.T, then moe.route_topk's
-        arithmetic: (ids [n, k] int32, weights [n, k] float32), both device arrays; ids written into `out` when
-        given. One launch for a float32 router without groups (f32rows: its last block to finish a token's logits
-        picks the token's experts), else the gemv and a routing kernel."""
+    def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
+              out=None):
+        """The router's choice for logits [n, E] on the GPU (moe.route_topk's arithmetic):
+        (ids [n, k] int32, weights [n, k] float32), both device arrays; ids written into `out` when given."""
         xp = self.xp
-        E = router.rows
+        z = self._dev(logits)
+        n, E = z.shape
         if E > self.K.MAX_EXPERTS or n_group > self.K.MAX_GROUPS:
             raise ValueError(f"router of {E} experts in {n_group} groups: the GPU router handles "
                              f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
-        n = len(x)
         ids, w = xp.empty((n, k), np.int32) if out is None else out, xp.empty((n, k), np.float32)
         slots, sw = xp.empty((n, k + 1), np.int32), xp.empty((n, k + 1), np.float32)
-        if n_group == 1 and self.K.f32rows_ok(int(router.type), router.cols, False):
-            x2, nrm = self._input(x, router)
-            count = self._ints.get(("route count", n))
-            if count is None:                  # the kernel leaves it zero again
-                count = self._ints[("route count", n)] = xp.zeros(n, np.int32)
-            self.K.launch_f32rows(router.cols, E, self.upload(router)[0], self._zeros(n), self._arange(n), x2,
-                                  xp.empty((n, E), np.float32), n, router.raw.nbytes, self.sms, preload=True,
-                                  norm=nrm, route=(count, k, bool(norm), np.float32(scale), ids, w, slots, sw))
-        else:
-            z = self.linear(router, x)
-            if n_group == 1:        # one warp per token
-                self.K.route_warp_kernel[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
-                    z, k, bool(norm), np.float32(scale), ids, w, slots, sw)
-            else:                   # grouped (DeepSeek-style): one thread per token
-                self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group,
-                                                                  topk_group, ids, w, slots, sw)
+        if n_group == 1:        # one warp per token
+            self.K.route_warp_kernel[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
+                z, k, bool(norm), np.float32(scale), ids, w, slots, sw)
+        else:                   # grouped (DeepSeek-style): one thread per token
+            self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group,
+                                                              topk_group, ids, w, slots, sw)
         self.launches += 1
         self._slot_rows = (ids, w, slots, sw)
         return ids, w
@@ -414,7 +402,7 @@ class CUDABackend:
         nxt = self.next_experts.get(layer) if self.next_experts else None
         if nxt is not None:
             j, ex = nxt
-            guess, _ = self.route(ex.router, x, ids.shape[1])
+            guess, _ = self.route(self.linear(ex.router, x), ids.shape[1])
 
         def fetch():
             slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids))[3]

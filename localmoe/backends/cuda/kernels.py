@@ -330,15 +330,13 @@ def f32rows_ok(qt: int, cols: int, fused: bool) -> bool:
     return qt == F32 and cols % 4 == 0 and cols <= 4 * THREADS * F32_LOADS and not fused
 
 
-def _make_f32rows(preload: bool, norm: bool, route: bool = False):
+def _make_f32rows(preload: bool, norm: bool):
     """Float32 rows of <= 4 * THREADS * F32_LOADS columns (the router, 128 x 4096): a block per row, each
     thread's 16-byte pieces of it (coalesced across the block) and its x values loaded before any
     arithmetic, instead of the generic kernel's byte loads one column at a time. preload: the block's first
     row is loaded before grid_dependency() (`mats` constant or written two or more kernels back).
     norm: y = W (rmsnorm(x) * nw), as (W (x * nw)) / rms(x): the block holds all of x, so the sum of squares
-    rides along with the dot product. route (the router; y its logits): the last block to finish row p's logits
-    (an atomic count per p, reset by that block) picks p's experts as route_warp_kernel, so routing costs no
-    launch of its own."""
+    rides along with the dot product."""
     L = F32_LOADS
 
     def weights(ind: str, prefix: str) -> list[str]:
@@ -370,8 +368,7 @@ def _make_f32rows(preload: bool, norm: bool, route: bool = False):
                 f"{ind}cuda.syncthreads()"]
         return out
 
-    src = ["def kern(W, mats, xidx, x, y, rows, cols, mat_bytes" + (", nw, eps" if norm else "")
-           + (", count, k, rnorm, scale, ids, wts, slots, swts):" if route else "):"),
+    src = ["def kern(W, mats, xidx, x, y, rows, cols, mat_bytes" + (", nw, eps):" if norm else "):"),
            "    p = cuda.blockIdx.y",
            "    tid = cuda.threadIdx.x",
            "    mbase = int64(mats[p]) * mat_bytes"]
@@ -386,29 +383,16 @@ def _make_f32rows(preload: bool, norm: bool, route: bool = False):
     src += [f"    for r in range({first}, rows, cuda.gridDim.x):",
             "        rb = mbase + int64(r) * (4 * cols)"]
     src += weights("        ", "w") + row("        ", "w")
-    if route:      # tid 0 stored this block's logits: fenced before it counts the block in
-        src += ["    last = cuda.shared.array(1, int32)",
-                "    if tid == 0:",
-                "        cuda.threadfence()",
-                "        last[0] = 1 if cuda.atomic.add(count, p, 1) == cuda.gridDim.x - 1 else 0",
-                "    cuda.syncthreads()",
-                "    if last[0]:",
-                "        if tid == 0:",
-                "            count[p] = 0",
-                "        if tid < 32:",
-                "            _route_warp(y, p, tid, k, rnorm, scale, ids, wts, slots, swts)"]
-    return _jit_source(src, f"f32rows preload={preload} norm={norm} route={route}", ldg4=ldg4, f32bits=f32bits,
-                       warp_sum=warp_sum, _route_warp=_route_warp)
+    return _jit_source(src, f"f32rows preload={preload} norm={norm}", ldg4=ldg4, f32bits=f32bits, warp_sum=warp_sum)
 
 
-def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False, norm=None, route=None):
-    """norm: (weight, eps), x rows rmsnorm'ed first; route: (count [P] int32 zeros, k, norm, scale, ids, wts, slots,
-    swts), y's rows routed in the same launch (rows <= MAX_EXPERTS)."""
-    key = ("f32rows", preload, norm is not None, route is not None)
+def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False, norm=None):
+    """norm: (weight, eps), x rows rmsnorm'ed first."""
+    key = ("f32rows", preload, norm is not None)
     if key not in _CACHE:
-        _CACHE[key] = _make_f32rows(preload, norm is not None, route is not None)
+        _CACHE[key] = _make_f32rows(preload, norm is not None)
     gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
-    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes, *(norm or ()), *(route or ()))
+    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes, *(norm or ()))
 
 
 # -- generic: any type, any shape ---------------------------------------------------------------------
@@ -1150,11 +1134,17 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts, slots, s
     swts[t, k] = float32(1.0)
 
 
-@cuda.jit(device=True, inline=True)
-def _route_warp(logits, t, lane, k, norm, scale, ids, wts, slots, swts):
-    """Row t's choice by one warp (lane holds experts lane + 32 j): softmax by shuffles; each of the k picks is
-    a warp-wide argmax (ties to the lower id, like the stable sort). The order of the picks only needs
-    exp(logit - max), so it cannot depend on the summation order. Also route_kernel's slot rows."""
+@cuda.jit
+def route_warp_kernel(logits, k, norm, scale, ids, wts, slots, swts):
+    """route_kernel's choice without groups, one warp per row t: lane holds experts lane + 32 j; softmax
+    by shuffles; each of the k picks is a warp-wide argmax (ties to the lower id, like the stable sort).
+    The order of the picks only needs exp(logit - max), so it cannot depend on the summation order.
+    Also route_kernel's slot rows."""
+    grid_dependency()
+    t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
+    lane = cuda.threadIdx.x & 31
+    if t >= logits.shape[0]:
+        return
     E = logits.shape[1]
     p = cuda.local.array(EXPERTS_PER_LANE, float32)
     m = float32(-3.0e38)
@@ -1203,16 +1193,6 @@ def _route_warp(logits, t, lane, k, norm, scale, ids, wts, slots, swts):
             swts[t, r] = w * scale
         slots[t, k] = E
         swts[t, k] = float32(1.0)
-
-
-
-@cuda.jit
-def route_warp_kernel(logits, k, norm, scale, ids, wts, slots, swts):
-    """route_kernel's choice without groups, one warp per row t (_route_warp)."""
-    grid_dependency()
-    t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
-    if t < logits.shape[0]:
-        _route_warp(logits, t, cuda.threadIdx.x & 31, k, norm, scale, ids, wts, slots, swts)
 
 
 @cuda.jit
