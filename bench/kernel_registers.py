@@ -42,7 +42,7 @@ def registers(py_func, sig, exe: str) -> str:
     used = [line.split("Used", 1)[1].strip() for line in lines if "registers" in line]
     if r.returncode or not used:
         sys.exit(f"ptxas failed: {r.stderr.strip()[:400]}")
-    spills = [line.split(":", 1)[1].strip() for line in lines if "spill" in line and " 0 bytes spill stores" not in line]
+    spills = [line.strip() for line in lines if "spill" in line and " 0 bytes spill stores" not in line]
     return used[0] + (f" ({spills[0]})" if spills else "")
 
 
