@@ -41,7 +41,10 @@ gguf from the carried wheel):
    host->device copy's GB/s, measured in the run, / bytes per token). --host-register ab (the default)
    runs both once per way the misses are copied, on a fresh cache each: "off" (staged: a host memcpy into
    pinned buffers, then the DMA) and "on" (the mapped file registered with CUDA, DMA'd from directly; the
-   registration's seconds are printed), then the on/off ratio; auto|on|off runs one way.
+   registration's seconds are printed), then the on/off ratio; auto|on|off runs one way. --pipelined
+   ab (the default) runs each way twice: the host deciding each layer's experts in turn (off: it launches
+   the next segment once its copies are enqueued) and a layer ahead (on: every segment enqueued ahead, each
+   waiting on the device for its layer's slots), then the on/off ratio.
 """
 from __future__ import annotations
 
@@ -120,6 +123,8 @@ def main() -> None:
     ap.add_argument("--host-register", choices=("ab", "auto", "on", "off"), default="ab",
                     help="--gpu-mem's copies: DMA straight from the registered file (on), staged (off), on if "
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
+    ap.add_argument("--pipelined", choices=("ab", "on", "off"), default="ab",
+                    help="--gpu-mem's replay: the host a layer ahead (on), in turn (off), or both with the ratio (ab)")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -495,16 +500,21 @@ def stream_bench(args, m) -> None:
     ids = [1] + list(range(1000, 1015))
     print(f"\nstreaming: --gpu-mem {args.gpu_mem}; pinned host->device copy {pcie:.1f} GB/s (the PCIe yardstick); "
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
-    modes = {"ab": (False, True), "auto": (None,), "on": (True,), "off": (False,)}[args.host_register]
+    onoff = {"ab": (False, True), "on": (True,), "off": (False,)}
+    modes = {"auto": (None,), **onoff}[args.host_register]
     rates = {}
-    for mode in modes:
+    for mode, pipelined in [(a, b) for a in modes for b in onoff[args.pipelined]]:
         be.route, be.next_experts = route0, dict(next0)
         be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode)   # closes the last one
+        if pipelined and not be.pipelined:
+            print(f" pipelined replay unavailable: {be.pipelined_why_not}", flush=True)
+            continue
+        be.pipelined = pipelined
         st0 = m.net.stats.expert_cache = m._streamer = be.streamer
         rng = np.random.default_rng(0)
         zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
                                             args.zipf, args.locality, rng)
-        print(f" host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}:", flush=True)
+        print(f" host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, pipelined={pipelined}:", flush=True)
         for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
             if name.startswith("Zipf"):
                 be.route = ReplayedRouting(be, zipf)
@@ -530,16 +540,18 @@ def stream_bench(args, m) -> None:
             h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
             roof = pcie * 1e9 / h2d if h2d else float("inf")
-            rates[mode, name] = 1 / dt
+            rates[mode, pipelined, name] = 1 / dt
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
                   f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "
                   f"traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
                   f"{s1['host_waits'] - s0['host_waits']}", flush=True)
-    if len(modes) == 2:
-        print(" direct (on) / staged (off): " + "; ".join(
-            f"{name.split(' (')[0]} {rates[True, name] / rates[False, name]:.2f}x"
-            for (mode, name) in rates if mode is False), flush=True)
+    for i, what in enumerate(("direct (on) / staged (off)", "pipelined (on) / in turn (off)")):
+        pairs = [(k, k[:i] + (True,) + k[i + 1:]) for k in rates if k[i] is False]
+        if any(b in rates for _, b in pairs):
+            print(f" {what}: " + "; ".join(f"{a[2].split(' (')[0]} ({('pipelined', 'host_register')[i]}={a[1 - i]}) "
+                                           f"{rates[b] / rates[a]:.2f}x"
+                                           for a, b in pairs if b in rates), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

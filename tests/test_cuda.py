@@ -337,10 +337,12 @@ def test_model_matches_cpu(case, quant, capsys):
 
 
 @needs_gpu
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "in-turn"])
 @pytest.mark.parametrize("case", ["mistral4-q4_0", "mixtral-q8_0"])
-def test_streamed_experts_match_resident(case):
+def test_streamed_experts_match_resident(case, pipelined):
     """With a --gpu-mem cache smaller than the experts (1.5 layers' worth), prompt and decode logits
-    equal the resident run's, the cache misses and hits, and host->GPU bytes are counted."""
+    equal the resident run's, the cache misses and hits, and host->GPU bytes are counted; decoded through
+    the segmented graphs with the host a layer ahead (pipelined: stream memory operations) or in turn."""
     path = REFS / f"{case}.gguf"
     assert path.exists(), f"no reference set at {REFS}: build it with python tests/cuda_refs.py {REFS}"
     import localmoe
@@ -351,12 +353,45 @@ def test_streamed_experts_match_resident(case):
     budget = int(1.5 * resident.config.n_experts * ex.bytes_per_expert)
     streamed = localmoe.load(path, backend="cuda", gpu_mem=budget)
     assert streamed.placement.streams() and streamed.backend.streamer is not None
+    assert streamed.backend.pipelined and streamed.backend.pipelined_why_not == ""
+    streamed.backend.pipelined = pipelined
     ref, ours = resident.logits(ids), streamed.logits(ids)
     assert rel(ours, ref) < 1e-6
     a = list(resident.generate(ids[:8], max_tokens=16, stop=()))
     b = list(streamed.generate(ids[:8], max_tokens=16, stop=()))
-    assert a == b                      # decoded through the segmented graphs (one segment per MoE layer)
+    assert a == b                      # decoded through the segmented graphs
     segments = next(iter(streamed.backend._graphs.values()))[0]
-    assert len(segments) == sum(L.experts is not None for L in streamed.net.layers) + 1
+    moe = [L for L in streamed.net.layers if L.experts is not None]
+    per_layer = 2 if getattr(moe[0], "shared", None) is not None else 1   # the shared expert: while the host fetches
+    assert len(segments) == per_layer * len(moe) + 1
+    assert sum(a is not None for _, a, _ in segments) == sum(g is not None for _, _, g in segments) == len(moe)
     d = streamed.stats.as_dict()
     assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0
+
+
+@needs_gpu
+def test_a_failed_fetch_in_a_pipelined_replay_leaves_the_gpu_free():
+    """An error in the host's part of a pipelined streamed replay (here a fetch that raises) reaches the caller,
+    and the segments already enqueued behind the device-side waits still run out: the stream drains."""
+    import threading
+    import localmoe
+    path = REFS / "mistral4-q4_0.gguf"
+    ids = np.load(REFS / "mistral4.ids.npy")
+    m = localmoe.load(path, backend="cuda")
+    ex = next(L.experts for L in m.net.layers if L.experts is not None)
+    m2 = localmoe.load(path, backend="cuda", gpu_mem=int(1.5 * m.config.n_experts * ex.bytes_per_expert))
+    be = m2.backend
+    assert be.pipelined
+    list(m2.generate(ids[:8], max_tokens=3, stop=()))          # graphs captured, replayed
+    real = be.streamer.fetch
+
+    def failing(*a):
+        if a[5] is not None:                                  # readers_done: a pipelined replay's fetch
+            raise RuntimeError("injected")
+        return real(*a)
+    be.streamer.fetch = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        list(m2.generate(ids[:8], max_tokens=3, stop=()))
+    done = threading.Event()
+    threading.Thread(target=lambda: (be.stream.synchronize(), done.set()), daemon=True).start()
+    assert done.wait(30), "the compute stream is stuck behind a wait that no one will satisfy"

@@ -46,13 +46,16 @@ class SimStreamer(ExpertStreamer):
         self.consumed = 0         # fetches whose kernels have run
         self.last_reader = {}     # slot -> number of the fetch that read it last
         self.copied = 0           # bytes the executed copies wrote
+        self.pinned_buffers = []  # _pinned's allocations (staging buffers, or a caller's)
 
     def _alloc(self, nbytes, fast):
         junk = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
         return junk.view(np.uint32) if fast else junk
 
     def _pinned(self, nbytes):
-        return np.empty(nbytes, np.uint8)
+        b = np.empty(nbytes, np.uint8)
+        self.pinned_buffers.append(b)
+        return b
 
     def _h2d(self, pool, offset, src):
         assert self.pinned(src), "a copy from pageable memory"
@@ -60,8 +63,14 @@ class SimStreamer(ExpertStreamer):
 
     def pinned(self, src):
         p = src.__array_interface__["data"][0]
-        return (any(np.shares_memory(src, b) for b in self._stage)
+        return (any(np.shares_memory(src, b) for b in self._stage + self.pinned_buffers)
                 or any(lo <= p and p + src.nbytes <= lo + n for lo, n in self.registered))
+
+    def _set_flag(self, flag, value):
+        self.queue.append(("flag", flag, value))
+
+    def _wait_flag(self, flag, value):     # the compute stream goes on once the copy stream has set the flag
+        self.run(1 + max(i for i, op in enumerate(self.queue) if op[0] == "flag" and op[1] is flag and op[2] == value))
 
     def _register(self, start, nbytes):
         if self.fail_register is not None:
@@ -97,7 +106,13 @@ class SimStreamer(ExpertStreamer):
             if op[0] == "allow":
                 self.allowed = max(self.allowed, op[1])
                 continue
+            if op[0] == "flag":
+                op[1][0] = op[2]
+                continue
             _, pool, off, src = op
+            if not any(pool is q for q in self.pools):       # publish: a caller's device array
+                pool.view(np.uint8)[off:off + src.nbytes] = src.view(np.uint8)
+                continue
             p = next(i for i, q in enumerate(self.pools) if q is pool)
             slot, r = divmod(off, self.mat_bytes[p])
             assert r == 0 and len(src) == self.mat_bytes[p]
@@ -233,6 +248,37 @@ def test_prefetch_does_not_wait_and_fetch_waits_for_it():
     check_slots(layers[1], pools, [[5, 3], [3, 6]], slots)
     n = st.stats()
     assert (n["prefetch_hits"], n["misses"], n["bytes_h2d"]) == (2, 3, 5 * bpe)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+def test_pipelined_fetches_publish_their_slots_behind_their_copies(direct):
+    """The pipelined replay's order: fetch with the event behind the previous fetch's readers (recorded ahead),
+    no compute-stream wait; publish the slots to a device array and a flag; the compute stream waits for the
+    flag. Kernels that read the slots before that wait would find missing bytes; after it, all are there."""
+    rng = np.random.default_rng(11)
+    L, E, k = 3, 8, 3
+    layers, bpe, kw = random_layers(rng, L, direct)
+    st = SimStreamer(FAKE_BE, 7 * bpe, L, E, policy="lfu", copy_threads=2, **kw)
+    mats, flag = np.zeros(k, np.int32), np.zeros(1, np.uint32)
+    early = 0
+    for step in range(60):
+        layer = step % L
+        ids = rng.choice(E, (1, k), replace=False)
+        *pools, slots = st.fetch(layer, *layers[layer], ids, readers_done=("compute", getattr(st, "consumed", 0)))
+        host = st._pinned(4 * k).view(np.int32)
+        host[:] = slots.reshape(-1)
+        st.publish(mats, host, flag, step + 1)
+        assert st.ran < len(st.queue) and flag[0] == step      # the publication is queued, not done
+        try:                                                  # a kernel that did not wait for the flag
+            check_slots(layers[layer], pools, ids, slots)
+        except AssertionError:
+            early += 1
+        st.await_published(flag, step + 1)
+        assert flag[0] == step + 1 and np.array_equal(mats, slots.reshape(-1))
+        check_slots(layers[layer], pools, ids, mats.reshape(ids.shape))
+        st.consume(slots)
+    n = st.stats()
+    assert n["misses"] >= early > 0 and n["hits"] > 0 and n["evictions"] > 0
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])

@@ -76,7 +76,12 @@ class CUDABackend:
         self.graph_kernels = 0            # numba kernel launches inside the last captured step
         self.use_graphs = True            # False: every step launched from Python (the bench compares)
         self.streamer = None              # ExpertStreamer when the routed experts live in a VRAM cache
-        self._segments = None             # while a streamed step is captured: [(graph, host action)]
+        self._segments = None             # while a streamed step is captured: [(graph, host action, gate)]
+        self._gated = self._last_action = None   # ... the flag the next segment waits on; the last action
+        self._pinned: dict = {}           # pinned host buffers the captured segments copy ids into
+        self._tick = 0                    # replays so far: the value this one's publications write
+        self.pipelined = False            # streamed replay keeps the host a layer ahead (stream memory ops)
+        self.pipelined_why_not = "no streamed experts"
         self.next_experts: dict = {}      # streaming: MoE layer -> (next MoE layer, its Experts), for prefetch
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
@@ -117,11 +122,13 @@ class CUDABackend:
         MoE layer, the host fetching between them (`replay`). kw: ExpertStreamer's, e.g. host_buffer (the mapped
         file, DMA'd from directly once registered) and host_register. Called again, it replaces the streamer:
         the old one is closed and the graphs that read its pools are dropped."""
-        from .streaming import ExpertStreamer
+        from .streaming import ExpertStreamer, stream_memops_why_not
         if self.streamer is not None:
             self.close()
             self._graphs.clear()
         self.streamer = ExpertStreamer(self, budget_bytes, n_layers, n_experts, policy, **kw)
+        self.pipelined_why_not = stream_memops_why_not(self.xp)
+        self.pipelined = not self.pipelined_why_not
 
     def close(self) -> None:
         """Unregister the mapped file the expert streamer pinned (this must come before the file is unmapped);
@@ -345,7 +352,6 @@ class CUDABackend:
                 and all((int(s.type), s.rows, s.cols) == (int(r.type), r.rows, r.cols)
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
-        plus = swiglu(self, shared, xn, residual=res) if shared is not None and not fold else res
         pg = pu = pd = None
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
             P = ids2.size
@@ -355,12 +361,10 @@ class CUDABackend:
                 mats = self._ints.get(("slots", layer, P))
                 if mats is None:
                     mats = self._ints[("slots", layer, P)] = xp.zeros(P, np.int32)
-                self._cut(lambda: mats.set(fetch().reshape(P).astype(np.int32)))
-                pg, pu, pd = self.streamer.pools
+                self._cut(self._publisher(layer, fetch, mats))
             else:
-                slots = fetch()                # (the pools exist after the first fetch)
-                pg, pu, pd = self.streamer.pools
-                mats = xp.asarray(slots.reshape(P).astype(np.int32))
+                mats = xp.asarray(fetch().reshape(P).astype(np.int32))  # (the pools exist after the first fetch)
+            pg, pu, pd = self.streamer.pools
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
             r = self._slot_rows
@@ -372,6 +376,9 @@ class CUDABackend:
             mats, wd = m2.reshape(-1), w2
         else:
             mats = ids2.reshape(-1).astype(np.int32, copy=False)
+        plus = swiglu(self, shared, xn, residual=res) if shared is not None and not fold else res
+        if self.streamer is not None and self._segments is not None:
+            self._gate(cut=plus is not res)    # the shared expert ran while the host fetched; now the routed ones
         k = wd.shape[1]
         P = n * k
         kt = ("tok", n, k)
@@ -400,16 +407,54 @@ class CUDABackend:
         picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
         overlap this layer's experts and the next attention."""
         nxt = self.next_experts.get(layer) if self.next_experts else None
+        ids_h = self._to_host_later(ids, ("ids", layer))
         if nxt is not None:
             j, ex = nxt
             guess, _ = self.route(self.linear(ex.router, x), ids.shape[1])
+            guess_h = self._to_host_later(guess, ("guess", layer))
 
-        def fetch():
-            slots = self.streamer.fetch(layer, gate, up, down, self.to_host(ids))[3]
+        def fetch(readers_done=None):
+            slots = self.streamer.fetch(layer, gate, up, down, ids_h, readers_done)[3]
             if nxt is not None:
-                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, self.to_host(guess))
+                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, guess_h)
             return slots
         return fetch
+
+    def _to_host_later(self, a, key) -> np.ndarray:
+        """a's values on the host: now (to_host), or while a step is captured, a pinned buffer (one per key)
+        that a copy in the graph fills, to be read once the segment ending with it has run."""
+        if self._segments is None:
+            return self.to_host(a)
+        import cupyx
+        a = self.xp.ascontiguousarray(a)
+        h = self._pinned.get(key)
+        if h is None or h.shape != a.shape or h.dtype != a.dtype:
+            h = self._pinned[key] = cupyx.empty_pinned(a.shape, a.dtype)
+        rt = self.xp.cuda.runtime
+        rt.memcpyAsync(h.ctypes.data, a.data.ptr, a.nbytes, rt.memcpyDeviceToHost, self.stream.ptr)
+        return h
+
+    def _publisher(self, layer: int, fetch, mats):
+        """The host's action after a captured segment that ends with `layer`'s ids: fetch the experts, then
+        hand their slots to `mats` (read by the next segments). Pipelined (`self.pipelined`), it is called with
+        the event behind that segment while later segments are already enqueued, the first of which waits on
+        the device until the streamer publishes the slots behind this layer's copies; else with None, after the
+        segment, and the next segment is launched after it returns."""
+        import cupyx
+        P = len(mats)
+        slots_h, flag = cupyx.empty_pinned(P, np.int32), self.xp.zeros(1, np.uint32)
+
+        def publish(ev):
+            if ev is None:
+                self.stream.synchronize()
+                slots_h[:] = fetch().reshape(P)
+                mats.set(slots_h, stream=self.stream)
+            else:
+                ev.synchronize()
+                slots_h[:] = fetch(ev).reshape(P)
+                self.streamer.publish(mats, slots_h, flag, self._tick)
+        publish.flag = flag
+        return publish
 
     def attention(self, q, k, v, positions, scale: float):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
@@ -451,14 +496,45 @@ class CUDABackend:
                     buf.set(a)
                 else:
                     buf[...] = a
-            for graph, action in segments:     # streamed experts: the host fetches between the segments
-                graph.launch(self.stream)
+            if len(segments) == 1:
+                segments[0][0].launch(self.stream)
                 self.launches += 1
-                if action is not None:
-                    action()
+            else:
+                self._run_segments(segments)
         if self.streamer is not None:
             self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
         return out
+
+    def _run_segments(self, segments) -> None:
+        """Streamed experts: launch the segments, the host's action (fetch, publish the slots) after each that
+        ends with a layer's ids. Pipelined, the host stays one layer ahead: it enqueues up to the next layer's
+        ids (the segment that needs this layer's experts waits on the device for their publication) before it
+        acts, so the GPU never waits for a launch, only for the host's decision and the copies."""
+        self._tick = (self._tick + 1) & 0xFFFFFFFF
+        pending = None
+        try:
+            for graph, action, gated in segments:
+                if gated is not None and self.pipelined:
+                    self.streamer.await_published(gated, self._tick)
+                graph.launch(self.stream)
+                self.launches += 1
+                if action is None:
+                    continue
+                if not self.pipelined:
+                    action(None)
+                    continue
+                ev = self.xp.cuda.Event(disable_timing=True)
+                ev.record(self.stream)
+                if pending is not None:
+                    pending[0](pending[1])
+                pending = (action, ev)
+            if pending is not None:
+                pending[0](pending[1])
+        except BaseException:                  # e.g. CacheFullError: let the enqueued segments run out, then raise
+            if self.pipelined:
+                from .streaming import raise_flags
+                raise_flags(self.xp, [g for _, _, g in segments if g is not None], self._tick)
+            raise
 
     def _capture(self, key, step, static) -> None:
         """Capture step(*static) as graphs: one, or with streamed experts one segment per MoE layer and a
@@ -473,7 +549,8 @@ class CUDABackend:
             try:
                 out = step(*static)
             finally:
-                self._segments.append((self.stream.end_capture(), None))
+                self._segments.append((self.stream.end_capture(), None, self._gated))
+                self._gated = None
                 segments, self._segments = self._segments, None
         self.graph_kernels = self.launches - n0
         self.launches = n0
@@ -485,5 +562,14 @@ class CUDABackend:
 
     def _cut(self, action) -> None:
         """While capturing: end the current graph here, to be followed by the host's `action` at replay."""
-        self._segments.append((self.stream.end_capture(), action))
+        self._segments.append((self.stream.end_capture(), action, self._gated))
+        self._gated, self._last_action = None, action
         self.stream.begin_capture(self._CAPTURE_MODE)
+
+    def _gate(self, cut: bool) -> None:
+        """While capturing: the kernels from here on wait for the last action's slots. cut: end the current graph
+        first (it holds work done meanwhile); else the current one, empty so far, is the one that waits."""
+        if cut:
+            self._segments.append((self.stream.end_capture(), None, self._gated))
+            self.stream.begin_capture(self._CAPTURE_MODE)
+        self._gated = self._last_action.flag

@@ -72,6 +72,38 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
+def _driver():
+    from cuda.bindings import driver        # numba-cuda's own dependency: the stream memory operations
+    return driver
+
+
+def _check(result) -> None:
+    err = result[0]
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA driver error {err!r}")
+
+
+def stream_memops_why_not(xp) -> str:
+    """'' when this GPU and driver run CUDA's stream memory operations (a flag written by one stream, waited
+    for by another: the pipelined streamed replay), else why not."""
+    try:
+        flag, st = xp.zeros(1, np.uint32), xp.cuda.Stream(non_blocking=True)
+        _check(_driver().cuStreamWriteValue32(st.ptr, flag.data.ptr, 1, 0))
+        _check(_driver().cuStreamWaitValue32(st.ptr, flag.data.ptr, 1, 0))
+        st.synchronize()
+        return "" if int(flag.get()[0]) == 1 else "the flag written by cuStreamWriteValue32 did not read back"
+    except Exception as e:
+        return f"no stream memory operations: {type(e).__name__}: {e}"
+
+
+def raise_flags(xp, flags, value: int) -> None:
+    """Set every flag to value from a stream of its own (error paths: nothing else may be waited for)."""
+    st = xp.cuda.Stream(non_blocking=True)
+    for f in flags:
+        _check(_driver().cuStreamWriteValue32(st.ptr, f.data.ptr, value, 0))
+    st.synchronize()
+
+
 def pinnable_bytes(meminfo: str) -> int | None:
     """How much of the host's RAM the mapped file may pin (/proc/meminfo's text): MemTotal less
     max(8 GiB, a quarter of it), left for everything else since pinned pages cannot be paged out.
@@ -120,15 +152,19 @@ class ExpertStreamer:
         self._newest_copy = None                 # the event behind the last copy enqueued
 
     # -- the calls the backend makes ------------------------------------------------------------------
-    def fetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray):
+    def fetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray, readers_done=None):
         """Make layer `layer`'s experts `ids_host` (any shape, repeats allowed) resident and order the
         compute stream after their copies. Returns (pool_gate, pool_up, pool_down, slots): the device
         arrays to pass to gemv as the weight, and int32 slots shaped like ids_host. Kernels on these
-        slots must be enqueued before the next `fetch` (rule 2 of the module docstring)."""
+        slots must be enqueued before the next `fetch` (rule 2 of the module docstring).
+        readers_done: for a caller that enqueues kernels ahead of its fetches (a pipelined replay), an event
+        recorded on the compute stream behind the kernels that read the previous fetch's slots (else one is
+        recorded now); the compute stream is then not made to wait here: the caller's `publish` and
+        `await_published` order it after the copies (rule 1)."""
         ws = self._check(layer, gate, up, down)
         ids = np.asarray(ids_host)
         uniq, inv = np.unique(ids, return_inverse=True)
-        self._release_previous()
+        self._release_previous(readers_done)
         try:
             slots, miss = self.cache.lookup(layer, uniq)
         except CacheFullError as e:
@@ -139,11 +175,22 @@ class ExpertStreamer:
         for e, s in zip(uniq[miss].tolist(), slots[miss].tolist()):
             self._copy_in(ws, e, s)
         newest = max((self._ready[s] for s in slots.tolist()), default=(0, None), key=lambda r: r[0])
-        if newest[0] > self._compute_waited:      # rule 1: one wait covers every older copy
+        if readers_done is None and newest[0] > self._compute_waited:   # rule 1: one wait covers every older copy
             self._wait(newest[1], on_copy=False)
             self._compute_waited = newest[0]
         self._last = slots
         return (*self.pools, slots[inv.reshape(-1)].reshape(ids.shape))
+
+    def publish(self, dst, host: np.ndarray, flag, value: int) -> None:
+        """On the copy stream, behind every copy enqueued so far: the pinned host array `host` -> the device
+        array `dst` (e.g. the slots a pipelined fetch returned), then the 32-bit device word `flag` := value.
+        The compute stream waits for that with `await_published(flag, value)`: rule 1 for every copy before."""
+        self._h2d(dst, 0, host)
+        self._set_flag(flag, value)
+
+    def await_published(self, flag, value: int) -> None:
+        """The compute stream runs nothing more until `publish` has set `flag` to value or later (no host wait)."""
+        self._wait_flag(flag, value)
 
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
@@ -268,11 +315,12 @@ class ExpertStreamer:
         lo, hi = self._host_range
         return lo <= _address(a) and _address(a) + a.nbytes <= hi
 
-    def _release_previous(self) -> None:
-        """Rule 2: the previous fetch's kernels are enqueued by now; mark its slots free after them."""
+    def _release_previous(self, readers_done=None) -> None:
+        """Rule 2: the previous fetch's kernels are enqueued by now (and done at readers_done, if given);
+        mark its slots free after them."""
         if self._last is not None:
             self._fetches += 1
-            ev = self._record(on_copy=False)
+            ev = self._record(on_copy=False) if readers_done is None else readers_done
             for s in self._last.tolist():
                 self._free_after[s] = (self._fetches, ev)
             self._last = None
@@ -370,6 +418,14 @@ class ExpertStreamer:
 
     def _unregister(self, start: int) -> None:
         self.xp.cuda.runtime.hostUnregister(start)
+
+    def _set_flag(self, flag, value: int) -> None:
+        """Copy stream: flag (a 1-element uint32 device array) := value, after everything before it."""
+        _check(_driver().cuStreamWriteValue32(self._copy_stream.ptr, flag.data.ptr, value, 0))
+
+    def _wait_flag(self, flag, value: int) -> None:
+        """Compute stream: hold until flag >= value (cyclic 32-bit comparison: CU_STREAM_WAIT_VALUE_GEQ)."""
+        _check(_driver().cuStreamWaitValue32(self._stream(False).ptr, flag.data.ptr, value, 0))
 
     def _stream(self, on_copy: bool):
         return self._copy_stream if on_copy else self.xp.cuda.get_current_stream()
