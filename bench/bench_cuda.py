@@ -541,6 +541,8 @@ def stream_bench(args, m) -> None:
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
             roof = pcie * 1e9 / h2d if h2d else float("inf")
             rates[mode, pipelined, name] = 1 / dt
+            if args.profile and name.startswith("Zipf"):
+                profile_decode(m, cache, rng, 8)
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
                   f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "

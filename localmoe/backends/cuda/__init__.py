@@ -523,7 +523,7 @@ class CUDABackend:
                 if not self.pipelined:
                     action(None)
                     continue
-                ev = self.xp.cuda.Event(disable_timing=True)
+                ev = self.xp.cuda.Event(disable_timing=True)   # a new one: the streamer keeps it (rule 2)
                 ev.record(self.stream)
                 if pending is not None:
                     pending[0](pending[1])

@@ -83,6 +83,15 @@ def _check(result) -> None:
         raise RuntimeError(f"CUDA driver error {err!r}")
 
 
+def _distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(ids, return_inverse=True) (inverse flat) without numpy's fixed cost: a decode step has a
+    handful of ids, and the host's time per layer is on the critical path of a streamed step."""
+    flat = ids.ravel().tolist()
+    uniq = sorted(set(flat))
+    at = {e: i for i, e in enumerate(uniq)}
+    return np.array(uniq, dtype=ids.dtype), np.array([at[e] for e in flat], np.intp)
+
+
 def stream_memops_why_not(xp) -> str:
     """'' when this GPU and driver run CUDA's stream memory operations (a flag written by one stream, waited
     for by another: the pipelined streamed replay), else why not."""
@@ -163,7 +172,7 @@ class ExpertStreamer:
         `await_published` order it after the copies (rule 1)."""
         ws = self._check(layer, gate, up, down)
         ids = np.asarray(ids_host)
-        uniq, inv = np.unique(ids, return_inverse=True)
+        uniq, inv = _distinct(ids)
         self._release_previous(readers_done)
         try:
             slots, miss = self.cache.lookup(layer, uniq)
@@ -174,6 +183,7 @@ class ExpertStreamer:
                 f"raise the GPU memory for experts or run fewer tokens per batch ({e})") from e
         for e, s in zip(uniq[miss].tolist(), slots[miss].tolist()):
             self._copy_in(ws, e, s)
+        self._mark_ready()
         newest = max((self._ready[s] for s in slots.tolist()), default=(0, None), key=lambda r: r[0])
         if readers_done is None and newest[0] > self._compute_waited:   # rule 1: one wait covers every older copy
             self._wait(newest[1], on_copy=False)
@@ -273,6 +283,7 @@ class ExpertStreamer:
         self._ready = [(0, None)] * S          # slot -> (copy number, event after its last copy)
         self._free_after = [(0, None)] * S     # slot -> (fetch number, compute event after its readers)
         self._copies = self._compute_waited = 0
+        self._unmarked: list[int] = []         # slots copied into since the last ready event (_mark_ready)
         self._fetches = self._copy_waited = 0
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
@@ -326,10 +337,11 @@ class ExpertStreamer:
             self._last = None
 
     def _load(self, ws, layer: int, ids_host, place) -> None:
-        uniq = np.unique(np.asarray(ids_host))
+        uniq = _distinct(np.asarray(ids_host))[0]
         slots, load = place(layer, uniq)
         for e, s in zip(uniq[load].tolist(), slots[load].tolist()):
             self._copy_in(ws, e, s)
+        self._mark_ready()
 
     def _copy_in(self, ws, e: int, s: int) -> None:
         """Expert e's gate, up and down matrices -> slot s of the pools: straight from the registered
@@ -349,13 +361,23 @@ class ExpertStreamer:
             self._copy_waited = n
         for pool, m, src in zip(self.pools, self.mat_bytes, srcs):
             self._h2d(pool, s * m, src)
-        ev = self._record(on_copy=True)           # rules 1 and 3: the slot is ready, the buffer reusable
-        self._copies += 1
-        self._ready[s] = (self._copies, ev)
-        self._newest_copy = ev
-        if b is not None:
-            self._stage_ev[b] = ev
+        self._unmarked.append(s)
+        if b is not None:                         # rule 3: the buffer is reusable after this event
+            self._stage_ev[b] = self._mark_ready()
         self.bytes_h2d += self.slot_bytes
+
+    def _mark_ready(self):
+        """Rule 1: one event behind the copies enqueued since the last one marks all their slots ready (the
+        copy stream is FIFO); returns it (None if there were none)."""
+        if not self._unmarked:
+            return None
+        ev = self._record(on_copy=True)
+        self._copies += 1
+        for s in self._unmarked:
+            self._ready[s] = (self._copies, ev)
+        self._unmarked.clear()
+        self._newest_copy = ev
+        return ev
 
     def _fill_stage(self, ws, e: int) -> int:
         """The next staging buffer (made at the first staged copy), once its last copy is done (rule 3),
