@@ -182,7 +182,7 @@ class ExpertStreamer:
                 f"{self.cache.capacity} ({self.budget} bytes of VRAM at {self.slot_bytes} bytes per expert): "
                 f"raise the GPU memory for experts or run fewer tokens per batch ({e})") from e
         for e, s in zip(uniq[miss].tolist(), slots[miss].tolist()):
-            self._copy_in(ws, e, s)
+            self._copy_in(ws, e, s, layer)
         self._mark_ready()
         newest = max((self._ready[s] for s in slots.tolist()), default=(0, None), key=lambda r: r[0])
         if readers_done is None and newest[0] > self._compute_waited:   # rule 1: one wait covers every older copy
@@ -284,6 +284,7 @@ class ExpertStreamer:
         self._free_after = [(0, None)] * S     # slot -> (fetch number, compute event after its readers)
         self._copies = self._compute_waited = 0
         self._unmarked: list[int] = []         # slots copied into since the last ready event (_mark_ready)
+        self._sources: dict = {}               # layer -> (its weights, expert -> direct byte views or None)
         self._fetches = self._copy_waited = 0
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
@@ -340,16 +341,27 @@ class ExpertStreamer:
         uniq = _distinct(np.asarray(ids_host))[0]
         slots, load = place(layer, uniq)
         for e, s in zip(uniq[load].tolist(), slots[load].tolist()):
-            self._copy_in(ws, e, s)
+            self._copy_in(ws, e, s, layer)
         self._mark_ready()
 
-    def _copy_in(self, ws, e: int, s: int) -> None:
+    def _direct_sources(self, layer: int, ws, e: int):
+        """Expert e's matrices as byte views inside the registered file, or None (they are staged); cached
+        per layer (its weights' addresses are looked up once, not at every miss)."""
+        cache = self._sources.get(layer)
+        if cache is None or any(a is not b for a, b in zip(cache[0], ws)):
+            cache = self._sources[layer] = (ws, {})
+        if e not in cache[1]:
+            srcs = [w.raw[e] for w in ws]
+            cache[1][e] = ([a.reshape(-1).view(np.uint8) for a in srcs] if all(map(self._registered, srcs))
+                           else None)
+        return cache[1][e]
+
+    def _copy_in(self, ws, e: int, s: int, layer: int) -> None:
         """Expert e's gate, up and down matrices -> slot s of the pools: straight from the registered
         file, else through a staging buffer."""
-        srcs = [w.raw[e] for w in ws]
+        srcs = self._direct_sources(layer, ws, e) if self.host_registered else None
         b = None
-        if all(map(self._registered, srcs)):
-            srcs = [a.reshape(-1).view(np.uint8) for a in srcs]
+        if srcs is not None:
             self.bytes_direct += self.slot_bytes
         else:
             b = self._fill_stage(ws, e)
