@@ -118,8 +118,8 @@ class CUDABackend:
 
     def stream_experts(self, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", **kw) -> None:
         """Keep the routed experts in a `budget_bytes` pool of slots instead of uploading them whole
-        (streaming.py); dense weights stay resident. Decode steps are then captured as one graph segment per
-        MoE layer, the host fetching between them (`replay`). kw: ExpertStreamer's, e.g. host_buffer (the mapped
+        (streaming.py); dense weights stay resident. Decode steps are then captured as graph segments cut at
+        each MoE layer's ids, the host fetching between them (`replay`). kw: ExpertStreamer's, e.g. host_buffer (the mapped
         file, DMA'd from directly once registered) and host_register. Called again, it replaces the streamer:
         the old one is closed and the graphs that read its pools are dropped."""
         from .streaming import ExpertStreamer, stream_memops_why_not
@@ -537,8 +537,10 @@ class CUDABackend:
             raise
 
     def _capture(self, key, step, static) -> None:
-        """Capture step(*static) as graphs: one, or with streamed experts one segment per MoE layer and a
-        host action after each (read the ids, fetch the experts, set the slots the next segment reads)."""
+        """Capture step(*static) as graphs: one, or with streamed experts segments (graph, host action, gate):
+        cut at each MoE layer's ids, with the host's action after that segment (fetch the experts, hand their
+        slots over), and again after the shared expert; the segment with the routed experts carries the gate,
+        the flag it waits on when pipelined (`_cut`, `_gate`)."""
         import cupy as cp
         pool = cp.cuda.MemoryPool()                 # the graph's temporaries: never handed to anyone else
         with cp.cuda.using_allocator(pool.malloc):

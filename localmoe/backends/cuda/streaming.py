@@ -40,9 +40,12 @@ Ordering (all on the device, through events; the host only blocks to reuse a sta
    copies read the file's bytes, which nothing writes.
 The compute stream is cupy's current stream at each call: the backend's kernels must run on it, and
 the calls must come from one stream (the waits of rule 1 are not repeated for a slot once done).
-Host decisions per layer (which experts, which copies) mean a step that streams is captured as one CUDA
-graph per MoE layer's segment (CUDABackend._capture): at replay the host reads each layer's ids, fetches,
-and writes the slots the next segment reads.
+Host decisions per layer (which experts, which copies) mean a step that streams is captured as graph
+segments cut at each MoE layer's ids (CUDABackend._capture): at replay the host reads each layer's ids,
+fetches, and hands the slots to the segment that reads them. Pipelined (CUDABackend._run_segments), that
+segment is already enqueued behind a device-side wait: `publish` writes the slots and then a flag on the
+copy stream, behind the layer's copies, and `await_published` is the compute stream's wait for the flag, so
+rule 1 holds without a host wait; the event of rule 2 is then one the caller recorded ahead (`readers_done`).
 
 The device operations are the few `_methods` at the end, so tests/test_expert_streamer.py can run all
 of the above on the CPU with a simulated copy stream. Nothing here imports cupy at module level.
@@ -92,13 +95,23 @@ def _distinct(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(uniq, dtype=ids.dtype), np.array([at[e] for e in flat], np.intp)
 
 
+def _write_value(stream, flag, value: int) -> None:
+    """On `stream`, after everything before it: flag (a 1-element uint32 device array) := value."""
+    _check(_driver().cuStreamWriteValue32(stream.ptr, flag.data.ptr, value, 0))
+
+
+def _wait_value(stream, flag, value: int) -> None:
+    """`stream` holds until flag >= value (cyclic 32-bit comparison: CU_STREAM_WAIT_VALUE_GEQ)."""
+    _check(_driver().cuStreamWaitValue32(stream.ptr, flag.data.ptr, value, 0))
+
+
 def stream_memops_why_not(xp) -> str:
     """'' when this GPU and driver run CUDA's stream memory operations (a flag written by one stream, waited
     for by another: the pipelined streamed replay), else why not."""
     try:
         flag, st = xp.zeros(1, np.uint32), xp.cuda.Stream(non_blocking=True)
-        _check(_driver().cuStreamWriteValue32(st.ptr, flag.data.ptr, 1, 0))
-        _check(_driver().cuStreamWaitValue32(st.ptr, flag.data.ptr, 1, 0))
+        _write_value(st, flag, 1)
+        _wait_value(st, flag, 1)
         st.synchronize()
         return "" if int(flag.get()[0]) == 1 else "the flag written by cuStreamWriteValue32 did not read back"
     except Exception as e:
@@ -109,7 +122,7 @@ def raise_flags(xp, flags, value: int) -> None:
     """Set every flag to value from a stream of its own (error paths: nothing else may be waited for)."""
     st = xp.cuda.Stream(non_blocking=True)
     for f in flags:
-        _check(_driver().cuStreamWriteValue32(st.ptr, f.data.ptr, value, 0))
+        _write_value(st, f, value)
     st.synchronize()
 
 
@@ -454,12 +467,10 @@ class ExpertStreamer:
         self.xp.cuda.runtime.hostUnregister(start)
 
     def _set_flag(self, flag, value: int) -> None:
-        """Copy stream: flag (a 1-element uint32 device array) := value, after everything before it."""
-        _check(_driver().cuStreamWriteValue32(self._copy_stream.ptr, flag.data.ptr, value, 0))
+        _write_value(self._copy_stream, flag, value)
 
     def _wait_flag(self, flag, value: int) -> None:
-        """Compute stream: hold until flag >= value (cyclic 32-bit comparison: CU_STREAM_WAIT_VALUE_GEQ)."""
-        _check(_driver().cuStreamWaitValue32(self._stream(False).ptr, flag.data.ptr, value, 0))
+        _wait_value(self._stream(False), flag, value)
 
     def _stream(self, on_copy: bool):
         return self._copy_stream if on_copy else self.xp.cuda.get_current_stream()
