@@ -356,14 +356,15 @@ class CUDABackend:
         if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
-            fetch = self._fetcher(layer, gate, up, down, xn, ids2)
+            fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
                 mats = self._ints.get(("slots", layer, P))
                 if mats is None:
                     mats = self._ints[("slots", layer, P)] = xp.zeros(P, np.int32)
-                self._cut(self._publisher(layer, fetch, mats))
+                self._cut(self._publisher(fetch, prefetch, mats))
             else:
                 mats = xp.asarray(fetch().reshape(P).astype(np.int32))  # (the pools exist after the first fetch)
+                prefetch()
             pg, pu, pd = self.streamer.pools
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
@@ -402,8 +403,8 @@ class CUDABackend:
         return y[0] if squeeze else y
 
     def _fetcher(self, layer: int, gate: Weight, up: Weight, down: Weight, x, ids):
-        """The host's part of a streamed MoE layer, as a call (run now, or between graph segments): fetch
-        the chosen experts (-> their slots); then start copying the experts the next MoE layer's router
+        """The host's part of a streamed MoE layer, as two calls (run now, or between graph segments): fetch
+        the chosen experts (-> their slots); then prefetch: start copying the experts the next MoE layer's router
         picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
         overlap this layer's experts and the next attention."""
         nxt = self.next_experts.get(layer) if self.next_experts else None
@@ -414,11 +415,12 @@ class CUDABackend:
             guess_h = self._to_host_later(guess, ("guess", layer))
 
         def fetch(readers_done=None):
-            slots = self.streamer.fetch(layer, gate, up, down, ids_h, readers_done)[3]
+            return self.streamer.fetch(layer, gate, up, down, ids_h, readers_done)[3]
+
+        def prefetch():
             if nxt is not None:
                 self.streamer.prefetch(j, ex.gate, ex.up, ex.down, guess_h)
-            return slots
-        return fetch
+        return fetch, prefetch
 
     def _to_host_later(self, a, key) -> np.ndarray:
         """a's values on the host: now (to_host), or while a step is captured, a pinned buffer (one per key)
@@ -434,12 +436,13 @@ class CUDABackend:
         rt.memcpyAsync(h.ctypes.data, a.data.ptr, a.nbytes, rt.memcpyDeviceToHost, self.stream.ptr)
         return h
 
-    def _publisher(self, layer: int, fetch, mats):
-        """The host's action after a captured segment that ends with `layer`'s ids: fetch the experts, then
-        hand their slots to `mats` (read by the next segments). Pipelined (`self.pipelined`), it is called with
-        the event behind that segment while later segments are already enqueued, the first of which waits on
-        the device until the streamer publishes the slots behind this layer's copies; else with None, after the
-        segment, and the next segment is launched after it returns."""
+    def _publisher(self, fetch, prefetch, mats):
+        """The host's action after a captured segment that ends with a layer's ids: fetch the experts, hand
+        their slots to `mats` (read by the next segments), then prefetch the next layer's guesses (their copies
+        queue behind the slots' publication, so this layer's experts never wait for them). Pipelined
+        (`self.pipelined`), it is called with the event behind that segment while later segments are already
+        enqueued, the first of which waits on the device until the streamer publishes the slots behind this
+        layer's copies; else with None, after the segment, and the next segment is launched after it returns."""
         import cupyx
         P = len(mats)
         slots_h, flag = cupyx.empty_pinned(P, np.int32), self.xp.zeros(1, np.uint32)
@@ -453,6 +456,7 @@ class CUDABackend:
                 ev.synchronize()
                 slots_h[:] = fetch(ev).reshape(P)
                 self.streamer.publish(mats, slots_h, flag, self._tick)
+            prefetch()
         publish.flag = flag
         return publish
 
