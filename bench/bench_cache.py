@@ -26,8 +26,9 @@ expert used farthest in the future; a bound, not a policy). Prefetch (with --pre
 the best demand policy at that size), per layer
 after its lookup, of the next layer's experts (for the last layer: the next token's layer 0): "oracle"
 prefetches the true ones (upper bound: a perfect next-layer router), "prev" the previous token's
-experts of that layer (a realistic lower bound for applying the next router to the current hidden
-state; this trace has no hidden states, so the router itself cannot be run).
+experts of that layer (a lower bound that needs no model), and on the demo traces "router" the next
+layer's router applied to this layer's input, as the demo model itself computed it (train.eval
+--write-routing records these guesses; what the CUDA backend's streamed decode prefetches on).
 
 Small 4 roofline per token (A = 36 layers x 4 routed = 144 expert uses, bpe = bytes per expert):
   demand bytes m_d = (1 - hit rate) x A x bpe, prefetch bytes m_p = prefetch loads per use x A x bpe,
@@ -97,18 +98,30 @@ class Trace:
         self.steps: list[tuple] = []
         self.profile = np.zeros((n_layers, n_experts), np.int64)
         self.scored_routes: list[np.ndarray] = []      # [tokens, layers, k] of each scored sequence
+        self.scored_guesses: list[np.ndarray] = []     # ... and the next-router guesses (-1: none), if recorded
 
-    def add(self, routes: np.ndarray, n_prompt: int, scored_from: int, layer_map: list[int]) -> None:
+    def add(self, routes: np.ndarray, n_prompt: int, scored_from: int, layer_map: list[int],
+            guesses: np.ndarray | None = None) -> None:
         """One sequence: routes [tokens, source layers, k], its first n_prompt tokens a prompt (a prefill);
         decode tokens from scored_from on are scored, the others warm up (the decode ones among them are the
-        hot profile). Layer L of the trace replays source layer layer_map[L]."""
+        hot profile). Layer L of the trace replays source layer layer_map[L]. guesses (like routes): the source
+        model's next-router guess of each layer from the layer before (-1 where none); a trace layer has one only
+        where it follows its source layer's predecessor."""
         r = routes[:, layer_map]                       # [tokens, n_layers, k]
+        g = None
+        if guesses is not None:
+            g = guesses[:, layer_map].copy()
+            for layer in range(self.n_layers):
+                if layer == 0 or layer_map[layer] != layer_map[layer - 1] + 1:
+                    g[:, layer] = -1
         L, T = self.n_layers, len(r)
         first = max(n_prompt, scored_from)
         for layer in range(L):                         # decode tokens only: the policy is for decode
             self.profile[layer] += np.bincount(r[n_prompt:first, layer].ravel(), minlength=self.n_experts)
         if first < T:
             self.scored_routes.append(r[first:])
+            if g is not None:
+                self.scored_guesses.append(g[first:])
         if n_prompt:
             for layer in range(L):                     # prefill: the prompt's experts, once per layer
                 ids = tuple(np.unique(r[:n_prompt, layer]).tolist())
@@ -119,8 +132,11 @@ class Trace:
                     oracle, prev = (layer + 1, r[t, layer + 1]), ((layer + 1, r[t - 1, layer + 1]) if t else None)
                 else:
                     oracle, prev = ((0, r[t + 1, 0]), (0, r[t, 0])) if t + 1 < T else (None, None)
+                router = (layer + 1, g[t, layer + 1]) if g is not None and layer < L - 1 and g[t, layer + 1, 0] >= 0 \
+                    else None
                 pf = {"oracle": oracle and (oracle[0], tuple(oracle[1].tolist())),
-                      "prev": prev and (prev[0], tuple(prev[1].tolist()))}
+                      "prev": prev and (prev[0], tuple(prev[1].tolist())),
+                      "router": router and (router[0], tuple(router[1].tolist()))}
                 self.steps.append((layer, tuple(r[t, layer].tolist()), t >= scored_from, layer == L - 1, pf))
 
     def describe(self) -> str:
@@ -137,9 +153,18 @@ class Trace:
         ent = np.mean([-(q[q > 0] * np.log(q[q > 0])).sum() / math.log(self.n_experts) for q in p])
         top = (p.max(1) * self.n_experts).mean()
         tokens = sum(len(r) for r in self.scored_routes)
-        return (f"{tokens} scored decode tokens; routing entropy / log E {ent:.3f}, top expert {top:.1f}x "
+        text = (f"{tokens} scored decode tokens; routing entropy / log E {ent:.3f}, top expert {top:.1f}x "
                 f"the mean share, reuse of the previous token's experts {reused / max(pairs, 1):.3f} "
                 f"(uniform: {self.k / self.n_experts:.3f})")
+        if self.scored_guesses:
+            hit = n = 0
+            for r, g in zip(self.scored_routes, self.scored_guesses):
+                has = g[:, :, 0] >= 0                                       # [tokens, layers]
+                both = (g[:, :, :, None] == r[:, :, None, :]).any(-1).mean(-1)   # share of the k guessed right
+                hit, n = hit + both[has].sum(), n + has.sum()
+            text += (f"; the next layer's router on this layer's input finds {hit / max(n, 1):.3f} of the next "
+                     f"layer's experts (over {n} layer steps)")
+        return text
 
 
 def synthetic_routes(T: int, L: int, E: int, k: int, s: float, rho: float, rng) -> np.ndarray:
@@ -184,6 +209,7 @@ def demo_traces(path: Path, model: Path = ROOT / DEMO) -> tuple[Trace, Trace, di
     f.close()
     d = np.load(path)
     routes, offsets, prompts = d["routes"].astype(np.int64), d["offsets"], d["prompt_tokens"]
+    guesses = d["guesses"].astype(np.int64) if "guesses" in d else None     # (files written before: none)
     n_src, k = routes.shape[1], routes.shape[2]
     if routes.max() >= E:
         raise SystemExit(f"{path}: expert ids up to {routes.max()}, but {model} has {E} experts")
@@ -192,8 +218,9 @@ def demo_traces(path: Path, model: Path = ROOT / DEMO) -> tuple[Trace, Trace, di
     for i in range(n):
         r = routes[offsets[i]:offsets[i + 1]]
         scored_from = 0 if i >= n // 2 else len(r)
-        native.add(r, int(prompts[i]), scored_from, list(range(n_src)))
-        cycled.add(r, int(prompts[i]), scored_from, [layer % n_src for layer in range(L4)])
+        g = None if guesses is None else guesses[offsets[i]:offsets[i + 1]]
+        native.add(r, int(prompts[i]), scored_from, list(range(n_src)), g)
+        cycled.add(r, int(prompts[i]), scored_from, [layer % n_src for layer in range(L4)], g)
     return native, cycled, {"problems": n, "tokens": len(routes), "prompt": int(prompts.sum()), "layers": n_src,
                             "experts": E, "k": k}
 
@@ -312,8 +339,8 @@ def run_trace(tr: Trace, fracs: list[float], args, sizes: dict, log, summary: li
     pf = args.prefetch_policy
     lines = [f"| cache: share of experts (slots = tokens' worth) | Small 4 expert VRAM | LRU | LFU | hot | OPT | best "
              f"demand policy: tok/s PCIe-only / with HBM | + prev-token prefetch ({pf}): hit, loads/use, tok/s | "
-             f"+ oracle prefetch ({pf}): hit, loads/use, tok/s |",
-             "|---|---:|---:|---:|---:|---:|---|---|---|"]
+             f"+ next-router prefetch ({pf}): hit, loads/use, tok/s | + oracle prefetch ({pf}): hit, loads/use, tok/s |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     for f in fracs:
         cap = max(2 * tr.k, round(f * n_all))
         t0 = time.perf_counter()
@@ -324,7 +351,10 @@ def run_trace(tr: Trace, fracs: list[float], args, sizes: dict, log, summary: li
         near = [p for p in ("lru", "lfu", "hot") if hit[best] - hit[p] < TIE]
         only, full = roofline(res[best], sizes, args.pcie, args.hbm)
         cells, with_pf = [], {}
-        for mode in ("prev", "oracle"):
+        for mode in ("prev", "router", "oracle"):
+            if mode == "router" and not tr.scored_guesses:
+                cells.append("—")
+                continue
             r = simulate(tr, best if pf == "best" else pf, cap, mode, args.decay, args.hot_fraction)
             o, w = roofline(r, sizes, args.pcie, args.hbm)
             with_pf[mode] = w
@@ -334,7 +364,7 @@ def run_trace(tr: Trace, fracs: list[float], args, sizes: dict, log, summary: li
         mark = {p: f"**{hit[p]:.1%}**" if p in near else f"{hit[p]:.1%}" for p in POLICIES}
         lines.append(f"| {f:.0%} ({cap} = {cap / (tr.n_layers * tr.k):.1f}) | {vram:.1f} GB | {mark['lru']} | "
                      f"{mark['lfu']} | {mark['hot']} | {mark['opt']} | {best}: {fmt_tps(only)} / {fmt_tps(full)} | "
-                     f"{cells[0]} | {cells[1]} |")
+                     f"{cells[0]} | {cells[1]} | {cells[2]} |")
         summary.append({"trace": tr.name, "f": f, "best": best, "near": near, "hit": hit, "tps": full, **with_pf})
         log(f"  {tr.name} {f:.0%}: " + " ".join(f"{p} {hit[p]:.3f}" for p in POLICIES)
             + f" ({time.perf_counter() - t0:.1f} s)")
@@ -351,10 +381,13 @@ def summarise(name: str, rows: list[dict], sizes: dict) -> str:
                  for r in rows if r["tps"] >= 100), "none of the sizes tried")
     ora = [pct(r) for r in rows if r["oracle"] > 1.1 * r["tps"]]
     prev = [pct(r) for r in rows if r["prev"] > 1.02 * r["tps"]]
+    router = ([pct(r) for r in rows if r["router"] > 1.02 * r["tps"]] if all("router" in r for r in rows)
+              else None)
     return (f"- {name}: best demand policy (= ties within {100 * TIE:.1f} points) {wins}. Points of hit rate over "
             f"LRU / left to OPT: {gain}. First size whose best demand policy reaches 100 tok/s with HBM: {fast}. "
             f"Oracle prefetch adds >10% to that bound at: {', '.join(ora) or 'no size'}; prev-token prefetch "
-            f"adds >2% at: {', '.join(prev) or 'no size'}.")
+            f"adds >2% at: {', '.join(prev) or 'no size'}"
+            + ("." if router is None else f"; next-router prefetch adds >2% at: {', '.join(router) or 'no size'}."))
 
 
 def main() -> None:

@@ -76,6 +76,27 @@ def routes_of(stats) -> dict[int, np.ndarray]:
     return {layer: np.concatenate([ids for _, at, ids in stats.routing if at == layer]) for layer in layers}
 
 
+@contextlib.contextmanager
+def next_router_guesses(model):
+    """While active, each MoE layer's input also goes through the next MoE layer's router (its top-k: the
+    guess the streamed GPU backend prefetches on, CUDABackend._fetcher); yields the list that gathers
+    (layer guessed, ids [n, k]) per call, in order. Reads the guesses back at once: a host backend only."""
+    net, be, k = model.net, model.backend, model.config.num_experts_per_tok
+    moe = [i for i, layer in enumerate(net.layers) if layer.experts is not None]
+    nxt, out, routed = dict(zip(moe, moe[1:])), [], net.routed
+
+    def guessing(i, experts, h, routes, **kw):
+        if i in nxt:
+            ids, _ = be.route(be.linear(net.layers[nxt[i]].experts.router, h), k)
+            out.append((nxt[i], be.to_host(ids)))
+        return routed(i, experts, h, routes, **kw)
+    net.routed = guessing
+    try:
+        yield out
+    finally:
+        del net.routed                               # the class's method again
+
+
 def layer_reuse(ids: np.ndarray) -> np.ndarray:
     """For one layer's [tokens, k] routing of one sequence: (consecutive pairs, pairs where the later token
     selects an expert the earlier one did, sum over pairs of the fraction of its k experts so reused)."""
@@ -116,25 +137,34 @@ def solve(m, sample: Sample, max_tokens: int) -> tuple[int, list[int]]:
 
 
 def evaluate(model, samples: list[Sample], max_tokens: int = MAX_TOKENS, on_routes=None) -> list[dict]:
-    """One record per sample, in order; `on_routes(i, routes)` receives problem i's routing (routes_of).
-    The model's stats are reset around every problem, so Stats.routing never grows past one sequence."""
+    """One record per sample, in order; `on_routes(i, routes, guesses)` receives problem i's routing (routes_of)
+    and the next-router guesses of every MoE layer but the first (the same layout). The model's stats are reset
+    around every problem, so Stats.routing never grows past one sequence."""
     tok = model.tokenizer
     think, end = tok.special_id("[THINK]"), tok.special_id("[/THINK]")
     out = []
     model.stats.keep_routing = True
-    for i, s in enumerate(samples):
-        model.stats.reset()
-        t0 = time.perf_counter()
-        n_prompt, gen = solve(model, s, max_tokens)
-        seconds = time.perf_counter() - t0
-        if on_routes is not None:
-            on_routes(i, routes_of(model.stats))
-        thinking, answer = split_reply(tok, gen)
-        out.append({"expected": s.expected, "correct": score(s, thinking, answer),
-                    "think": think in gen and end in gen[gen.index(think):], "prompt_tokens": n_prompt,
-                    "tokens": len(gen), "seconds": seconds, "thinking": thinking, "answer": answer})
+    with next_router_guesses(model) if on_routes is not None else contextlib.nullcontext([]) as guesses:
+        for i, s in enumerate(samples):
+            guesses.clear()
+            out.append(_solve_one(model, s, max_tokens, think, end))
+            if on_routes is not None:
+                on_routes(i, routes_of(model.stats), {layer: np.concatenate([ids for at, ids in guesses if at == layer])
+                                                      for layer in sorted({at for at, _ in guesses})})
     model.stats.reset()
     return out
+
+
+def _solve_one(model, s: Sample, max_tokens: int, think: int, end: int) -> dict:
+    """One sample solved in a fresh cache (the model's stats reset first) and scored: its record."""
+    model.stats.reset()
+    t0 = time.perf_counter()
+    n_prompt, gen = solve(model, s, max_tokens)
+    seconds = time.perf_counter() - t0
+    thinking, answer = split_reply(model.tokenizer, gen)
+    return {"expected": s.expected, "correct": score(s, thinking, answer),
+            "think": think in gen and end in gen[gen.index(think):], "prompt_tokens": n_prompt,
+            "tokens": len(gen), "seconds": seconds, "thinking": thinking, "answer": answer}
 
 
 _model = None
@@ -154,10 +184,12 @@ def _work(task: tuple[list[Sample], int, int]):
     reuse = np.zeros((_model.stats.n_layers, 3))
     kept = []
 
-    def take(i, routes):
+    def take(i, routes, guesses):
         add_routes(counts, reuse, routes)
         if i < keep:
-            kept.append(np.stack([routes[layer] for layer in sorted(routes)], 1).astype(np.int16))
+            none = np.full_like(routes[min(routes)], -1)          # the first MoE layer has no guess
+            kept.append(tuple(np.stack([a[layer] for layer in sorted(routes)], 1).astype(np.int16)
+                              for a in (routes, {layer: guesses.get(layer, none) for layer in routes})))
     return evaluate(_model, samples, max_tokens, take), counts, reuse, kept
 
 
@@ -249,12 +281,15 @@ def evaluate_sets(model, args, sets: list[tuple[str, str]]) -> dict:
             "records": records}
 
 
-def write_routing(path: str, kept: list[np.ndarray], prompt_tokens: list[int], counts: np.ndarray) -> None:
+def write_routing(path: str, kept: list[tuple[np.ndarray, np.ndarray]], prompt_tokens: list[int],
+                  counts: np.ndarray) -> None:
     """routes int16 [tokens, layers, k] (problems concatenated; problem i is rows offsets[i]:offsets[i+1],
-    its first prompt_tokens[i] rows the prompt), and the MoE layers' ids."""
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in kept])])
-    np.savez_compressed(path, routes=np.concatenate(kept), offsets=offsets, prompt_tokens=np.array(prompt_tokens),
-                        layers=np.flatnonzero(counts.sum(1)))
+    its first prompt_tokens[i] rows the prompt), guesses alike (the next MoE layer's router on each MoE layer's
+    input: row t, layer j is layer j's guess from layer j - 1; -1 for the first), and the MoE layers' ids."""
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r, _ in kept])])
+    np.savez_compressed(path, routes=np.concatenate([r for r, _ in kept]),
+                        guesses=np.concatenate([g for _, g in kept]), offsets=offsets,
+                        prompt_tokens=np.array(prompt_tokens), layers=np.flatnonzero(counts.sum(1)))
 
 
 def main(argv: list[str] | None = None) -> None:
