@@ -46,17 +46,35 @@ def variants():
 
 
 def ptx_counts(ptx: str) -> collections.Counter:
+    """PTX instructions by opcode (its first dotted part), those inside inline-asm blocks { ... } included."""
     c = collections.Counter()
     for line in ptx.splitlines():
-        s = line.strip()
-        if not s or s.startswith(("//", ".", "{", "}", "@%", "$")) and not s.startswith("@"):
+        s = line.split("//", 1)[0].strip()
+        if not s or s.startswith(".") or s.endswith(":") or s in ("{", "}", ")", "("):
             continue
-        if s.startswith("@"):
-            s = s.split(None, 1)[1] if " " in s else ""
-        if not s or s.endswith(":") or s.startswith((".", "{", "}")):
-            continue
-        op = re.split(r"[\s.;]", s, 1)[0]
-        if op:
+        for ins in s.strip("{}").split(";"):
+            ins = ins.strip().strip("{}").strip()
+            if ins.startswith("@"):
+                ins = ins.split(None, 1)[1] if " " in ins else ""
+            if not ins or ins.startswith(".") or ins.startswith("_"):
+                continue
+            op = re.split(r"[\s.]", ins, 1)[0]
+            if op.isidentifier():
+                c[op] += 1
+    return c
+
+
+FLOAT_SASS = ("FFMA", "FMUL", "FADD", "MUFU", "FMNMX", "FCHK", "FSETP", "FSEL", "I2F", "I2FP", "F2I", "FRND",
+              "HADD2", "IDP")
+
+
+def ptx_float_ops(ptx: str) -> collections.Counter:
+    """The float arithmetic (full opcodes with a .f32/.f16 type, loads, stores and moves aside): what must not
+    change between two versions whose results are to be bitwise equal."""
+    c = collections.Counter()
+    for m in re.finditer(r"^\s*(?:@%?!?\w+\s+)?([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)\s", ptx, re.M):
+        op = m.group(1)
+        if re.search(r"\.f(32|16)\b", op) and not op.startswith(("ld", "st", "mov")):
             c[op] += 1
     return c
 
@@ -70,12 +88,18 @@ def sass_counts(cubin: str) -> collections.Counter | None:
         if not tool:
             return None
         r = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True)
-    c = collections.Counter()
+    c, full = collections.Counter(), collections.Counter()
     for line in r.stdout.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if m:
             c[m.group(1).split(".")[0]] += 1
+            full[m.group(1)] += 1
     c.pop("NOP", None)
+    # integer divisions (I2F.U32.RP, MUFU.RCP, F2I.FTZ.U32.TRUNC.NTZ) are not float math: counted apart
+    idiv = sum(n for o, n in full.items() if o.startswith("I2F") and o.endswith(".RP"))
+    sass_counts.float_ops = {k: c.get(k, 0) - (idiv if k in ("I2F", "MUFU", "F2I") else 0) for k in FLOAT_SASS}
+    sass_counts.float_ops = {k: n for k, n in sass_counts.float_ops.items() if n}
+    sass_counts.float_ops["(int divisions)"] = idiv
     return c
 
 
@@ -106,9 +130,40 @@ def analyse(label, qt, fused, preload, norm, residual, exe, dump=None):
                 with open(base + ".sass", "w") as f:
                     f.write(subprocess.run([tool, "-c", cub], capture_output=True, text=True).stdout)
     pc = ptx_counts(ptx)
-    return dict(label=label, regs=regs, spill_st=spills[0], spill_ld=spills[1], ptx=sum(pc.values()),
+    fl = dict(sorted(ptx_float_ops(ptx).items()))
+    sf = None if sass is None else dict(sass_counts.float_ops)
+    idiv = None if sf is None else sf.pop("(int divisions)")
+    return dict(label=label, ptx_float=fl, sass_float=sf, sass_int_divisions=idiv, regs=regs, spill_st=spills[0], spill_ld=spills[1], ptx=sum(pc.values()),
                 ptx_ops=dict(pc.most_common()), sass=None if sass is None else sum(sass.values()),
                 sass_ops=None if sass is None else dict(sass.most_common()))
+
+
+def compare(before: str, after: str) -> None:
+    with open(before) as f:
+        b = {r["label"]: r for r in json.load(f)}
+    with open(after) as f:
+        a = {r["label"]: r for r in json.load(f)}
+    print("| variant | registers | spills (st/ld bytes) | PTX instructions | SASS instructions | float ops equal |")
+    print("|---|---|---|---|---|---|")
+    for k in b:
+        if k not in a:
+            continue
+        x, y = b[k], a[k]
+        def norm(c):   # an exact int -> f32 convert is the same op from 32 or 64 bits (the values fit in 32)
+            out = {}
+            for o, n in (c or {}).items():
+                o = re.sub(r"^cvt\.rn\.f32\.s(32|64)$", "cvt.rn.f32.s*", o)
+                o = re.sub(r"^I2FP?(\.F32\.S(32|64))?$", "I2F*", o)
+                out[o] = out.get(o, 0) + n
+            return out
+        diffs = [f"{o} {u.get(o, 0)}->{v.get(o, 0)}" for u, v in ((norm(x["ptx_float"]), norm(y["ptx_float"])),
+                                                                 (norm(x["sass_float"]), norm(y["sass_float"])))
+                 for o in sorted(set(u) | set(v)) if u.get(o, 0) != v.get(o, 0)]
+        same = not diffs
+        diff = "" if same else " (" + ", ".join(diffs) + ")"
+        pct = lambda u, v: f"{u} -> {v} ({100 * (v - u) / u:+.0f}%)" if u and v else f"{u} -> {v}"
+        print(f"| {k} | {x['regs']} -> {y['regs']} | {x['spill_st']}/{x['spill_ld']} -> {y['spill_st']}/{y['spill_ld']} "
+              f"| {pct(x['ptx'], y['ptx'])} | {pct(x['sass'], y['sass'])} | {'yes' if same else 'NO'}{diff} |")
 
 
 def main() -> None:
@@ -116,7 +171,11 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--dump")
     ap.add_argument("--only", help="substring of the variant labels to keep")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                    help="print a before/after table of two --json outputs (and whether the float ops match)")
     a = ap.parse_args()
+    if a.compare:
+        return compare(*a.compare)
     exe = ptxas()
     res = []
     for v in variants():

@@ -695,6 +695,38 @@ def ldgf(typingctx, addr):
 
 
 @_intrinsic
+def ldgf_if(typingctx, addr, ok):
+    """ldgf(addr) where ok (an int or bool), else 0.0 (no load): a predicated ld.global."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        k = context.cast(builder, args[1], sig.args[1], _t.int32)
+        return _asm(builder, _ir.FloatType(), [_I64, _I32],
+                    "{.reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.f32 $0, [$1];}",
+                    "=f,l,r,~{memory}", [a, k], side_effect=True)
+    return _t.float32(addr, ok), codegen
+
+
+@_intrinsic
+def stgf(typingctx, addr, v):
+    """Store the float32 v at global byte address addr (int64): st.global."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        f = context.cast(builder, args[1], sig.args[1], _t.float32)
+        _asm(builder, _ir.VoidType(), [_I64, _ir.FloatType()], "st.global.f32 [$0], $1;", "l,f,~{memory}", [a, f],
+             side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(addr, v), codegen
+
+
+@_intrinsic
+def sar32(typingctx, a, n):
+    """a >> n, 32-bit arithmetic (numba's is 64-bit: two shifts, and 64-bit address math after)."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32, _I32], "shr.s32 $0, $1, $2;", "=r,r,r", _i32s(context, builder, sig, args))
+    return _t.int32(a, n), codegen
+
+
+@_intrinsic
 def q4dot(typingctx, q, x0, x1, x2, x3, acc):
     """acc + sum over the 4 low nibbles of q (x pairs x0, x1) and 4 high nibbles (x2, x3): unsigned
     nibbles times int16 activations, 3 logic ops + 4 dp2a."""
@@ -822,16 +854,18 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         # time, all loaded before the first is quantized (stores to shared memory would hold back later loads)
         "    nblk = int32(cols >> 5)",
         "    xa = gaddr(x, xidx[p]) + 4 * lane",
-        "    xlim = int32((nblk - 1) << 7)",          # byte offset of the row's last 32-block (loads clamp to it)
     ]
     if norm:
         src += [f"    red = cuda.shared.array({warps}, float32)",
                 "    na = gaddr(nw, 0) + 4 * lane"]
-    src.append(f"    for r in range(warp, nblk, int32({warps * X_LOADS})):")
+    src += ["    r = warp", "    while r < nblk:"]
     src.append("        ro = int32(r << 7)")
-    src += [f"        v{i} = ldgf(xa + int64(uint32(min(int32(ro + {i * warps * 128}), xlim))))" for i in range(X_LOADS)]
+    # blocks past the row are not loaded (v = 0: not used), the rest at constant offsets from one address
+    src += ["        xb = xa + int64(uint32(ro))"]
+    src += [f"        v{i} = ldgf_if(xb + {i * warps * 128}, int32(r + {i * warps}) < nblk)" for i in range(X_LOADS)]
     if norm:   # one pass of this loop holds the whole row (fast2_norm_ok): every warp is in it, once
-        src += [f"        n{i} = ldgf(na + int64(uint32(min(int32(ro + {i * warps * 128}), xlim))))" for i in range(X_LOADS)]
+        src += ["        nb = na + int64(uint32(ro))"]
+        src += [f"        n{i} = ldgf_if(nb + {i * warps * 128}, int32(r + {i * warps}) < nblk)" for i in range(X_LOADS)]
         src.append("        ss = float32(0.0)")
         for i in range(X_LOADS):
             src += [f"        if int32(r + {i * warps}) < nblk:", f"            ss += v{i} * v{i}"]
@@ -874,15 +908,18 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             "                sts1a(di, libdevice.float_as_int(d))",
             "                sts1a(di + (SA0 - DA0), qs)",
         ]
+    src.append(f"        r = int32(r + {warps * X_LOADS})")
     src += [
         "    cuda.syncthreads()",
         "    SEG = int32(min(U, int32(32)))",
         "    CPT = int32(max(int32(1), int32(U >> 5)))",
-        "    tsh = int32(max(int64(5), log2u))",                 # 32 CPT = max(32, U) = 1 << tsh
+        "    tsh = int32(max(int32(5), int32(log2u)))",         # 32 CPT = max(32, U) = 1 << tsh
         "    ntask = int32(int32(total + int32(1 << tsh) - 1) >> tsh)",
         "    step = int32(cuda.gridDim.x * " + str(warps) + ")",
     ]
     src += [f"    g{m} = gaddr({m}, 0) + mp" for m in mats]
+    src += ["    ya = gaddr(y, p)", "    nrows = int32(rows)", "    l2u = int32(log2u)"]
+    src += ["    ra = gaddr(res, p)"] if residual else []
     if not direct:   # the warp's stage: word ST + warp * 32 UW of the layout above
         src.append(f"    STW = int32(SA0 + 4 * (9 * U + ((4 - ((18 * U) & 3)) & 3)) + warp * {128 * UW})")
 
@@ -921,27 +958,29 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
                              f"lds4a(STW + lane * {4 * UW} + {16 * i})")
                 L.append("    cuda.syncwarp()")
             L += _unit_code(qt, f"{m}w", a, "    ")
+        # segmented: the sum of the row's SEG lanes. Unrolled (numba keeps a loop over a tuple with a test); every
+        # shuffle is taken (no branch around it), its value added where the segment spans it
         for a in accs:
-            L += ["for o in (16, 8, 4, 2, 1):",
-                  "    if o < SEG:",
-                  f"        {a} += cuda.shfl_xor_sync(0xffffffff, {a}, o)"]
-        L += ["if (lane & (SEG - 1)) == 0:",
-              "    row = int32(int32(t * CPT * 32 + lane) >> log2u)",
-              "    if row < rows:",
-              "        y[p, row] = silu(acc) * acc2" if fused else
-              "        y[p, row] = acc + res[p, row]" if residual else "        y[p, row] = acc"]
+            for o in (16, 8, 4, 2, 1):
+                L += [f"sh = cuda.shfl_xor_sync(0xffffffff, {a}, {o})", f"if SEG > {o}:", f"    {a} += sh"]
+        L += ["if int32(lane & int32(SEG - 1)) == 0:",
+              "    row = sar32(int32(t * CPT * 32 + lane), l2u)",
+              "    if row < nrows:",
+              "        stgf(ya + int64(uint32(row)) * 4, silu(acc) * acc2)" if fused else
+              "        stgf(ya + int64(uint32(row)) * 4, acc + ldgf(ra + int64(uint32(row)) * 4))" if residual else
+              "        stgf(ya + int64(uint32(row)) * 4, acc)"]
         return [ind + line for line in L]
 
-    first = f"int32(cuda.blockIdx.x * {warps} + warp)"
+    src.append(f"    t = int32(cuda.blockIdx.x * {warps} + warp)")
     if preload:
-        src += [f"    t = {first}", "    if t < ntask:"] + task("        ", True)
-        first = f"int32(t + step)"
-    src.append(f"    for t in range({first}, ntask, step):")
-    src += task("        ", False)
+        src += ["    if t < ntask:"] + task("        ", True) + ["    t = int32(t + step)"]
+    src.append("    while t < ntask:")        # (a range() would divide for its trip count)
+    src += task("        ", False) + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
                        f"residual={residual}", max_registers=65536 // (32 * warps), ldg4a=ldg4a, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
-                       q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16, lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
+                       stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
+                       lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 
 def fast2_ok(qt: int, cols: int) -> bool:
@@ -990,6 +1029,8 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only)."""
+    if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
+        raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
