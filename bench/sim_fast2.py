@@ -1,10 +1,11 @@
 """Bitwise check of the fast2 kernels (kernels._make_fast2) against another revision's, on the CPU, no GPU.
 
 Each generated kernel's source text (`_jit_source` is patched: nothing is compiled) is executed in Python, one
-generator per thread: warp shuffles, syncwarp and syncthreads become `yield`s, and a scheduler runs the block's
-warps lane by lane between them (shuffles exchange the lanes' values, the barrier waits for every warp). The
-inline-asm intrinsics (ldg4, lds4, sts4, smem_word_skew, and the address forms ldg4a, ldgf, ldgf_if, stgf, gaddr, sar32, lds4a,
-lds1a, sts1a, sts4a, smem_base16; q4dot, q8dot, hi16lo16, lo_f16, hi_f16) get Python versions of their PTX:
+generator per thread: warp shuffles, warp sums (redux), syncwarp and syncthreads become `yield`s, and a
+scheduler runs the block's warps lane by lane between them (shuffles exchange the lanes' values, the barrier
+waits for every warp). The inline-asm intrinsics (ldg4, lds4, sts4, smem_word_skew, and the address forms
+ldg4a, ldgf, ldgf_if, stgf, gaddr, lds4a, lds1a, sts1a, sts4a, smem_base16, sar32; q4dot, q8dot, hi16lo16,
+lo_f16, hi_f16) get Python versions of their PTX:
 global "addresses" are a registry base per array (bits 40+) plus a byte offset, shared ones a byte offset from
 a fake window address that is 4 mod 16 (so the 16-byte skew is 3 words, as numba's 4-byte aligned dynamic
 shared array can be). float32 math runs on numpy float32 scalars (same IEEE ops as the GPU for + - * /, sqrt,
@@ -279,8 +280,12 @@ def silu(g):
     return g / (np.float32(1.0) + _Math.exp(-g))
 
 
+def _no(*a):
+    raise AssertionError("replaced by a yield in the kernel text")
+
+
 SIM = dict(ldg4=ldg4, lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, smem_base16=smem_base16, lds4a=lds4a,
-           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
+           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=_no, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
            hi16lo16=hi16lo16, lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 _SHFL = re.compile(r"cuda\.shfl_(xor|down)_sync\(0xffffffff, ([A-Za-z_0-9]+), ([A-Za-z_0-9]+)\)")
@@ -288,6 +293,7 @@ _SHFL = re.compile(r"cuda\.shfl_(xor|down)_sync\(0xffffffff, ([A-Za-z_0-9]+), ([
 
 def to_generator(text: str) -> str:
     text = _SHFL.sub(lambda m: f'(yield ("{m.group(1)}", {m.group(2)}, {m.group(3)}))', text)
+    text = re.sub(r"warp_sum_i32\(([A-Za-z_0-9]+)\)", r'(yield ("sum", \1, 0))', text)
     return text.replace("cuda.syncthreads()", '(yield ("bar",))').replace("cuda.syncwarp()", '(yield ("warp",))')
 
 
@@ -358,8 +364,11 @@ class SimKernel:
                     o = offs.pop()
                     v = [req[t][1] for t in lanes]
                     for i, t in enumerate(lanes):
-                        j = i ^ o if k == "xor" else (i + o if i + o < 32 else i)
-                        val[t] = v[j]
+                        if k == "sum":                     # redux.sync.add.s32
+                            val[t] = i32(sum(int(u) for u in v))
+                        else:
+                            j = i ^ o if k == "xor" else (i + o if i + o < 32 else i)
+                            val[t] = v[j]
                         req[t] = None
             if all(done):
                 return

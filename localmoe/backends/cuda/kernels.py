@@ -726,6 +726,24 @@ def sar32(typingctx, a, n):
     return _t.int32(a, n), codegen
 
 
+def _has_redux() -> bool:
+    """sm_80 and later (or no GPU: the offline tools compile for sm_90): redux.sync."""
+    try:
+        return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
+    except Exception:
+        return True
+
+
+@_intrinsic
+def warp_sum_i32(typingctx, v):
+    """The int32 sum of v over the (full) warp, to every lane: redux.sync.add (one instruction for a 5-step
+    shuffle tree; integer, so the same sum in any order)."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32], "redux.sync.add.s32 $0, $1, 0xffffffff;", "=r,r",
+                    _i32s(context, builder, sig, args), side_effect=True)
+    return _t.int32(v), codegen
+
+
 @_intrinsic
 def q4dot(typingctx, q, x0, x1, x2, x3, acc):
     """acc + sum over the 4 low nibbles of q (x pairs x0, x1) and 4 high nibbles (x2, x3): unsigned
@@ -824,6 +842,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     assert not (residual and fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
+    redux = _has_redux()
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
     src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
@@ -900,9 +919,13 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             "            qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
             "            if (lane & 1) == 0:",
             f"                sts1a({qa}, (q & 0xffff) | (qn << 16))",
+        ] + ([
+            "            qs = warp_sum_i32(q)",                                       # |sum| < 2^21: int32 exact
+        ] if redux else [
             "            qs = q",
             "            for o in (16, 8, 4, 2, 1):",
-            "                qs = int32(qs + cuda.shfl_xor_sync(0xffffffff, qs, o))",   # |sum| < 2^21: int32 exact
+            "                qs = int32(qs + cuda.shfl_xor_sync(0xffffffff, qs, o))",
+        ]) + [
             "            if lane == 0:",
             f"                di = int32({da})",
             "                sts1a(di, libdevice.float_as_int(d))",
@@ -979,7 +1002,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
                        f"residual={residual}", max_registers=65536 // (32 * warps), ldg4a=ldg4a, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
-                       stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
+                       stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 
