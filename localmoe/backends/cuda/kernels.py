@@ -596,6 +596,154 @@ def smem_word_skew(typingctx, arr):
     return _t.int32(arr), codegen
 
 
+# 32-bit shared-window addresses and 64-bit global addresses (fast2): numba's array indexing is int64 with a
+# negative-index fix-up per access, and a 64-bit generic address per shared access; these take an address the
+# kernel computes once per task (int32 offsets from there), so ptxas folds the constant offsets into the loads.
+
+@_intrinsic
+def smem_base16(typingctx, arr):
+    """The 32-bit shared-window byte address of arr[0] (a shared array) rounded up to 16 bytes, i.e. of
+    arr[smem_word_skew(arr)] (numba aligns dynamic shared memory to 4 bytes only; v4 accesses need 16)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        addr = builder.ptrtoint(ary.data, _I64)
+        return _asm(builder, _I32, [_I64],
+                    "{.reg .u64 s; .reg .b32 w; cvta.to.shared.u64 s, $1; cvt.u32.u64 w, s; add.u32 w, w, 15; "
+                    "and.b32 $0, w, -16;}", "=r,l", [addr])
+    return _t.int32(arr), codegen
+
+
+@_intrinsic
+def lds4a(typingctx, addr):
+    """4 words at shared byte address addr (32-bit, 16-byte aligned): ld.shared.v4."""
+    rt = _t.UniTuple(_t.uint32, 4)
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int32)
+        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I32], "ld.shared.v4.u32 {$0,$1,$2,$3}, [$4];",
+                 "=r,=r,=r,=r,r,~{memory}", [a], side_effect=True)
+        return context.make_tuple(builder, rt, [builder.extract_value(r, k) for k in range(4)])
+    return rt(addr), codegen
+
+
+@_intrinsic
+def lds1a(typingctx, addr):
+    """The int32 word at shared byte address addr (32-bit): ld.shared."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int32)
+        return _asm(builder, _I32, [_I32], "ld.shared.u32 $0, [$1];", "=r,r,~{memory}", [a], side_effect=True)
+    return _t.int32(addr), codegen
+
+
+@_intrinsic
+def sts1a(typingctx, addr, v):
+    """Store the low 32 bits of v at shared byte address addr (32-bit): st.shared."""
+    def codegen(context, builder, sig, args):
+        _asm(builder, _ir.VoidType(), [_I32, _I32], "st.shared.u32 [$0], $1;", "r,r,~{memory}",
+             _i32s(context, builder, sig, args), side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(addr, v), codegen
+
+
+@_intrinsic
+def sts4a(typingctx, addr, a, b, c, d):
+    """Store 4 words at shared byte address addr (32-bit, 16-byte aligned): st.shared.v4."""
+    def codegen(context, builder, sig, args):
+        _asm(builder, _ir.VoidType(), [_I32] * 5, "st.shared.v4.u32 [$0], {$1,$2,$3,$4};", "r,r,r,r,r,~{memory}",
+             _i32s(context, builder, sig, args), side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(addr, a, b, c, d), codegen
+
+
+@_intrinsic
+def gaddr(typingctx, arr, i):
+    """The global byte address (int64) of row i of a 2-D array (data + i * strides[0]); of a 1-D array, of
+    arr[0] (i unused)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        addr = builder.ptrtoint(ary.data, _I64)
+        if sig.args[0].ndim == 2:
+            stride = builder.extract_value(ary.strides, 0)
+            addr = builder.add(addr, builder.mul(context.cast(builder, args[1], sig.args[1], _t.int64), stride))
+        return _asm(builder, _I64, [_I64], "cvta.to.global.u64 $0, $1;", "=l,l", [addr])
+    return _t.int64(arr, i), codegen
+
+
+@_intrinsic
+def ldg4a(typingctx, addr):
+    """4 uint32 words at global byte address addr (int64, 16-byte aligned; weights no kernel writes):
+    ld.global.nc.v4."""
+    rt = _t.UniTuple(_t.uint32, 4)
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I64], "ld.global.nc.v4.u32 {$0,$1,$2,$3}, [$4];",
+                 "=r,=r,=r,=r,l", [a])
+        return context.make_tuple(builder, rt, [builder.extract_value(r, k) for k in range(4)])
+    return rt(addr), codegen
+
+
+@_intrinsic
+def ldgf(typingctx, addr):
+    """The float32 at global byte address addr (int64): ld.global, kept in program order (after
+    grid_dependency(): the kernel before may have written it)."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        return _asm(builder, _ir.FloatType(), [_I64], "ld.global.f32 $0, [$1];", "=f,l,~{memory}", [a],
+                    side_effect=True)
+    return _t.float32(addr), codegen
+
+
+@_intrinsic
+def ldgf_if(typingctx, addr, ok):
+    """ldgf(addr) where ok (an int or bool), else 0.0 (no load): a predicated ld.global."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        k = context.cast(builder, args[1], sig.args[1], _t.int32)
+        return _asm(builder, _ir.FloatType(), [_I64, _I32],
+                    "{.reg .pred p; setp.ne.s32 p, $2, 0; mov.b32 $0, 0; @p ld.global.f32 $0, [$1];}",
+                    "=f,l,r,~{memory}", [a, k], side_effect=True)
+    return _t.float32(addr, ok), codegen
+
+
+@_intrinsic
+def stgf(typingctx, addr, v):
+    """Store the float32 v at global byte address addr (int64): st.global."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        f = context.cast(builder, args[1], sig.args[1], _t.float32)
+        _asm(builder, _ir.VoidType(), [_I64, _ir.FloatType()], "st.global.f32 [$0], $1;", "l,f,~{memory}", [a, f],
+             side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(addr, v), codegen
+
+
+@_intrinsic
+def sar32(typingctx, a, n):
+    """a >> n, 32-bit arithmetic (numba's is 64-bit: two shifts, and 64-bit address math after)."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32, _I32], "shr.s32 $0, $1, $2;", "=r,r,r", _i32s(context, builder, sig, args))
+    return _t.int32(a, n), codegen
+
+
+def _has_redux() -> bool:
+    """sm_80 and later (or no GPU: the offline tools compile for sm_90): redux.sync."""
+    try:
+        return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
+    except Exception:
+        return True
+
+
+@_intrinsic
+def warp_sum_i32(typingctx, v):
+    """The int32 sum of v over the (full) warp, to every lane: redux.sync.add (one instruction for a 5-step
+    shuffle tree; integer, so the same sum in any order)."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I32, [_I32], "redux.sync.add.s32 $0, $1, 0xffffffff;", "=r,r",
+                    _i32s(context, builder, sig, args), side_effect=True)
+    return _t.int32(v), codegen
+
+
 @_intrinsic
 def q4dot(typingctx, q, x0, x1, x2, x3, acc):
     """acc + sum over the 4 low nibbles of q (x pairs x0, x1) and 4 high nibbles (x2, x3): unsigned
@@ -645,7 +793,8 @@ hi_f16 = _half_f32(True)
 
 
 def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
-    """Source lines: acc += this lane's unit (words {W}0..) against x unit cu (int16 in sm)."""
+    """Source lines: acc += this lane's unit (words {W}0..) against x unit cu: its int16 pairs at shared byte
+    address xu, its blocks' d_x at sb (+ 4 b) and (Q4_0) int16 sums at sq (+ 4 b)."""
     L = []
     PW = 9 if qt == Q4_0 else 17          # words per pair of blocks
     NQ = 4 if qt == Q4_0 else 8           # quant words per block
@@ -658,25 +807,23 @@ def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
         else:
             L.append(f"dw = hi_f16({W}{base + NQ})")
             qs = [f"{W}{base + NQ + 1 + j}" for j in range(NQ)]
-        L.append(f"xo = xu + {16 * b}")
-        L.append("a0, a1, a2, a3 = lds4(sm, xo)")
-        L.append("a4, a5, a6, a7 = lds4(sm, xo + 4)")
-        L.append("a8, a9, a10, a11 = lds4(sm, xo + 8)")
-        L.append("a12, a13, a14, a15 = lds4(sm, xo + 12)")
+        L.append(f"a0, a1, a2, a3 = lds4a(xu + {64 * b})")
+        L.append(f"a4, a5, a6, a7 = lds4a(xu + {64 * b + 16})")
+        L.append(f"a8, a9, a10, a11 = lds4a(xu + {64 * b + 32})")
+        L.append(f"a12, a13, a14, a15 = lds4a(xu + {64 * b + 48})")
         if qt == Q4_0:
             L.append(f"s = q4dot({qs[0]}, a0, a1, a8, a9, zero)")
             for j in range(1, 4):
                 L.append(f"s = q4dot({qs[j]}, a{2 * j}, a{2 * j + 1}, a{8 + 2 * j}, a{9 + 2 * j}, s)")
-            L.append(f"s = s - (sm[sb + {XSUM_OFF_TOKEN} + {b}] << 3)")
+            L.append(f"s = int32(s - (lds1a(sq + {4 * b}) << 3))")
         else:
             L.append(f"s = q8dot({qs[0]}, a0, a1, zero)")
             for j in range(1, 8):
                 L.append(f"s = q8dot({qs[j]}, a{2 * j}, a{2 * j + 1}, s)")
-        L.append(f"{acc} += float32(s) * dw * libdevice.int_as_float(sm[sb + {b}])")
+        L.append(f"{acc} += float32(s) * dw * libdevice.int_as_float(lds1a(sb + {4 * b}))")
     return [ind + s for s in L]
 
 
-XSUM_OFF_TOKEN = "nsb"
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
 
 
@@ -687,49 +834,60 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
-    residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output)."""
+    residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
+    Index arithmetic is int32 (numba's is int64: every `int32(...)` below narrows it), from two 64-bit bases
+    per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
+    shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses)."""
     assert not preload or (direct and not fused)
     assert not (residual and fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
+    redux = _has_redux()
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
     src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
-           + (", res):" if residual else "):")]
+           + (", res):" if residual else "):"),
+           "    p = cuda.blockIdx.y",
+           "    lane = int32(cuda.threadIdx.x & 31)",
+           "    warp = int32(cuda.threadIdx.x >> 5)",
+           "    U = int32(cols >> 8)",
+           "    total = int32(rows * U)",              # units in a matrix (< 2^31: its words are < 2^32 * 4)
+           "    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
     if preload:
         src += [
-            f"    t0 = cuda.blockIdx.x * {warps} + (cuda.threadIdx.x >> 5)",
-            "    total0 = rows * (cols >> 8)",
-            f"    ub = int64(mats[cuda.blockIdx.y]) * mat_words + min(t0 * 32 + (cuda.threadIdx.x & 31), total0 - 1) * {UW}",
+            f"    t0 = int32(cuda.blockIdx.x * {warps} + warp)",
+            f"    ga = gaddr(W, 0) + mp + int64(uint32(min(int32(t0 * 32 + lane), int32(total - 1)))) * {4 * UW}",
         ]
-        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4(W, ub + {4 * i})" for i in range(UV)]
+        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4a(ga + {16 * i})" for i in range(UV)]
         src.append("    grid_dependency()")
+    # shared memory, in bytes from XA0 (16-byte aligned; word sk of the dynamic array, see the layout above):
+    # x unit cu at XA0 + 528 cu, d_x of block b of unit cu at DA0 + 36 cu + 4 b, its int16 sum at SA0 + 36 cu +
+    # 4 b, the warps' stages (direct=False) from STA
     src += [
         "    sm = cuda.shared.array(0, int32)",
-        "    sk = smem_word_skew(sm)",
-        "    p = cuda.blockIdx.y",
-        "    tid = cuda.threadIdx.x",
-        "    lane = tid & 31",
-        "    warp = tid >> 5",
-        "    xr = xidx[p]",
-        "    U = cols >> 8",
-        "    XW = sk + U * 132",
-        "    ST = XW + 18 * U + ((4 - ((18 * U) & 3)) & 3)",
-        "    nsb = 9 * U",
+        "    XA0 = smem_base16(sm)",
+        "    DA0 = int32(XA0 + U * 528)",
+        "    SA0 = int32(DA0 + U * 36)",
         "    zero = int32(0)",
         # quantize x row xr: a warp takes 32-blocks warp, warp + warps, ... (lane = element), X_LOADS at a
         # time, all loaded before the first is quantized (stores to shared memory would hold back later loads)
-        "    nblk = cols >> 5",
+        "    nblk = int32(cols >> 5)",
+        "    xa = gaddr(x, xidx[p]) + 4 * lane",
     ]
     if norm:
-        src.append(f"    red = cuda.shared.array({warps}, float32)")
-    src.append(f"    for r in range(warp, nblk, {warps * X_LOADS}):")
-    src += [f"        v{i} = x[xr, min(r + {i * warps}, nblk - 1) * 32 + lane]" for i in range(X_LOADS)]
+        src += [f"    red = cuda.shared.array({warps}, float32)",
+                "    na = gaddr(nw, 0) + 4 * lane"]
+    src += ["    r = warp", "    while r < nblk:"]
+    src.append("        ro = int32(r << 7)")
+    # blocks past the row are not loaded (v = 0: not used), the rest at constant offsets from one address
+    src += ["        xb = xa + int64(uint32(ro))"]
+    src += [f"        v{i} = ldgf_if(xb + {i * warps * 128}, int32(r + {i * warps}) < nblk)" for i in range(X_LOADS)]
     if norm:   # one pass of this loop holds the whole row (fast2_norm_ok): every warp is in it, once
-        src += [f"        n{i} = nw[min(r + {i * warps}, nblk - 1) * 32 + lane]" for i in range(X_LOADS)]
+        src += ["        nb = na + int64(uint32(ro))"]
+        src += [f"        n{i} = ldgf_if(nb + {i * warps * 128}, int32(r + {i * warps}) < nblk)" for i in range(X_LOADS)]
         src.append("        ss = float32(0.0)")
         for i in range(X_LOADS):
-            src += [f"        if r + {i * warps} < nblk:", f"            ss += v{i} * v{i}"]
+            src += [f"        if int32(r + {i * warps}) < nblk:", f"            ss += v{i} * v{i}"]
         src += ["        for o in (16, 8, 4, 2, 1):",
                 "            ss += cuda.shfl_xor_sync(0xffffffff, ss, o)",
                 "        if lane == 0:",
@@ -740,10 +898,17 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
                 "            ss += red[w]",
                 "        inv = float32(1.0) / math.sqrt(ss / float32(cols) + eps)"]
         src += [f"        v{i} = v{i} * inv * n{i}" for i in range(X_LOADS)]
+    # block r + i warps: unit (r >> 3) + (i warps >> 3), block (r & 7) when warps % 8 == 0 (constant offsets)
+    src += ["        qa = int32(XA0 + (r >> 3) * 528 + (r & 7) * 64 + ((lane >> 1) << 2))",
+            "        da = int32(DA0 + (r >> 3) * 36 + (r & 7) * 4)"]
     for i in range(X_LOADS):
+        if warps % 8 == 0:
+            qa, da = f"qa + {528 * (i * warps // 8)}", f"da + {36 * (i * warps // 8)}"
+        else:
+            qa = f"XA0 + ((r + {i * warps}) >> 3) * 528 + ((r + {i * warps}) & 7) * 64 + ((lane >> 1) << 2)"
+            da = f"DA0 + ((r + {i * warps}) >> 3) * 36 + ((r + {i * warps}) & 7) * 4"
         src += [
-            f"        blk = r + {i * warps}",
-            "        if blk < nblk:",
+            f"        if int32(r + {i * warps}) < nblk:",
             f"            v = v{i}",
             "            a = abs(v)",
             "            for o in (16, 8, 4, 2, 1):",
@@ -752,77 +917,92 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             "            inv = float32(1.0) / d if d > float32(0.0) else float32(0.0)",
             "            q = int32(libdevice.rintf(v * inv))",
             "            qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
-            "            cu = blk >> 3",
-            "            b = blk & 7",
             "            if (lane & 1) == 0:",
-            "                sm[sk + cu * 132 + b * 16 + (lane >> 1)] = (q & 0xffff) | (qn << 16)",
+            f"                sts1a({qa}, (q & 0xffff) | (qn << 16))",
+        ] + ([
+            "            qs = warp_sum_i32(q)",                                       # |sum| < 2^21: int32 exact
+        ] if redux else [
             "            qs = q",
             "            for o in (16, 8, 4, 2, 1):",
-            "                qs += cuda.shfl_xor_sync(0xffffffff, qs, o)",
+            "                qs = int32(qs + cuda.shfl_xor_sync(0xffffffff, qs, o))",
+        ]) + [
             "            if lane == 0:",
-            "                sm[XW + cu * 9 + b] = libdevice.float_as_int(d)",
-            "                sm[XW + nsb + cu * 9 + b] = qs",
+            f"                di = int32({da})",
+            "                sts1a(di, libdevice.float_as_int(d))",
+            "                sts1a(di + (SA0 - DA0), qs)",
         ]
+    src.append(f"        r = int32(r + {warps * X_LOADS})")
     src += [
         "    cuda.syncthreads()",
-        "    SEG = min(U, 32)",
-        "    CPT = max(1, U >> 5)",
-        "    total = rows * U",
-        "    ntask = (total + 32 * CPT - 1) // (32 * CPT)",
-        "    mb = int64(mats[p]) * mat_words",
-        f"    sbase = ST + warp * {32 * UW}",
+        "    SEG = int32(min(U, int32(32)))",
+        "    CPT = int32(max(int32(1), int32(U >> 5)))",
+        "    tsh = int32(max(int32(5), int32(log2u)))",         # 32 CPT = max(32, U) = 1 << tsh
+        "    ntask = int32(int32(total + int32(1 << tsh) - 1) >> tsh)",
+        "    step = int32(cuda.gridDim.x * " + str(warps) + ")",
     ]
+    src += [f"    g{m} = gaddr({m}, 0) + mp" for m in mats]
+    src += ["    ya = gaddr(y, p)", "    nrows = int32(rows)", "    l2u = int32(log2u)"]
+    src += ["    ra = gaddr(res, p)"] if residual else []
+    if not direct:   # the warp's stage: word ST + warp * 32 UW of the layout above
+        src.append(f"    STW = int32(SA0 + 4 * (9 * U + ((4 - ((18 * U) & 3)) & 3)) + warp * {128 * UW})")
 
     def task(ind: str, first: bool) -> list[str]:
         """One warp task t (CPT chunks of 32 units): dot products, segmented sums, stores. first: the
         preloaded task (CPT is 1), its words already in Pw*."""
         L = [f"{a} = float32(0.0)" for a in accs]
         L += ["for c in range(CPT):",
-              "    u0 = (t * CPT + c) * 32",
-              "    u = u0 + lane",
-              "    cu = u & (U - 1)",
-              "    xu = sk + cu * 132",
-              "    sb = XW + cu * 9"]
+              "    u0 = int32((t * CPT + c) * 32)",
+              "    cu = int32((u0 + lane) & (U - 1))",
+              "    xu = int32(XA0 + cu * 528)",
+              "    sb = int32(DA0 + cu * 36)"]
+        if qt == Q4_0:
+            L.append("    sq = int32(SA0 + cu * 36)")
+        if not first and direct:
+            L.append(f"    uo = int64(uint32(min(int32(u0 + lane), int32(total - 1)))) * {4 * UW}")
+        elif not first:
+            L.append(f"    nv = int32(min(32, total - u0) * {UV})")
+            L.append(f"    uo = int64(uint32(u0)) * {4 * UW}")
         for m, a in zip(mats, accs):
             if first:
                 L += [f"    {m}w{j} = Pw{j}" for j in range(UW)]
             elif direct:
-                L.append(f"    ub = mb + min(u, total - 1) * {UW}")
+                L.append(f"    ga = g{m} + uo")
                 for i in range(UV):
-                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4({m}, ub + {4 * i})")
+                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4a(ga + {16 * i})")
             else:
-                L.append(f"    nv = min(32, total - u0) * {UV}")
-                L.append(f"    cb = mb + u0 * {UW}")
+                L.append(f"    ga = g{m} + uo")
                 for i in range(UV):
-                    L.append(f"    vi = min(lane + {32 * i}, nv - 1)")
-                    L.append(f"    r0, r1, r2, r3 = ldg4({m}, cb + 4 * vi)")
-                    L.append(f"    sts4(sm, sbase + {4 * 32 * i} + 4 * lane, r0, r1, r2, r3)")
+                    L.append(f"    vi = int32(min(int32(lane + {32 * i}), int32(nv - 1)))")
+                    L.append("    r0, r1, r2, r3 = ldg4a(ga + int64(uint32(vi)) * 16)")
+                    L.append(f"    sts4a(STW + {512 * i} + 16 * lane, r0, r1, r2, r3)")
                 L.append("    cuda.syncwarp()")
                 for i in range(UV):
                     L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
-                             f"lds4(sm, sbase + lane * {UW} + {4 * i})")
+                             f"lds4a(STW + lane * {4 * UW} + {16 * i})")
                 L.append("    cuda.syncwarp()")
             L += _unit_code(qt, f"{m}w", a, "    ")
+        # segmented: the sum of the row's SEG lanes. Unrolled (numba keeps a loop over a tuple with a test); every
+        # shuffle is taken (no branch around it), its value added where the segment spans it
         for a in accs:
-            L += ["for o in (16, 8, 4, 2, 1):",
-                  "    if o < SEG:",
-                  f"        {a} += cuda.shfl_xor_sync(0xffffffff, {a}, o)"]
-        L += ["if (lane & (SEG - 1)) == 0:",
-              "    row = (t * CPT * 32 + lane) >> log2u",
-              "    if row < rows:",
-              "        y[p, row] = silu(acc) * acc2" if fused else
-              "        y[p, row] = acc + res[p, row]" if residual else "        y[p, row] = acc"]
+            for o in (16, 8, 4, 2, 1):
+                L += [f"sh = cuda.shfl_xor_sync(0xffffffff, {a}, {o})", f"if SEG > {o}:", f"    {a} += sh"]
+        L += ["if int32(lane & int32(SEG - 1)) == 0:",
+              "    row = sar32(int32(t * CPT * 32 + lane), l2u)",
+              "    if row < nrows:",
+              "        stgf(ya + int64(uint32(row)) * 4, silu(acc) * acc2)" if fused else
+              "        stgf(ya + int64(uint32(row)) * 4, acc + ldgf(ra + int64(uint32(row)) * 4))" if residual else
+              "        stgf(ya + int64(uint32(row)) * 4, acc)"]
         return [ind + line for line in L]
 
-    first = f"cuda.blockIdx.x * {warps} + warp"
+    src.append(f"    t = int32(cuda.blockIdx.x * {warps} + warp)")
     if preload:
-        src += [f"    t = {first}", "    if t < ntask:"] + task("        ", True)
-        first = f"{first} + cuda.gridDim.x * {warps}"
-    src.append(f"    for t in range({first}, ntask, cuda.gridDim.x * {warps}):")
-    src += task("        ", False)
+        src += ["    if t < ntask:"] + task("        ", True) + ["    t = int32(t + step)"]
+    src.append("    while t < ntask:")        # (a range() would divide for its trip count)
+    src += task("        ", False) + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual}", max_registers=65536 // (32 * warps), ldg4=ldg4,
-                       lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
+                       f"residual={residual}", max_registers=65536 // (32 * warps), ldg4a=ldg4a, ldgf=ldgf,
+                       gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
+                       stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 
@@ -872,6 +1052,8 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only)."""
+    if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
+        raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
     warps = warps or cfg["warps"]
     direct = cfg["direct"] if direct is None else direct
