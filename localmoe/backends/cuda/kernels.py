@@ -552,50 +552,6 @@ def ldg4(typingctx, arr, idx):
     return rt(arr, idx), codegen
 
 
-@_intrinsic
-def lds4(typingctx, arr, idx):
-    """4 words at word index idx (16-byte aligned) of a shared uint32/int32 array: ld.shared.v4."""
-    rt = _t.UniTuple(_t.uint32, 4)
-
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], sig.args[1], _t.int64)
-        addr = builder.ptrtoint(builder.gep(ary.data, [i]), _I64)
-        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I64],
-                 "{.reg .u64 s; cvta.to.shared.u64 s, $4; ld.shared.v4.u32 {$0,$1,$2,$3}, [s];}",
-                 "=r,=r,=r,=r,l,~{memory}", [addr], side_effect=True)
-        return context.make_tuple(builder, rt, [builder.extract_value(r, k) for k in range(4)])
-    return rt(arr, idx), codegen
-
-
-@_intrinsic
-def sts4(typingctx, arr, idx, a, b, c, d):
-    """Store 4 words at word index idx (16-byte aligned) of a shared array: st.shared.v4."""
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], sig.args[1], _t.int64)
-        addr = builder.ptrtoint(builder.gep(ary.data, [i]), _I64)
-        vals = [context.cast(builder, v, t, _t.int32) for v, t in zip(args[2:], sig.args[2:])]
-        _asm(builder, _ir.VoidType(), [_I64] + [_I32] * 4,
-             "{.reg .u64 s; cvta.to.shared.u64 s, $0; st.shared.v4.u32 [s], {$1,$2,$3,$4};}",
-             "l,r,r,r,r,~{memory}", [addr] + vals, side_effect=True)
-        return context.get_dummy_value()
-    return _t.none(arr, idx, a, b, c, d), codegen
-
-
-@_intrinsic
-def smem_word_skew(typingctx, arr):
-    """Words to skip from arr[0] (a shared array) to the next 16-byte boundary of the shared window
-    (numba declares dynamic shared memory 4-byte aligned only; v4 accesses need 16)."""
-    def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        addr = builder.ptrtoint(ary.data, _I64)
-        return _asm(builder, _I32, [_I64],
-                    "{.reg .u64 s; .reg .b32 w; cvta.to.shared.u64 s, $1; cvt.u32.u64 w, s; neg.s32 w, w; "
-                    "and.b32 w, w, 15; shr.u32 $0, w, 2;}", "=r,l", [addr])
-    return _t.int32(arr), codegen
-
-
 # 32-bit shared-window addresses and 64-bit global addresses (fast2): numba's array indexing is int64 with a
 # negative-index fix-up per access, and a 64-bit generic address per shared access; these take an address the
 # kernel computes once per task (int32 offsets from there), so ptxas folds the constant offsets into the loads.
@@ -603,7 +559,7 @@ def smem_word_skew(typingctx, arr):
 @_intrinsic
 def smem_base16(typingctx, arr):
     """The 32-bit shared-window byte address of arr[0] (a shared array) rounded up to 16 bytes, i.e. of
-    arr[smem_word_skew(arr)] (numba aligns dynamic shared memory to 4 bytes only; v4 accesses need 16)."""
+    the first word a 16-byte (v4) access may use (numba aligns dynamic shared memory to 4 bytes only)."""
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         addr = builder.ptrtoint(ary.data, _I64)
