@@ -49,12 +49,17 @@ def _asm(builder, rtype, argtypes, text, constraints, args, side_effect=False):
     return builder.call(fn, args)
 
 
-def _has_griddepcontrol() -> bool:
-    """sm_90 and later (or no GPU: the offline tools in bench/ compile for sm_90)."""
+def _compute_capability_at_least(cc: tuple[int, int]) -> bool:
+    """The current GPU's compute capability is cc or later (no GPU: True, as the offline tools in bench/
+    compile for sm_90)."""
     try:
-        return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+        return tuple(cuda.get_current_device().compute_capability) >= cc
     except Exception:
         return True
+
+
+def _has_griddepcontrol() -> bool:
+    return _compute_capability_at_least((9, 0))
 
 
 @_intrinsic
@@ -683,11 +688,7 @@ def sar32(typingctx, a, n):
 
 
 def _has_redux() -> bool:
-    """sm_80 and later (or no GPU: the offline tools compile for sm_90): redux.sync."""
-    try:
-        return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
-    except Exception:
-        return True
+    return _compute_capability_at_least((8, 0))       # redux.sync
 
 
 @_intrinsic
