@@ -32,7 +32,6 @@ from numba.cuda import libdevice
 from ._numba import cuda
 
 F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
-SUPPORTED = (F32, F16, BF16, Q8_0, Q4_0)
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18}
 ESIZE = {F32: 4, F16: 2, BF16: 2}
 
