@@ -125,6 +125,9 @@ def main() -> None:
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
     ap.add_argument("--pipelined", choices=("ab", "on", "off"), default="ab",
                     help="--gpu-mem's replay: the host a layer ahead (on), in turn (off), or both with the ratio (ab)")
+    ap.add_argument("--decide", choices=("ab", "device", "host"), default="ab",
+                    help="--gpu-mem's cache: kernels decide and copy (device; the file registered), the host decides "
+                    "and DMAs (host: --host-register, --pipelined), or both (ab)")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -502,19 +505,25 @@ def stream_bench(args, m) -> None:
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
     onoff = {"ab": (False, True), "on": (True,), "off": (False,)}
     modes = {"auto": (None,), **onoff}[args.host_register]
+    configs = [(True, True, None)] if args.decide in ("ab", "device") else []
+    if args.decide in ("ab", "host"):
+        configs += [(False, a, b) for a in modes for b in onoff[args.pipelined]]
     rates = {}
-    for mode, pipelined in [(a, b) for a in modes for b in onoff[args.pipelined]]:
+    for on_device, mode, pipelined in configs:
         be.route, be.next_experts = route0, dict(next0)
-        be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode)   # closes the last one
+        be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode,   # closes the last one
+                          on_device=on_device)
         if pipelined and not be.pipelined:
             print(f" pipelined replay unavailable: {be.pipelined_why_not}", flush=True)
             continue
-        be.pipelined = pipelined
+        be.pipelined = bool(pipelined)
         st0 = m.net.stats.expert_cache = m._streamer = be.streamer
         rng = np.random.default_rng(0)
         zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
                                             args.zipf, args.locality, rng)
-        print(f" host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, pipelined={pipelined}:", flush=True)
+        print(" decided on the device (kernels look up and copy):" if on_device else
+              f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
+              f"pipelined={pipelined}:", flush=True)
         for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
             if name.startswith("Zipf"):
                 be.route = ReplayedRouting(be, zipf)
@@ -526,10 +535,15 @@ def stream_bench(args, m) -> None:
             cuda_sync(be)
             warm = time.perf_counter() - t0
             s0, tok0 = st0.stats(), m.stats.tokens
+            if on_device and not s0["on_device"]:
+                print(f"  the device mode is unavailable: {s0['device_why_not']}", flush=True)
+                break
             if not name.startswith("Zipf"):                   # registered (or not) at the first fetch
-                print("  copies: " + (f"direct DMA from the registered file (registered in {s0['register_s']:.2f} s, "
-                                       f"within the warm-up)" if s0["host_registered"] else
-                                       f"staged ({s0['register_why_not']})"), flush=True)
+                print("  copies: " + ("by kernels reading the registered file" if on_device else
+                                       "direct DMA from the registered file" if s0["host_registered"] else
+                                       f"staged ({s0['register_why_not']})") +
+                      (f" (registered in {s0['register_s']:.2f} s, within the warm-up)" if s0["host_registered"] else ""),
+                      flush=True)
             t0 = time.perf_counter()
             for t in rng.integers(1000, c.vocab_size, args.tokens):
                 m.net.forward(np.array([int(t)]), cache, last_only=True)
@@ -540,7 +554,7 @@ def stream_bench(args, m) -> None:
             h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
             roof = pcie * 1e9 / h2d if h2d else float("inf")
-            rates[mode, pipelined, name] = 1 / dt
+            rates[on_device, mode, pipelined, name.split(" (")[0]] = 1 / dt
             if args.profile and name.startswith("Zipf"):
                 profile_decode(m, cache, rng, 8)
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
@@ -548,12 +562,15 @@ def stream_bench(args, m) -> None:
                   f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "
                   f"traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
                   f"{s1['host_waits'] - s0['host_waits']}", flush=True)
-    for i, what in enumerate(("direct (on) / staged (off)", "pipelined (on) / in turn (off)")):
+    for i, what in ((1, "direct (on) / staged (off)"), (2, "pipelined (on) / in turn (off)")):
         pairs = [(k, k[:i] + (True,) + k[i + 1:]) for k in rates if k[i] is False]
         if any(b in rates for _, b in pairs):
-            print(f" {what}: " + "; ".join(f"{a[2].split(' (')[0]} ({('pipelined', 'host_register')[i]}={a[1 - i]}) "
-                                           f"{rates[b] / rates[a]:.2f}x"
-                                           for a, b in pairs if b in rates), flush=True)
+            print(f" {what}: " + "; ".join(f"{a[3]} ({('pipelined', 'host_register')[i - 1]}={a[3 - i]}) "
+                                           f"{rates[b] / rates[a]:.2f}x" for a, b in pairs if b in rates), flush=True)
+    for name in sorted({k[3] for k in rates if k[0]}):
+        host = [v for k, v in rates.items() if not k[0] and k[3] == name]
+        if host:
+            print(f" device / the best host way, {name}: {rates[True, True, None, name] / max(host):.2f}x", flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

@@ -336,13 +336,21 @@ def test_model_matches_cpu(case, quant, capsys):
         assert list(greedy) == list(greedy_ref)
 
 
+def restream(m, on_device: bool):
+    """m's expert streamer replaced by a fresh one (same budget and policy) that decides on the device or not."""
+    be, st = m.backend, m.backend.streamer
+    be.stream_experts(st.budget, st.n_layers, st.n_experts, st.policy, host_buffer=m.file.data, on_device=on_device)
+    m.net.stats.expert_cache = m._streamer = be.streamer
+
+
 @needs_gpu
-@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "in-turn"])
+@pytest.mark.parametrize("mode", ["device", "pipelined", "in-turn"])
 @pytest.mark.parametrize("case", ["mistral4-q4_0", "mixtral-q8_0"])
-def test_streamed_experts_match_resident(case, pipelined):
+def test_streamed_experts_match_resident(case, mode):
     """With a --gpu-mem cache smaller than the experts (1.5 layers' worth), prompt and decode logits
-    equal the resident run's, the cache misses and hits, and host->GPU bytes are counted; decoded through
-    the segmented graphs with the host a layer ahead (pipelined: stream memory operations) or in turn."""
+    equal the resident run's, the cache misses and hits, and host->GPU bytes are counted. Decoded as one
+    graph whose kernels decide and copy (device: the default where the file is mapped), or through the
+    segmented graphs with the host a layer ahead (pipelined: stream memory operations) or in turn."""
     path = REFS / f"{case}.gguf"
     assert path.exists(), f"no reference set at {REFS}: build it with python tests/cuda_refs.py {REFS}"
     import localmoe
@@ -353,20 +361,89 @@ def test_streamed_experts_match_resident(case, pipelined):
     budget = int(1.5 * resident.config.n_experts * ex.bytes_per_expert)
     streamed = localmoe.load(path, backend="cuda", gpu_mem=budget)
     assert streamed.placement.streams() and streamed.backend.streamer is not None
-    assert streamed.backend.pipelined and streamed.backend.pipelined_why_not == ""
-    streamed.backend.pipelined = pipelined
+    if mode != "device":
+        restream(streamed, on_device=False)
+        assert streamed.backend.pipelined and streamed.backend.pipelined_why_not == ""
+        streamed.backend.pipelined = mode == "pipelined"
     ref, ours = resident.logits(ids), streamed.logits(ids)
     assert rel(ours, ref) < 1e-6
+    st = streamed.backend.streamer.stats()
+    assert st["on_device"] == (mode == "device"), st["device_why_not"]
     a = list(resident.generate(ids[:8], max_tokens=16, stop=()))
     b = list(streamed.generate(ids[:8], max_tokens=16, stop=()))
-    assert a == b                      # decoded through the segmented graphs
+    assert a == b                      # decoded through the captured graphs
     segments = next(iter(streamed.backend._graphs.values()))[0]
     moe = [L for L in streamed.net.layers if L.experts is not None]
-    per_layer = 2 if getattr(moe[0], "shared", None) is not None else 1   # the shared expert: while the host fetches
-    assert len(segments) == per_layer * len(moe) + 1
-    assert sum(a is not None for _, a, _ in segments) == sum(g is not None for _, _, g in segments) == len(moe)
+    if mode == "device":
+        assert len(segments) == 1      # nothing read back: the whole step is one graph
+    else:
+        per_layer = 2 if getattr(moe[0], "shared", None) is not None else 1   # the shared expert: while the host fetches
+        assert len(segments) == per_layer * len(moe) + 1
+        assert sum(a is not None for _, a, _ in segments) == sum(g is not None for _, _, g in segments) == len(moe)
     d = streamed.stats.as_dict()
     assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_device_cache_decides_like_expert_cache(policy):
+    """kernels.cache_lookup_kernel (+ cache_tick_kernel) on fresh random lookups makes localmoe/cache.py's
+    ExpertCache's choices: the same slot for every id, the same misses in the same order, the same counters;
+    with duplicate ids (a prefill batch), a pool barely larger than a layer, and LFU's rescaling (decay tiny)."""
+    import cupy as cp
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda.streaming import device_cache_state
+    from localmoe.cache import ExpertCache
+    rng = np.random.default_rng()
+    L, E, S, decay = 3, 16, 19, 1e-30
+    host = ExpertCache(S, L, E, policy, decay=decay)
+    d = device_cache_state(cp, K, L * E, S)
+    for step in range(120):
+        layer = step % L
+        n = 1 if rng.random() < 0.7 else int(rng.integers(2, 6))
+        ids = np.concatenate([rng.choice(E, 4, replace=False) for _ in range(n)]).astype(np.int32)
+        uniq = np.unique(ids)
+        slots, miss = host.lookup(layer, uniq)
+        mats, misses, nmiss = cp.empty(len(ids), np.int32), cp.full(2 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
+        K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), layer * E, E, policy == "lfu", d["slot_of"], d["key_of"],
+                                            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, misses, nmiss)
+        want = slots[np.searchsorted(uniq, ids)]
+        assert np.array_equal(mats.get(), want), f"step {step}"
+        m = int(nmiss.get()[0])
+        assert misses.get()[:2 * m].reshape(m, 2).tolist() == [[int(e), int(s)] for e, s in zip(uniq[miss], slots[miss])]
+        if layer == L - 1:
+            host.end_token(n)
+            if policy == "lfu":
+                K.cache_tick_kernel[1, K.THREADS](d["score"], d["wt"], (1 / decay) ** n)
+    h = host.stats()
+    got = dict(zip(("lookups", "hits", "misses", "evictions"), d["state"].get()[K.LOOKUPS:K.EVICTIONS + 1].tolist()))
+    assert got == {k: h[k] for k in got} and 0 < h["evictions"]
+    assert np.array_equal(d["slot_of"].get().reshape(L, E), host.table())
+
+
+@needs_gpu
+def test_copy_kernel_moves_the_misses_from_mapped_host_memory():
+    """kernels.expert_copy_kernel copies each listed (expert, slot) pair's three matrices from pinned host
+    memory (read by the SMs, no DMA) into the slots, and nothing else."""
+    import cupy as cp
+    import cupyx
+    from localmoe.backends.cuda import kernels as K
+    rng = np.random.default_rng()
+    E, S, words = 6, 5, (4 * 37, 4 * 5, 4 * 64)
+    host = [cupyx.empty_pinned(E * w, np.uint32) for w in words]
+    for h in host:
+        h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)
+    pools = [cp.asarray(rng.integers(0, 2 ** 32, S * w, dtype=np.uint32)) for w in words]
+    before = [p.get() for p in pools]
+    pairs = [(4, 1), (0, 3), (5, 0)]
+    miss = cp.asarray(np.array(pairs + [(2, 2)], np.int32).reshape(-1))      # the 4th is past the count
+    K.expert_copy_kernel[7, K.THREADS](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
+                                       *pools, words)
+    for h, p, b, w in zip(host, pools, before, words):
+        want = b.reshape(S, w).copy()
+        for e, s in pairs:
+            want[s] = h.reshape(E, w)[e]
+        assert np.array_equal(p.get().reshape(S, w), want)
 
 
 @needs_gpu
@@ -380,6 +457,7 @@ def test_a_failed_fetch_in_a_pipelined_replay_leaves_the_gpu_free():
     m = localmoe.load(path, backend="cuda")
     ex = next(L.experts for L in m.net.layers if L.experts is not None)
     m2 = localmoe.load(path, backend="cuda", gpu_mem=int(1.5 * m.config.n_experts * ex.bytes_per_expert))
+    restream(m2, on_device=False)
     be = m2.backend
     assert be.pipelined
     list(m2.generate(ids[:8], max_tokens=3, stop=()))          # graphs captured, replayed

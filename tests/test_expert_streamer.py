@@ -476,7 +476,7 @@ def test_gpu_pools_match_resident_experts(t, direct, tmp_path):
     if direct:
         mm, data, layers = mapped_read_only(tmp_path / "experts.bin", layers)
         kw = {"host_buffer": data, "host_register": True}
-    st = ExpertStreamer(be, 4 * bpe, L, E, policy="lru", **kw)
+    st = ExpertStreamer(be, 4 * bpe, L, E, policy="lru", on_device=False, **kw)
     busy = cp.asarray(rng.standard_normal((4096, 4096)).astype(np.float32))
     results = []
     for step in range(60):

@@ -353,9 +353,13 @@ class CUDABackend:
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
         pg = pu = pd = None
-        if self.streamer is not None:          # the cache decides on the host: one device->host copy per layer
+        host_decides = False
+        if self.streamer is not None:
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
+            mats = self.streamer.lookup_on_device(layer, gate, up, down, ids2)   # kernels decide and copy
+            host_decides = mats is None
+        if host_decides:                       # the cache decides on the host: one device->host copy per layer
             fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
                 mats = self._ints.get(("slots", layer, P))
@@ -365,6 +369,7 @@ class CUDABackend:
             else:
                 mats = xp.asarray(fetch().reshape(P).astype(np.int32))  # (the pools exist after the first fetch)
                 prefetch()
+        if self.streamer is not None:
             pg, pu, pd = self.streamer.pools
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
@@ -378,7 +383,7 @@ class CUDABackend:
         else:
             mats = ids2.reshape(-1).astype(np.int32, copy=False)
         plus = swiglu(self, shared, xn, residual=res) if shared is not None and not fold else res
-        if self.streamer is not None and self._segments is not None:
+        if host_decides and self._segments is not None:
             self._gate(cut=plus is not res)    # the shared expert ran while the host fetched; now the routed ones
         k = wd.shape[1]
         P = n * k

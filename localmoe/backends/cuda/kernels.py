@@ -1347,6 +1347,179 @@ def combine_kernel(yp, wts, y, plus, add):
         y[t, c] = a + plus[t, c] if add else a
 
 
+# -- the expert cache decided on the device (streaming.py's device mode) ----------------------------------
+# Its state, in device arrays the streamer owns: slot_of [L * E] (key = layer * E + expert -> slot, -1),
+# key_of [S] (slot -> key, -1 while never filled), score [L * E] float64 (LFU's decayed use counts), last [S]
+# (the clock at a slot's last use), pin [S] (the lookup number that last pinned it), CACHE_STATE int64
+# counters and wt [1] float64 (LFU's weight of a use). The arithmetic is localmoe/cache.py's, in its order,
+# so the device makes the host ExpertCache's choices (tests/test_cuda.py compares them).
+CLOCK, FILLED, LOOKUP_NO, LOOKUPS, HITS, MISSES, EVICTIONS = range(7)
+CACHE_STATE = 8            # int64 words of the state array (one spare)
+
+
+@cuda.jit
+def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, miss, nmiss):
+    """One block: ExpertCache.lookup(layer, distinct ids) for the ids [P] a router kernel just wrote, base =
+    layer * E: hits (ascending ids) are used and pinned; each miss takes the lowest never-filled slot, else
+    the victim (the unpinned slot with the lowest (score, last); LRU: lowest last), evicting its key.
+    Writes mats [P] (each id's slot: the expert kernels' matrix indices) and the misses as (expert, slot)
+    pairs in miss, their count in nmiss[0], for expert_copy_kernel. One thread keeps the books; the
+    block finds each victim (a tree reduction over the slots)."""
+    grid_dependency()
+    tid = cuda.threadIdx.x
+    S = key_of.shape[0]
+    mark = cuda.shared.array(MAX_EXPERTS, int32)
+    order = cuda.shared.array(MAX_EXPERTS, int32)
+    hit = cuda.shared.array(MAX_EXPERTS, int32)
+    rs = cuda.shared.array(THREADS, float64)
+    rl = cuda.shared.array(THREADS, int64)
+    ri = cuda.shared.array(THREADS, int32)
+    cnt = cuda.shared.array(EXPERTS_PER_LANE, int32)  # ids set per 32-expert chunk
+    sv = cuda.shared.array(4, int64)          # distinct ids, filled slots, misses so far, this lookup's number
+    for e in range(tid, E, THREADS):
+        mark[e] = 0
+    cuda.syncthreads()
+    for p in range(tid, ids.shape[0], THREADS):
+        mark[ids[p]] = 1
+    cuda.syncthreads()
+    lane, warp = tid & 31, tid >> 5
+    nch = (E + 31) >> 5
+    for c in range(warp, nch, WARPS):         # the distinct ids in ascending order: ballots and a prefix count
+        e = c * 32 + lane
+        b = cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0)
+        if lane == 0:
+            cnt[c] = cuda.popc(b)
+    cuda.syncthreads()
+    for c in range(warp, nch, WARPS):
+        e = c * 32 + lane
+        b = cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0)
+        at = 0
+        for j in range(c):
+            at += cnt[j]
+        if e < E and mark[e] != 0:
+            i = at + cuda.popc(b & ((1 << lane) - 1))
+            order[i] = e
+            hit[i] = slot_of[base + e]
+    if tid == 0:
+        nd = 0
+        for j in range(nch):
+            nd += cnt[j]
+        sv[0] = nd
+        sv[1] = state[FILLED]
+        sv[2] = 0
+        sv[3] = state[LOOKUP_NO] + 1
+    cuda.syncthreads()
+    nd, lk = sv[0], sv[3]
+    w = wt[0]
+    if tid == 0:                               # the hits, in order: used (and pinned before any eviction)
+        clock = state[CLOCK]
+        for i in range(nd):
+            s = hit[i]
+            if s >= 0:
+                if lfu:
+                    score[base + order[i]] += w
+                clock += 1
+                last[s] = clock
+                pin[s] = lk
+        state[CLOCK] = clock
+    cuda.syncthreads()
+    for i in range(nd):                        # the misses, in order (a uniform branch: hit[] is shared)
+        if hit[i] >= 0:
+            continue
+        if sv[1] < S:
+            s = sv[1]
+        else:
+            bs, bl, bi = math.inf, int64(0x7FFFFFFFFFFFFFFF), int32(-1)
+            for t in range(tid, S, THREADS):
+                if pin[t] != lk:
+                    sc = score[key_of[t]] if lfu else 0.0
+                    la = last[t]
+                    if sc < bs or (sc == bs and la < bl):
+                        bs, bl, bi = sc, la, t
+            rs[tid], rl[tid], ri[tid] = bs, bl, bi
+            cuda.syncthreads()
+            h = THREADS // 2
+            while h > 0:
+                if tid < h:
+                    o = tid + h
+                    if ri[o] >= 0 and (ri[tid] < 0 or rs[o] < rs[tid] or (rs[o] == rs[tid] and rl[o] < rl[tid])):
+                        rs[tid], rl[tid], ri[tid] = rs[o], rl[o], ri[o]
+                cuda.syncthreads()
+                h //= 2
+            s = ri[0]
+        cuda.syncthreads()
+        if tid == 0:
+            if sv[1] < S:
+                sv[1] += 1
+            else:
+                slot_of[key_of[s]] = -1
+                state[EVICTIONS] += 1
+            k = base + order[i]
+            slot_of[k] = s
+            key_of[s] = k
+            if lfu:
+                score[k] += w
+            state[CLOCK] += 1
+            last[s] = state[CLOCK]
+            pin[s] = lk
+            m = sv[2]
+            miss[2 * m] = order[i]
+            miss[2 * m + 1] = s
+            sv[2] = m + 1
+        cuda.syncthreads()
+    for p in range(tid, ids.shape[0], THREADS):
+        mats[p] = slot_of[base + ids[p]]
+    if tid == 0:
+        nmiss[0] = sv[2]
+        state[FILLED] = sv[1]
+        state[LOOKUP_NO] = lk
+        state[LOOKUPS] += nd
+        state[MISSES] += sv[2]
+        state[HITS] += nd - sv[2]
+
+
+@cuda.jit(device=True, inline=True)
+def _copy_from_host(src, pool, d, nvec, t0, step):
+    """pool words d, d + 1, ... := the nvec 16-byte vectors at global (host-mapped) byte address src."""
+    for v in range(t0, nvec, step):
+        w0, w1, w2, w3 = ldg4a(src + int64(v) * 16)
+        i = d + 4 * int64(v)
+        pool[i] = w0
+        pool[i + 1] = w1
+        pool[i + 2] = w2
+        pool[i + 3] = w3
+
+
+@cuda.jit
+def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words):
+    """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
+    (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
+    src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
+    loop, at ~91% of a DMA's rate over PCIe (bench/bench_zero_copy.py). 16-byte loads, grid-strided."""
+    grid_dependency()
+    t0, step = cuda.grid(1), cuda.gridsize(1)
+    for i in range(nmiss[0]):
+        e, s = int64(miss[2 * i]), int64(miss[2 * i + 1])
+        _copy_from_host(src0 + 4 * e * words[0], pool0, s * words[0], words[0] >> 2, t0, step)
+        _copy_from_host(src1 + 4 * e * words[1], pool1, s * words[1], words[1] >> 2, t0, step)
+        _copy_from_host(src2 + 4 * e * words[2], pool2, s * words[2], words[2] >> 2, t0, step)
+
+
+@cuda.jit
+def cache_tick_kernel(score, wt, factor):
+    """ExpertCache.end_token for LFU: the weight of a use grows by factor (decay^-n); past 1e200 every
+    score is divided by it and it restarts at 1 (one block)."""
+    grid_dependency()
+    w = wt[0] * factor
+    cuda.syncthreads()
+    if w > 1e200:
+        for k in range(cuda.threadIdx.x, score.shape[0], THREADS):
+            score[k] = score[k] / w
+        w = 1.0
+    if cuda.threadIdx.x == 0:
+        wt[0] = w
+
+
 @cuda.jit
 def copy_kernel(src, dst):
     """Plain device-to-device copy of uint32 words (the bandwidth yardstick)."""

@@ -64,6 +64,7 @@ from .. import Weight
 N_STAGING = 3        # pinned staging buffers of one expert each: a miss's host read overlaps the last one's DMA
 MIN_CHUNK = 1 << 20  # a host copy is split over threads in pieces of at least this many bytes
 REGISTER_READ_ONLY = 0x08   # cudaHostRegisterReadOnly: needed to pin a PROT_READ mapping
+REGISTER_MAPPED = 0x02      # cudaHostRegisterMapped: kernels may read it (the device mode's copies)
 GiB = 1 << 30
 
 
@@ -126,6 +127,13 @@ def raise_flags(xp, flags, value: int) -> None:
     st.synchronize()
 
 
+def device_cache_state(xp, K, n_keys: int, slots: int) -> dict:
+    """An empty expert cache's state for kernels.cache_lookup_kernel (its docstring names the arrays)."""
+    return dict(slot_of=xp.full(n_keys, -1, np.int32), key_of=xp.full(slots, -1, np.int32),
+                score=xp.zeros(n_keys, np.float64), last=xp.zeros(slots, np.int64), pin=xp.zeros(slots, np.int64),
+                state=xp.zeros(K.CACHE_STATE, np.int64), wt=xp.ones(1, np.float64))
+
+
 def pinnable_bytes(meminfo: str) -> int | None:
     """How much of the host's RAM the mapped file may pin (/proc/meminfo's text): MemTotal less
     max(8 GiB, a quarter of it), left for everything else since pinned pages cannot be paged out.
@@ -151,11 +159,12 @@ class ExpertStreamer:
     `copy_threads` host threads copy from the mapped file into the staging buffers. `host_buffer`: the
     whole mapped file as one uint8 array (GGUFFile.data), registered with CUDA at the first fetch when
     `host_register` allows it (None: if it fits in RAM, `pinnable_bytes`) so weights inside it are copied
-    without staging; held until `close()`, which must come before the file is unmapped."""
+    without staging; held until `close()`, which must come before the file is unmapped. `on_device`: the
+    device mode (None: wherever it can run, `device_why_not` says why not; False: never)."""
 
     def __init__(self, be, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", *,
                  copy_threads: int = 4, host_buffer: np.ndarray | None = None, host_register: bool | None = None,
-                 **cache_kw):
+                 on_device: bool | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
@@ -172,6 +181,9 @@ class ExpertStreamer:
         self.host_registered, self.register_s, self.register_why_not = False, 0.0, "not set up yet"
         self._stage: list = []
         self._newest_copy = None                 # the event behind the last copy enqueued
+        self.want_device, self.on_device = on_device, False
+        self.device_why_not = "not set up yet"
+        self._mapped_at = None                   # the registered file's device address, when kernels may read it
 
     # -- the calls the backend makes ------------------------------------------------------------------
     def fetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray, readers_done=None):
@@ -184,6 +196,8 @@ class ExpertStreamer:
         recorded now); the compute stream is then not made to wait here: the caller's `publish` and
         `await_published` order it after the copies (rule 1)."""
         ws = self._check(layer, gate, up, down)
+        if self.on_device:
+            raise RuntimeError("this streamer's cache is decided on the device (lookup_on_device)")
         ids = np.asarray(ids_host)
         uniq, inv = _distinct(ids)
         self._release_previous(readers_done)
@@ -215,6 +229,30 @@ class ExpertStreamer:
         """The compute stream runs nothing more until `publish` has set `flag` to value or later (no host wait)."""
         self._wait_flag(flag, value)
 
+    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids):
+        """The device mode: enqueue on the compute stream the cache's lookup of `ids` (the int32 device array a
+        router kernel wrote: nothing waits for the host) and the copies of its misses, both by kernels
+        (kernels.cache_lookup_kernel, expert_copy_kernel); returns the device int32 array of each id's slot
+        (fixed per layer and size: a captured step replays it). None when the host decides (`fetch`)."""
+        ws = self._check(layer, gate, up, down)
+        if not self.on_device:
+            return None
+        K, xp = self.be.K, self.xp
+        flat = ids.reshape(-1)
+        bufs = self._bufs.get((layer, flat.size))
+        if bufs is None:
+            bufs = self._bufs[(layer, flat.size)] = (xp.empty(flat.size, np.int32), xp.empty(2 * flat.size, np.int32),
+                                                     xp.zeros(1, np.int32))
+        mats, miss, nmiss = bufs
+        d = self._dstate
+        K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
+            flat, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"], d["key_of"],
+            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, miss, nmiss)
+        K.expert_copy_kernel[2 * self.be.sms, K.THREADS, K.STREAM[0]](
+            miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
+        self.be.launches += 2
+        return mats
+
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
         here (the host only if all staging buffers are busy). The cache chooses which are loaded."""
@@ -228,6 +266,10 @@ class ExpertStreamer:
         """A token (or a prefill batch of n) passed every layer: per-token counters, LFU aging."""
         if self.cache is not None:
             self.cache.end_token(n)
+        if self.on_device and self.policy == "lfu":
+            K = self.be.K
+            K.cache_tick_kernel[1, K.THREADS, K.STREAM[0]](self._dstate["score"], self._dstate["wt"],
+                                                           (1 / self.cache.decay) ** n)
 
     def stats(self) -> dict:
         """ExpertCache.stats() and what actually moved: bytes_h2d (host -> device copies), bytes_direct (of
@@ -237,10 +279,23 @@ class ExpertStreamer:
         n = self.cache.stats() if self.cache is not None else {}
         slots = self.cache.capacity if self.cache is not None else 0
         sb = getattr(self, "slot_bytes", 0)
-        n.update(bytes_h2d=self.bytes_h2d, bytes_direct=self.bytes_direct, host_waits=self.host_waits, slots=slots,
+        h2d, direct = self.bytes_h2d, self.bytes_direct
+        if self.on_device:                        # the device's counters (the host's cache only gave the size)
+            c = dict(zip(("clock", "filled", "lookup_no", "lookups", "hits", "misses", "evictions"),
+                         self._dstate["state"].get().tolist()))
+            moved = c["misses"] * sb
+            h2d = direct = moved + self.bytes_h2d
+            n.update(lookups=c["lookups"], hits=c["hits"], misses=c["misses"], evictions=c["evictions"],
+                     bytes_demand=moved, bytes_moved=moved, resident=c["filled"],
+                     hit_rate=c["hits"] / c["lookups"] if c["lookups"] else float("nan"))
+            t = n["tokens"]
+            for k, v in (("misses", c["misses"]), ("bytes_demand", moved), ("bytes_moved", moved)):
+                n[f"{k}_per_token"] = v / t if t else float("nan")
+        n.update(bytes_h2d=h2d, bytes_direct=direct, host_waits=self.host_waits, slots=slots,
                  slot_bytes=sb, pool_bytes=slots * sb, staging_bytes=len(self._stage) * sb,
                  host_registered=self.host_registered, register_s=self.register_s,
-                 register_why_not=self.register_why_not)
+                 register_why_not=self.register_why_not, on_device=self.on_device,
+                 device_why_not=self.device_why_not)
         return n
 
     def close(self) -> None:
@@ -249,6 +304,9 @@ class ExpertStreamer:
         if self.host_registered:
             if self._newest_copy is not None:
                 self._sync(self._newest_copy)     # a DMA may still read the pinned pages
+            if self.on_device:
+                self.xp.cuda.Device().synchronize()   # ... or a copy kernel
+                self.on_device, self.device_why_not = False, "closed"
             self.host_registered, self.register_why_not = False, "closed"
             self._unregister(self._host_range[0])
         self._host = None
@@ -301,8 +359,11 @@ class ExpertStreamer:
         self._fetches = self._copy_waited = 0
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
-        self._pin_host()
         self.cache = cache
+        self._pin_host()
+        self.device_why_not = self._device_why_not(ws)
+        if not self.device_why_not:
+            self._setup_device()
 
     def _pin_host(self) -> None:
         """Register the mapped file with CUDA when allowed (timed); else keep the reason: copies are staged."""
@@ -316,6 +377,7 @@ class ExpertStreamer:
                 why = f"cudaHostRegister failed: {e}"
             else:
                 self.host_registered, self._host_range = True, (start, start + n)
+                self._mapped_at = self._device_pointer(start)
             self.register_s = time.perf_counter() - t0
         self.register_why_not = why
 
@@ -332,6 +394,41 @@ class ExpertStreamer:
                 return (f"the file ({self._host.nbytes / GiB:.1f} GiB) is more than the RAM it may pin "
                         f"({room / GiB:.1f} GiB: MemTotal less max(8 GiB, 25%))")
         return ""
+
+    def _device_why_not(self, ws) -> str:
+        """'' when the device mode can run (after the pools and the registration), else why not."""
+        if self.want_device is False:
+            return "turned off (on_device=False)"
+        if not hasattr(self.be.K, "cache_lookup_kernel"):
+            return "no device kernels"
+        if self.policy not in ("lru", "lfu"):
+            return f"policy {self.policy!r} decides on the host"
+        if self.cache.capacity < self.n_experts:
+            return (f"the pool's {self.cache.capacity} slots hold fewer than a layer's {self.n_experts} experts "
+                    f"(a lookup could find every slot pinned)")
+        if self.n_experts > self.be.K.MAX_EXPERTS:
+            return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
+        if any(m % 16 for m in self.mat_bytes):
+            return "an expert matrix's bytes are not a multiple of 16"
+        if self._mapped_at is None:
+            return f"the file is not mapped for kernels ({self.register_why_not or 'registered without the mapped flag'})"
+        if not all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes)):
+            return "the experts are not contiguous inside the registered file"
+        return ""
+
+    def _setup_device(self) -> None:
+        """The device mode's state (kernels.cache_lookup_kernel's arrays), empty like ExpertCache.clear()."""
+        self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
+        self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
+        self._words = tuple(m // 4 for m in self.mat_bytes)
+        self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, misses and their count
+        self.on_device = True
+
+    def _mapped_sources(self, layer: int, ws) -> tuple[int, ...]:
+        """The device addresses of the layer's expert 0 of each matrix, in the registered file."""
+        if not all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes)):
+            raise ValueError(f"layer {layer}'s experts are not contiguous inside the registered file")
+        return tuple(self._mapped_at + _address(w.raw) - self._host_range[0] for w in ws)
 
     def _registered(self, a: np.ndarray) -> bool:
         """a's bytes lie, contiguous, inside the registered range (so they can be DMA'd as they are)."""
@@ -451,17 +548,29 @@ class ExpertStreamer:
                        self._copy_stream.ptr)
 
     def _register(self, start: int, nbytes: int) -> None:
-        """Page-lock the host range [start, start + nbytes) for DMA (read-only: the mapping is PROT_READ);
-        raises on any CUDA error, naming whether the device supports read-only registration."""
+        """Page-lock the host range [start, start + nbytes) for DMA (read-only: the mapping is PROT_READ), mapped
+        for kernels too where CUDA allows it; raises on any CUDA error, naming whether the device supports
+        read-only registration."""
         rt = self.xp.cuda.runtime
         try:
-            rt.hostRegister(start, nbytes, REGISTER_READ_ONLY)
+            try:
+                rt.hostRegister(start, nbytes, REGISTER_READ_ONLY | REGISTER_MAPPED)
+            except Exception:
+                rt.hostRegister(start, nbytes, REGISTER_READ_ONLY)
         except Exception as e:
             try:
                 ok = rt.deviceGetAttribute(113, rt.getDevice())   # cudaDevAttrHostRegisterReadOnlySupported
             except Exception:
                 ok = "?"
             raise RuntimeError(f"{e} (cudaDevAttrHostRegisterReadOnlySupported = {ok})") from e
+
+    def _device_pointer(self, start: int) -> int | None:
+        """The device address kernels read the registered range at (None: not mapped for them)."""
+        try:
+            err, ptr = _driver().cuMemHostGetDevicePointer(start, 0)
+        except Exception:                         # no cuda.bindings (the CPU tests' simulated device)
+            return None
+        return int(ptr) if int(err) == 0 else None
 
     def _unregister(self, start: int) -> None:
         self.xp.cuda.runtime.hostUnregister(start)

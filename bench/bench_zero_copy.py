@@ -1,0 +1,206 @@
+"""Can kernels read streamed experts straight from host memory? PCIe rates measured in one run.
+
+    python bench/bench_zero_copy.py [--file-gib 2] [--dir /dev/shm]
+
+A streamed expert miss today is a DMA (cudaMemcpyAsync) issued by the host after it has read the
+layer's ids. A kernel that reads mapped host memory itself needs no host in the loop. This prints,
+each as GB/s of host bytes moved and as a share of the pinned DMA:
+1. the yardstick: pinned host -> device DMA of 1 GiB (cudaMemcpyAsync);
+2. a copy kernel reading pinned (cudaHostAlloc'd, mapped) host memory into device memory, over a sweep
+   of grid sizes and 16-byte loads in flight per thread;
+3. the same, reading a read-only memory map of a file (on a tmpfs, registered with CUDA: mapped +
+   read-only), which is how the model's GGUF is held;
+4. fast2's expert kernels (fused gate+up, and down) with their weights in that mapped file: 4 experts
+   of Small 4's Q4_0 shape per launch;
+5. the DMA and the copy kernel at once (do they add up, or share the link?).
+"""
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from numba import int64  # noqa: E402
+
+from localmoe.backends.cuda import available  # noqa: E402
+
+REGISTER_MAPPED, REGISTER_READ_ONLY = 0x02, 0x08
+
+
+def host_view(cp, ptr: int, nbytes: int, owner):
+    """A cupy uint32 array over nbytes of host memory the device can address at ptr."""
+    mem = cp.cuda.UnownedMemory(ptr, nbytes, owner, device_id=0)
+    return cp.ndarray((nbytes // 4,), np.uint32, cp.cuda.MemoryPointer(mem, 0))
+
+
+def make_copy_kernel(cuda, K, loads: int):
+    """dst[i] = src[i] in 16-byte vectors; each thread issues `loads` vector loads before its stores."""
+    ldg4a, gaddr = K.ldg4a, K.gaddr
+    src = ["def kern(src, dst, nvec):",
+           "    t = cuda.grid(1)",
+           "    n = cuda.gridsize(1)",
+           "    a = gaddr(src, 0)",
+           f"    v = t",
+           f"    while v + {loads - 1} * n < nvec:"]
+    for j in range(loads):
+        src.append(f"        w{j} = ldg4a(a + int64(v + {j} * n) * 16)")
+    for j in range(loads):
+        src += [f"        i = (v + {j} * n) * 4"] + [f"        dst[i + {k}] = w{j}[{k}]" for k in range(4)]
+    src += [f"        v += {loads} * n",
+            "    while v < nvec:",
+            "        w = ldg4a(a + int64(v) * 16)",
+            "        for k in range(4):",
+            "            dst[v * 4 + k] = w[k]",
+            "        v += n"]
+    ns = dict(cuda=cuda, ldg4a=ldg4a, gaddr=gaddr, int64=int64)
+    exec("\n".join(src), ns)
+    return cuda.jit(ns["kern"])
+
+
+def timed(cp, fn, reps: int = 5) -> float:
+    """Best seconds of fn() over reps (events on the current stream), after one warm-up."""
+    fn()
+    cp.cuda.get_current_stream().synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(a, b) / 1e3)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--file-gib", type=float, default=2.0)
+    ap.add_argument("--dir", default="/dev/shm")
+    args = ap.parse_args()
+    ok, why = available()
+    if not ok:
+        sys.exit(f"no CUDA GPU: {why}")
+    import cupy as cp
+    import cupyx
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda._numba import cuda
+    Q4_0 = K.Q4_0
+    rng = np.random.default_rng(0)
+    GiB = 1 << 30
+    sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
+    print(f"device: {available()[1]}, {sms} SMs")
+
+    # 1. the pinned DMA
+    n = GiB
+    pin = cupyx.empty_pinned(n, np.uint8)
+    pin[:] = rng.integers(0, 256, n, dtype=np.uint8)
+    dev = cp.empty(n // 4, np.uint32)
+    rt = cp.cuda.runtime
+    st = cp.cuda.get_current_stream()
+    dma = n / timed(cp, lambda: rt.memcpyAsync(dev.data.ptr, pin.ctypes.data, n, rt.memcpyHostToDevice, st.ptr)) / 1e9
+    print(f"1. pinned DMA host->device: {dma:.1f} GB/s")
+
+    # 2. a copy kernel reading the pinned memory
+    src = host_view(cp, pin.ctypes.data, n, pin)
+    kerns = {L: make_copy_kernel(cuda, K, L) for L in (1, 2, 4, 8)}
+    best2 = (0.0, None)
+    print("2. copy kernel over pinned host memory (GB/s, share of the DMA):")
+    for threads in (256, 512):
+        for per_sm in (1, 2, 4, 8):
+            row = []
+            for L, kern in kerns.items():
+                g = per_sm * sms
+                s = timed(cp, lambda: kern[g, threads](src, dev, n // 16))
+                bw = n / s / 1e9
+                row.append(f"{L} loads {bw:5.1f} ({bw / dma:4.0%})")
+                best2 = max(best2, (bw, (threads, per_sm, L)))
+            print(f"   {threads} threads x {per_sm} blocks/SM: " + ", ".join(row))
+    assert bool((dev[: 1 << 20] == src[: 1 << 20]).all()), "the copy kernel copied wrong bytes"
+    print(f"   best {best2[0]:.1f} GB/s ({best2[0] / dma:.0%} of the DMA) at threads, blocks/SM, loads = {best2[1]}")
+
+    # 3. a read-only map of a file on a tmpfs, registered (mapped, read-only)
+    fb = int(args.file_gib * GiB) // GiB * GiB
+    path = os.path.join(args.dir, "zero_copy_bench.bin")
+    with open(path, "wb") as f:
+        for _ in range(fb // GiB):
+            f.write(rng.integers(0, 256, GiB, dtype=np.uint8).tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, fb, prot=mmap.PROT_READ)
+    arr = np.frombuffer(mm, np.uint8)
+    addr = arr.__array_interface__["data"][0]
+    for flags in (REGISTER_MAPPED | REGISTER_READ_ONLY, REGISTER_READ_ONLY):
+        try:
+            rt.hostRegister(addr, fb, flags)
+            break
+        except Exception as e:
+            print(f"3. hostRegister(flags {flags:#x}) failed: {e}")
+    else:
+        sys.exit("could not register the file")
+    from cuda.bindings import driver
+    err, dptr = driver.cuMemHostGetDevicePointer(addr, 0)
+    assert int(err) == 0, err
+    dptr = int(dptr)
+    print(f"3. registered {fb / GiB:.0f} GiB file map, flags {flags:#x}: device pointer == host pointer: {dptr == addr}")
+    fsrc = host_view(cp, dptr, fb, arr)
+    fdma = n / timed(cp, lambda: rt.memcpyAsync(dev.data.ptr, addr, n, rt.memcpyHostToDevice, st.ptr)) / 1e9
+    threads, per_sm, L = best2[1]
+    fk = n / timed(cp, lambda: kerns[L][per_sm * sms, threads](fsrc, dev, n // 16)) / 1e9
+    print(f"   DMA from the file map {fdma:.1f} GB/s; copy kernel {fk:.1f} GB/s ({fk / dma:.0%} of the pinned DMA)")
+    assert bool((dev[: 1 << 20] == fsrc[: 1 << 20]).all())
+
+    # 4. fast2 expert kernels with their weights in the file map (Small 4: hidden 4096, expert width 2048)
+    H, I = 4096, 2048
+    mb = I * H // 32 * 18
+    E = fb // (2 * mb)
+    x = cp.asarray(rng.standard_normal((1, H)).astype(np.float32))
+    xi = cp.zeros(4, np.int32)
+    y = cp.empty((4, I), np.float32)
+    sets = [cp.asarray(rng.choice(E, 4, replace=False).astype(np.int32)) for _ in range(16)]
+    G, U = fsrc[: E * mb // 4], fsrc[E * mb // 4: 2 * E * mb // 4]
+    it = iter(range(10 ** 9))
+    s = timed(cp, lambda: K.launch_fast2(Q4_0, H, I, G, U, sets[next(it) % 16], xi, x, y, 4, mb, sms, True), 8)
+    gu = 8 * mb / s / 1e9
+    Gd = cp.asarray(G[: 8 * mb // 4])               # the same experts resident, for the HBM figure
+    Ud = cp.asarray(U[: 8 * mb // 4])
+    sd = [cp.asarray(rng.choice(8, 4, replace=False).astype(np.int32)) for _ in range(4)]
+    s_hbm = timed(cp, lambda: K.launch_fast2(Q4_0, H, I, Gd, Ud, sd[next(it) % 4], xi, x, y, 4, mb, sms, True), 8)
+    D = fsrc[: E * mb // 4]                          # down: [H, I] rows of I columns, the same bytes
+    h = cp.asarray(rng.standard_normal((4, I)).astype(np.float32))
+    hi = cp.arange(4, dtype=np.int32)
+    yd = cp.empty((4, H), np.float32)
+    s2 = timed(cp, lambda: K.launch_fast2(Q4_0, I, H, D, D, sets[next(it) % 16], hi, h, yd, 4, mb, sms), 8)
+    dn = 4 * mb / s2 / 1e9
+    print(f"4. fast2 from the file map, 4 experts: gate+up {8 * mb / 1e6:.0f} MB in {s * 1e6:.0f} us = {gu:.1f} GB/s "
+          f"({gu / dma:.0%}); down {4 * mb / 1e6:.0f} MB in {s2 * 1e6:.0f} us = {dn:.1f} GB/s ({dn / dma:.0%}); "
+          f"gate+up resident: {s_hbm * 1e6:.0f} us")
+
+    # 5. DMA and copy kernel at once, on two streams
+    other = cp.cuda.Stream(non_blocking=True)
+    half = n // 2
+    dev2 = cp.empty(n // 4, np.uint32)
+
+    def both():
+        ev = cp.cuda.Event()
+        ev.record()
+        other.wait_event(ev)
+        rt.memcpyAsync(dev2.data.ptr, addr + half, half, rt.memcpyHostToDevice, other.ptr)
+        kerns[L][per_sm * sms, threads](fsrc[: half // 4], dev, half // 16)
+        done = cp.cuda.Event()
+        done.record(other)
+        cp.cuda.get_current_stream().wait_event(done)
+    sb = timed(cp, both)
+    print(f"5. DMA of 0.5 GiB beside the copy kernel on 0.5 GiB: {n / sb / 1e9:.1f} GB/s together")
+    rt.hostUnregister(addr)
+    del fsrc, mm
+    os.close(fd)
+    os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()
