@@ -450,8 +450,9 @@ def model_bench(args, copy_bw) -> None:
               f"{PREFILL_BATCH}: {dt:.2f} s = {done / dt:.1f} tok/s", flush=True)
 
 
-def pinned_h2d_gbs(nbytes: int = 1 << 28) -> float:
-    """Host->device copy rate from pinned memory (the PCIe yardstick), GB/s."""
+def pinned_h2d_gbs(nbytes: int = 1 << 29, rounds: int = 8) -> float:
+    """Host->device copy rate from pinned memory (the PCIe yardstick), GB/s: the best of `rounds` copies of
+    nbytes (one round alone moved between 43 and 55 GB/s on the same H100 machine)."""
     import cupy as cp
     host = cp.cuda.alloc_pinned_memory(nbytes)
     src = np.frombuffer(host, np.uint8, nbytes)
@@ -459,11 +460,13 @@ def pinned_h2d_gbs(nbytes: int = 1 << 28) -> float:
     dst = cp.empty(nbytes, np.uint8)
     dst.set(src)
     cp.cuda.Device().synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
         dst.set(src)
-    cp.cuda.Device().synchronize()
-    return 5 * nbytes / (time.perf_counter() - t0) / 1e9
+        cp.cuda.Device().synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
 
 
 class ReplayedRouting:

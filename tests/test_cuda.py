@@ -386,29 +386,36 @@ def test_streamed_experts_match_resident(case, mode):
 
 @needs_gpu
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_device_cache_decides_like_expert_cache(policy):
+@pytest.mark.parametrize("L,E,S", [(3, 16, 19), (10, 128, 1000)])
+def test_device_cache_decides_like_expert_cache(policy, L, E, S):
     """kernels.cache_lookup_kernel (+ cache_tick_kernel) on fresh random lookups makes localmoe/cache.py's
     ExpertCache's choices: the same slot for every id, the same misses in the same order, the same counters;
-    with duplicate ids (a prefill batch), a pool barely larger than a layer, and LFU's rescaling (decay tiny)."""
+    with duplicate ids (prefill batches), a pool barely larger than a layer or several slots per thread, and
+    LFU's rescaling (decay tiny)."""
     import cupy as cp
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda.streaming import device_cache_state
     from localmoe.cache import ExpertCache
     rng = np.random.default_rng()
-    L, E, S, decay = 3, 16, 19, 1e-30
+    decay = 1e-30
     host = ExpertCache(S, L, E, policy, decay=decay)
     d = device_cache_state(cp, K, L * E, S)
-    for step in range(120):
+    for step in range(200):
         layer = step % L
-        n = 1 if rng.random() < 0.7 else int(rng.integers(2, 6))
+        n = 1 if rng.random() < 0.7 else int(rng.integers(2, 12))
         ids = np.concatenate([rng.choice(E, 4, replace=False) for _ in range(n)]).astype(np.int32)
         uniq = np.unique(ids)
         slots, miss = host.lookup(layer, uniq)
-        mats, misses, nmiss = cp.empty(len(ids), np.int32), cp.full(2 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
+        P = len(ids)
+        mats, split = cp.empty(P, np.int32), cp.empty(2 * P, np.int32)
+        misses, nmiss = cp.full(2 * P, -7, np.int32), cp.zeros(1, np.int32)
         K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), layer * E, E, policy == "lfu", d["slot_of"], d["key_of"],
-                                            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, misses, nmiss)
-        want = slots[np.searchsorted(uniq, ids)]
+                                            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split, misses,
+                                            nmiss)
+        at = np.searchsorted(uniq, ids)
+        want = slots[at]
         assert np.array_equal(mats.get(), want), f"step {step}"
+        assert np.array_equal(split.get(), np.concatenate([np.where(miss[at], -1, want), np.where(miss[at], want, -1)]))
         m = int(nmiss.get()[0])
         assert misses.get()[:2 * m].reshape(m, 2).tolist() == [[int(e), int(s)] for e, s in zip(uniq[miss], slots[miss])]
         if layer == L - 1:

@@ -432,15 +432,15 @@ def pool_gemv(be, w: Weight, dev, dev2, mats, xidx, x, P, fused):
     return y
 
 
-def mapped_read_only(path, layers):
-    """The layers' tensors written to one file at odd offsets and mapped back read-only (as GGUFFile maps
-    a model): (the mapping, its uint8 array, the layers as Weights over it)."""
+def mapped_read_only(path, layers, align: int = 1):
+    """The layers' tensors written to one file at odd offsets (rounded up to `align`) and mapped back read-only
+    (as GGUFFile maps a model): (the mapping, its uint8 array, the layers as Weights over it)."""
     import mmap
     offs, pos = [], 0
     with open(path, "wb") as f:
         for ws in layers:
             for w in ws:
-                pos += 13
+                pos = -(-(pos + 13) // align) * align
                 f.seek(pos)
                 f.write(np.ascontiguousarray(w.raw).tobytes())
                 offs.append(pos)
@@ -515,6 +515,51 @@ def test_gpu_pools_match_resident_experts(t, direct, tmp_path):
     st.close()
     if direct and not n["host_registered"]:
         pytest.skip(f"CUDA refused to register the read-only mapping: {n['register_why_not']}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q8_0], ids=lambda t: t.name)
+def test_device_mode_expert_ffn_matches_resident(t, tmp_path):
+    """Decided on the device, with fast2's shapes (the hits run while the copy stream copies the misses, then
+    the misses): expert_ffn gives the resident run's bits, eager and replayed from captured graphs, with a
+    large matmul delaying the kernels of some steps (a miss read before its copy, or a copy into a slot still
+    being read, would change the bits)."""
+    import cupy as cp
+    from localmoe.backends.cuda import CUDABackend
+    rng = np.random.default_rng()
+    L, E, H, I, k = 4, 16, 256, 512, 4
+    layers = [tuple(Weight(w.raw, w.type, w.cols, f"blk.{i}.ffn_{name}_exps") for w, name in
+                    zip((quantized(rng, (E, I, H), t), quantized(rng, (E, I, H), t), quantized(rng, (E, H, I), t)),
+                        ("gate", "up", "down"))) for i in range(L)]
+    mm, data, layers = mapped_read_only(tmp_path / "experts.bin", layers, align=32)
+    bpe = sum(w.expert_nbytes() for w in layers[0])
+    streamed, resident = CUDABackend(), CUDABackend()
+    streamed.stream_experts(int(1.5 * E * bpe), L, E, "lfu", host_buffer=data, host_register=True)
+    busy = cp.asarray(rng.standard_normal((4096, 4096)).astype(np.float32))
+    weights = [cp.asarray(rng.random((3, k)).astype(np.float32)) for _ in range(L)]
+    got, want = [], []
+    for step in range(48):
+        layer, graph = step % L, step >= 16
+        n = 1 if graph else int(rng.integers(1, 4))
+        x = cp.asarray(rng.standard_normal((n, H)).astype(np.float32))
+        ids = cp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(n)]).astype(np.int32))
+        g, u, d = layers[layer]
+        w = weights[layer][:n]
+        want.append(resident.expert_ffn(g, u, d, x, ids, w))
+        if step % 3 == 0:
+            _ = busy @ busy                                           # delays what follows
+        if graph:                                                     # one key per layer: captured, then replayed
+            y = streamed.replay(("ffn", layer), lambda x, ids, g=g, u=u, d=d, w=w: streamed.expert_ffn(g, u, d, x, ids, w),
+                                x, ids)
+            got.append(y.copy())
+        else:
+            got.append(streamed.expert_ffn(g, u, d, x, ids, w))
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert np.array_equal(cp.asnumpy(a), cp.asnumpy(b)), i
+    n = streamed.streamer.stats()
+    assert n["on_device"], n["device_why_not"]
+    assert n["misses"] > 0 and n["hits"] > 0 and n["evictions"] > 0 and n["bytes_h2d"] == n["misses"] * bpe
+    streamed.close()
 
 
 def test_stats_report_the_expert_cache():

@@ -353,12 +353,16 @@ class CUDABackend:
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
         pg = pu = pd = None
-        host_decides = False
+        host_decides, copied = False, None
         if self.streamer is not None:
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
-            mats = self.streamer.lookup_on_device(layer, gate, up, down, ids2)   # kernels decide and copy
-            host_decides = mats is None
+            split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
+                     and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
+            got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, overlap=split)  # kernels decide, copy
+            host_decides = got is None
+            if not host_decides:
+                mats, halves, copied = got
         if host_decides:                       # the cache decides on the host: one device->host copy per layer
             fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
@@ -392,14 +396,22 @@ class CUDABackend:
             self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
         tok = self._ints[kt]
         # the router's kernels just wrote mats: the gate's launch cannot read it early; the down projection's can
-        if int(gate.type) == int(up.type):
+        if copied is not None:                 # decided on the device: the hits run while the misses copy, then those
+            h, yp = xp.empty((P, gate.rows), np.float32), xp.empty((P, down.rows), np.float32)
+            for i in (0, 1):
+                if i:
+                    self.streamer.join(copied)
+                self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h)
+                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp)
+        elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
                           preload=False, norm=norm)                                           # silu(g) * u, fused
         else:
             g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False)
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
-        yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
+        if copied is None:
+            yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,

@@ -791,6 +791,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
     residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
+    Products p with mats[p] < 0 are skipped (their blocks return at once, y[p] untouched): streamed experts
+    run their hits while the misses are copied, then the misses (CUDABackend.expert_ffn).
     Index arithmetic is int32 (numba's is int64: every `int32(...)` below narrows it), from two 64-bit bases
     per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
     shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses)."""
@@ -804,6 +806,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
            + (", res):" if residual else "):"),
            "    p = cuda.blockIdx.y",
+           "    if mats[p] < 0:",                       # a product this launch skips (the streamed experts' split)
+           "        return",
            "    lane = int32(cuda.threadIdx.x & 31)",
            "    warp = int32(cuda.threadIdx.x >> 5)",
            "    U = int32(cols >> 8)",
@@ -1357,38 +1361,49 @@ CLOCK, FILLED, LOOKUP_NO, LOOKUPS, HITS, MISSES, EVICTIONS = range(7)
 CACHE_STATE = 8            # int64 words of the state array (one spare)
 
 
+CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
+
+
+@cuda.jit(device=True, inline=True)
+def _better(s1, l1, i1, s2, l2, i2):
+    """(s2, l2) ranks before (s1, l1) for eviction (a lower score, then an older last use; i < 0: none)."""
+    return i2 >= 0 and (i1 < 0 or s2 < s1 or (s2 == s1 and l2 < l1))
+
+
 @cuda.jit
-def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, miss, nmiss):
+def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss, nmiss):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [P] a router kernel just wrote, base =
-    layer * E: hits (ascending ids) are used and pinned; each miss takes the lowest never-filled slot, else
-    the victim (the unpinned slot with the lowest (score, last); LRU: lowest last), evicting its key.
-    Writes mats [P] (each id's slot: the expert kernels' matrix indices) and the misses as (expert, slot)
-    pairs in miss, their count in nmiss[0], for expert_copy_kernel. One thread keeps the books; the
-    block finds each victim (a tree reduction over the slots)."""
+    layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
+    the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
+    Writes mats [P] (each id's slot: the expert kernels' matrix indices), split [2, P] (the same, -1 except
+    at the hits; -1 except at the misses: for launches that skip the others), and the misses as (expert,
+    slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
+    slots from registers (one load each), so a victim costs a block-wide argmin, not a pass over memory."""
     grid_dependency()
     tid = cuda.threadIdx.x
+    lane, warp = tid & 31, tid >> 5
     S = key_of.shape[0]
     mark = cuda.shared.array(MAX_EXPERTS, int32)
-    order = cuda.shared.array(MAX_EXPERTS, int32)
-    hit = cuda.shared.array(MAX_EXPERTS, int32)
-    rs = cuda.shared.array(THREADS, float64)
-    rl = cuda.shared.array(THREADS, int64)
-    ri = cuda.shared.array(THREADS, int32)
+    order = cuda.shared.array(MAX_EXPERTS, int32)     # the distinct ids, ascending
+    hit = cuda.shared.array(MAX_EXPERTS, int32)       # ... their slots (-1: a miss)
+    rank = cuda.shared.array(MAX_EXPERTS, int32)      # ... their place among the hits, or among the misses
+    slot = cuda.shared.array(MAX_EXPERTS, int32)      # the k-th miss's slot
     cnt = cuda.shared.array(EXPERTS_PER_LANE, int32)  # ids set per 32-expert chunk
-    sv = cuda.shared.array(4, int64)          # distinct ids, filled slots, misses so far, this lookup's number
+    ws = cuda.shared.array(WARPS, float64)            # each warp's best candidate
+    wl = cuda.shared.array(WARPS, int64)
+    wi = cuda.shared.array(WARPS, int32)
+    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, clock, filled, lookup number
     for e in range(tid, E, THREADS):
         mark[e] = 0
     cuda.syncthreads()
     for p in range(tid, ids.shape[0], THREADS):
         mark[ids[p]] = 1
     cuda.syncthreads()
-    lane, warp = tid & 31, tid >> 5
     nch = (E + 31) >> 5
-    for c in range(warp, nch, WARPS):         # the distinct ids in ascending order: ballots and a prefix count
+    below = (1 << lane) - 1
+    for c in range(warp, nch, WARPS):                 # the distinct ids in order: ballots and a prefix count
         e = c * 32 + lane
-        b = cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0)
-        if lane == 0:
-            cnt[c] = cuda.popc(b)
+        cnt[c] = cuda.popc(cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0))
     cuda.syncthreads()
     for c in range(warp, nch, WARPS):
         e = c * 32 + lane
@@ -1397,85 +1412,108 @@ def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, st
         for j in range(c):
             at += cnt[j]
         if e < E and mark[e] != 0:
-            i = at + cuda.popc(b & ((1 << lane) - 1))
+            i = at + cuda.popc(b & below)
             order[i] = e
             hit[i] = slot_of[base + e]
-    if tid == 0:
+    cuda.syncthreads()
+    if warp == 0:                                     # ranks among the hits and among the misses
         nd = 0
         for j in range(nch):
             nd += cnt[j]
-        sv[0] = nd
-        sv[1] = state[FILLED]
-        sv[2] = 0
-        sv[3] = state[LOOKUP_NO] + 1
+        nh, nm = 0, 0
+        for c in range(0, nd, 32):
+            i = c + lane
+            h = i < nd and hit[i] >= 0
+            m = i < nd and hit[i] < 0
+            bh = cuda.ballot_sync(0xffffffff, h)
+            bm = cuda.ballot_sync(0xffffffff, m)
+            if h:
+                rank[i] = nh + cuda.popc(bh & below)
+            if m:
+                rank[i] = nm + cuda.popc(bm & below)
+            nh += cuda.popc(bh)
+            nm += cuda.popc(bm)
+        if lane == 0:
+            sv[0], sv[1], sv[2] = nd, nh, nm
+            sv[3], sv[4], sv[5] = state[CLOCK], state[FILLED], state[LOOKUP_NO] + 1
     cuda.syncthreads()
-    nd, lk = sv[0], sv[3]
+    nd, nh, nm, clock, filled, lk = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5]
     w = wt[0]
-    if tid == 0:                               # the hits, in order: used (and pinned before any eviction)
-        clock = state[CLOCK]
-        for i in range(nd):
-            s = hit[i]
-            if s >= 0:
-                if lfu:
-                    score[base + order[i]] += w
-                clock += 1
-                last[s] = clock
-                pin[s] = lk
-        state[CLOCK] = clock
+    for i in range(tid, nd, THREADS):                 # the hits: used in order, pinned before any eviction
+        s = hit[i]
+        if s >= 0:
+            if lfu:
+                score[base + order[i]] += w
+            last[s] = clock + 1 + rank[i]
+            pin[s] = lk
+    free = S - filled
+    for j in range(tid, min(nm, free), THREADS):      # the first misses take the never-filled slots
+        slot[j] = filled + j
     cuda.syncthreads()
-    for i in range(nd):                        # the misses, in order (a uniform branch: hit[] is shared)
-        if hit[i] >= 0:
-            continue
-        if sv[1] < S:
-            s = sv[1]
-        else:
-            bs, bl, bi = math.inf, int64(0x7FFFFFFFFFFFFFFF), int32(-1)
-            for t in range(tid, S, THREADS):
-                if pin[t] != lk:
-                    sc = score[key_of[t]] if lfu else 0.0
-                    la = last[t]
-                    if sc < bs or (sc == bs and la < bl):
-                        bs, bl, bi = sc, la, t
-            rs[tid], rl[tid], ri[tid] = bs, bl, bi
+    if nm > free:                                     # the rest evict: the smallest unpinned (score, last)
+        cs = cuda.local.array(CANDIDATES, float64)
+        cl = cuda.local.array(CANDIDATES, int64)
+        for c in range(CANDIDATES):
+            t = tid + c * THREADS
+            cl[c] = -1
+            if t < filled and pin[t] != lk:                # filled slots this lookup's hits did not pin
+                cs[c] = score[key_of[t]] if lfu else 0.0
+                cl[c] = last[t]
+        for j in range(max(free, 0), nm):
+            bs, bl, bi = math.inf, int64(0), int32(-1)
+            for c in range(CANDIDATES):
+                if cl[c] >= 0 and _better(bs, bl, bi, cs[c], cl[c], 0):
+                    bs, bl, bi = cs[c], cl[c], int32(tid + c * THREADS)
+            for o in (16, 8, 4, 2, 1):
+                os_ = cuda.shfl_xor_sync(0xffffffff, bs, o)
+                ol = cuda.shfl_xor_sync(0xffffffff, bl, o)
+                oi = cuda.shfl_xor_sync(0xffffffff, bi, o)
+                if _better(bs, bl, bi, os_, ol, oi):
+                    bs, bl, bi = os_, ol, oi
+            if lane == 0:
+                ws[warp], wl[warp], wi[warp] = bs, bl, bi
             cuda.syncthreads()
-            h = THREADS // 2
-            while h > 0:
-                if tid < h:
-                    o = tid + h
-                    if ri[o] >= 0 and (ri[tid] < 0 or rs[o] < rs[tid] or (rs[o] == rs[tid] and rl[o] < rl[tid])):
-                        rs[tid], rl[tid], ri[tid] = rs[o], rl[o], ri[o]
-                cuda.syncthreads()
-                h //= 2
-            s = ri[0]
-        cuda.syncthreads()
-        if tid == 0:
-            if sv[1] < S:
-                sv[1] += 1
-            else:
-                slot_of[key_of[s]] = -1
-                state[EVICTIONS] += 1
+            bs, bl, bi = ws[0], wl[0], wi[0]
+            for u in range(1, WARPS):
+                if _better(bs, bl, bi, ws[u], wl[u], wi[u]):
+                    bs, bl, bi = ws[u], wl[u], wi[u]
+            if bi % THREADS == tid:
+                cl[bi // THREADS] = -1                # taken
+            if tid == 0:
+                slot[j] = bi
+            cuda.syncthreads()
+    for i in range(tid, nd, THREADS):                 # the misses: placed in order, in parallel
+        if hit[i] < 0:
+            j = rank[i]
+            s = slot[j]
             k = base + order[i]
+            if j >= free:
+                slot_of[key_of[s]] = -1
             slot_of[k] = s
             key_of[s] = k
             if lfu:
                 score[k] += w
-            state[CLOCK] += 1
-            last[s] = state[CLOCK]
+            last[s] = clock + 1 + nh + j
             pin[s] = lk
-            m = sv[2]
-            miss[2 * m] = order[i]
-            miss[2 * m + 1] = s
-            sv[2] = m + 1
-        cuda.syncthreads()
-    for p in range(tid, ids.shape[0], THREADS):
-        mats[p] = slot_of[base + ids[p]]
+            miss[2 * j] = order[i]
+            miss[2 * j + 1] = s
+    cuda.syncthreads()
+    P = ids.shape[0]
+    for p in range(tid, P, THREADS):
+        s = slot_of[base + ids[p]]
+        mats[p] = s
+        fresh = pin[s] == lk and last[s] > clock + nh
+        split[p] = -1 if fresh else s
+        split[P + p] = s if fresh else -1
     if tid == 0:
-        nmiss[0] = sv[2]
-        state[FILLED] = sv[1]
+        nmiss[0] = nm
+        state[CLOCK] = clock + nd
+        state[FILLED] = min(S, filled + nm)
         state[LOOKUP_NO] = lk
         state[LOOKUPS] += nd
-        state[MISSES] += sv[2]
-        state[HITS] += nd - sv[2]
+        state[HITS] += nh
+        state[MISSES] += nm
+        state[EVICTIONS] += max(0, nm - free)
 
 
 @cuda.jit(device=True, inline=True)

@@ -229,29 +229,42 @@ class ExpertStreamer:
         """The compute stream runs nothing more until `publish` has set `flag` to value or later (no host wait)."""
         self._wait_flag(flag, value)
 
-    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids):
+    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, overlap: bool = False):
         """The device mode: enqueue on the compute stream the cache's lookup of `ids` (the int32 device array a
-        router kernel wrote: nothing waits for the host) and the copies of its misses, both by kernels
-        (kernels.cache_lookup_kernel, expert_copy_kernel); returns the device int32 array of each id's slot
-        (fixed per layer and size: a captured step replays it). None when the host decides (`fetch`)."""
+        router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
+        (kernels.cache_lookup_kernel, expert_copy_kernel). overlap: the copies go to the copy stream (after the
+        lookup), so the compute stream can run the hits meanwhile; it must `join` the returned event before it
+        reads the misses. Returns the device int32 arrays (fixed per layer and size: a captured step replays
+        them) mats (each id's slot) and split [2, ids.size] (only the hits' slots; only the misses'), and that
+        event (None without overlap); None when the host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
         K, xp = self.be.K, self.xp
         flat = ids.reshape(-1)
-        bufs = self._bufs.get((layer, flat.size))
+        P = flat.size
+        bufs = self._bufs.get((layer, P))
         if bufs is None:
-            bufs = self._bufs[(layer, flat.size)] = (xp.empty(flat.size, np.int32), xp.empty(2 * flat.size, np.int32),
-                                                     xp.zeros(1, np.int32))
-        mats, miss, nmiss = bufs
+            bufs = self._bufs[(layer, P)] = (xp.empty(P, np.int32), xp.empty((2, P), np.int32),
+                                             xp.empty(2 * P, np.int32), xp.zeros(1, np.int32))
+        mats, split, miss, nmiss = bufs
         d = self._dstate
         K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
             flat, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"], d["key_of"],
-            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, miss, nmiss)
-        K.expert_copy_kernel[2 * self.be.sms, K.THREADS, K.STREAM[0]](
+            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
+        done = None
+        if overlap:
+            self._wait(self._record(on_copy=False), on_copy=True)
+        K.expert_copy_kernel[2 * self.be.sms, K.THREADS, self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
+        if overlap:
+            done = self._record(on_copy=True)
         self.be.launches += 2
-        return mats
+        return mats, split, done
+
+    def join(self, done) -> None:
+        """The compute stream waits (on the device) for the copies `lookup_on_device(overlap=True)` enqueued."""
+        self._wait(done, on_copy=False)
 
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
@@ -406,6 +419,8 @@ class ExpertStreamer:
         if self.cache.capacity < self.n_experts:
             return (f"the pool's {self.cache.capacity} slots hold fewer than a layer's {self.n_experts} experts "
                     f"(a lookup could find every slot pinned)")
+        if self.cache.capacity > self.be.K.CANDIDATES * self.be.K.THREADS:
+            return f"{self.cache.capacity} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
         if self.n_experts > self.be.K.MAX_EXPERTS:
             return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
         if any(m % 16 for m in self.mat_bytes):
@@ -414,6 +429,8 @@ class ExpertStreamer:
             return f"the file is not mapped for kernels ({self.register_why_not or 'registered without the mapped flag'})"
         if not all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes)):
             return "the experts are not contiguous inside the registered file"
+        if any(_address(w.raw) % 16 for w in ws):
+            return "the experts do not start at 16-byte boundaries in the file"
         return ""
 
     def _setup_device(self) -> None:
@@ -421,7 +438,8 @@ class ExpertStreamer:
         self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
         self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
         self._words = tuple(m // 4 for m in self.mat_bytes)
-        self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, misses and their count
+        self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
+        self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
         self.on_device = True
 
     def _mapped_sources(self, layer: int, ws) -> tuple[int, ...]:
