@@ -12,7 +12,10 @@ each as GB/s of host bytes moved and as a share of the pinned DMA:
    read-only), which is how the model's GGUF is held;
 4. fast2's expert kernels (fused gate+up, and down) with their weights in that mapped file: 4 experts
    of Small 4's Q4_0 shape per launch;
-5. the DMA and the copy kernel at once (do they add up, or share the link?).
+5. the DMA and the copy kernel at once (do they add up, or share the link?);
+6. with --gguf PATH (e.g. the full-scale Small 4 file on a tmpfs): what a streamed layer's misses cost, 1-4
+   random experts (three 4.7 MB matrices each, anywhere in the registered file) per "layer", copied by
+   kernels.expert_copy_kernel at several grid sizes and by cudaMemcpyAsync DMAs of the same matrices.
 """
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--file-gib", type=float, default=2.0)
     ap.add_argument("--dir", default="/dev/shm")
+    ap.add_argument("--gguf", help="a large file to read random expert-sized pieces from (section 6)")
     args = ap.parse_args()
     ok, why = available()
     if not ok:
@@ -200,6 +204,52 @@ def main() -> None:
     del fsrc, mm
     os.close(fd)
     os.unlink(path)
+    if args.gguf:
+        layer_misses(cp, K, rng, args.gguf, dma, sms)
+
+
+def layer_misses(cp, K, rng, path: str, dma: float, sms: int) -> None:
+    """Section 6: copy m random experts' matrices from the registered file per call, by kernel and by DMA."""
+    rt = cp.cuda.runtime
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    arr = np.frombuffer(mm, np.uint8)
+    addr = arr.__array_interface__["data"][0]
+    rt.hostRegister(addr, size, REGISTER_MAPPED | REGISTER_READ_ONLY)
+    mb = 4096 * 2048 // 32 * 18                           # a Small 4 Q4_0 expert matrix
+    third = size // 3 // 4096 * 4096
+    n = third // mb                                       # experts per region (one region per matrix)
+    S = 16
+    pools = [cp.empty(S * mb // 4, np.uint32) for _ in range(3)]
+    words = (mb // 4,) * 3
+    srcs = [addr + j * third for j in range(3)]
+    st = cp.cuda.get_current_stream()
+    print(f"6. random experts from {path} ({size / 2 ** 30:.1f} GiB, registered): GB/s per layer of m misses")
+    for m in (1, 2, 3, 4):
+        pairs = [np.array([(int(e), s) for s, e in enumerate(rng.choice(n, m, replace=False))], np.int32).reshape(-1)
+                 for _ in range(24)]
+        lists = [cp.asarray(p) for p in pairs]
+        cnt = cp.asarray(np.array([m], np.int32))
+        it = iter(range(10 ** 9))
+        row = []
+        for per_sm in (1, 2, 4, 8):
+            s = timed(cp, lambda: K.expert_copy_kernel[per_sm * sms, K.THREADS](
+                lists[next(it) % 24], cnt, *srcs, *pools, words), 10)
+            row.append(f"kernel {per_sm}/SM {3 * m * mb / s / 1e9:5.1f}")
+
+        def by_dma():
+            p = pairs[next(it) % 24].reshape(-1, 2)
+            for e, sl in p.tolist():
+                for j in range(3):
+                    rt.memcpyAsync(pools[j].data.ptr + sl * mb, srcs[j] + e * mb, mb, rt.memcpyHostToDevice, st.ptr)
+        s = timed(cp, by_dma, 10)
+        row.append(f"DMA {3 * m * mb / s / 1e9:5.1f}")
+        print(f"   {m} misses ({3 * m * mb / 1e6:.0f} MB): " + ", ".join(row) + f"  (pinned DMA yardstick {dma:.1f})")
+    rt.hostUnregister(addr)
+    del arr
+    mm.close()
+    os.close(fd)
 
 
 if __name__ == "__main__":
