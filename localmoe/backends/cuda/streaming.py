@@ -255,7 +255,8 @@ class ExpertStreamer:
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
-        K.expert_copy_kernel[2 * self.be.sms, K.THREADS, self._copy_launch if overlap else K.STREAM[0]](
+        # one block an SM (as fast as more, bench_zero_copy.py): it fits beside a gemv's block, which two do not
+        K.expert_copy_kernel[self.be.sms, K.THREADS, self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
         if overlap:
             done = self._record(on_copy=True)
