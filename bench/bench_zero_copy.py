@@ -212,10 +212,11 @@ def graph_seconds(cp, enqueue, n: int) -> float:
     """GPU seconds per call of enqueue(i, stream) for i < n, captured into one CUDA graph and replayed (no host
     launch latency in the time, as in a captured decode step); best of 3 replays."""
     st = cp.cuda.Stream(non_blocking=True)
-    st.begin_capture()
-    for i in range(n):
-        enqueue(i, st)
-    g = st.end_capture()
+    with st:                          # current: cupy's waits for numba's launch arguments stay inside the capture
+        st.begin_capture()
+        for i in range(n):
+            enqueue(i, st)
+        g = st.end_capture()
     g.launch(st)
     st.synchronize()
     best = float("inf")

@@ -132,7 +132,8 @@ class Stats:
             d.update(cache_hit_rate=hits / max(1, hits + misses), cache_slots=c["slots"],
                      bytes_h2d=c["bytes_h2d"], bytes_h2d_per_token=c["bytes_h2d"] / max(1, self.tokens))
             if "host_registered" in c:
-                d.update(cache_direct_dma=c["host_registered"], cache_register_why_not=c["register_why_not"])
+                d.update(cache_direct_dma=c["host_registered"], cache_register_why_not=c["register_why_not"],
+                         cache_on_device=c.get("on_device", False))
         return d
 
     def cache_line(self) -> str:
@@ -142,8 +143,9 @@ class Stats:
         d = self.as_dict()
         how = ""
         if "cache_direct_dma" in d:
-            how = "; direct DMA from the mapped file" if d["cache_direct_dma"] else \
-                f"; staged ({d['cache_register_why_not']})"
+            how = ("; decided and copied by GPU kernels from the mapped file" if d["cache_on_device"] else
+                   "; direct DMA from the mapped file" if d["cache_direct_dma"] else
+                   f"; staged ({d['cache_register_why_not']})")
         return (f"expert cache: {d['cache_slots']} slots, hit rate {d['cache_hit_rate']:.1%}, host->GPU "
                 f"{d['bytes_h2d_per_token'] / 2 ** 20:.1f} MiB/token ({d['bytes_h2d'] / 2 ** 30:.2f} GiB in all){how}")
 
