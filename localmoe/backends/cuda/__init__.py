@@ -190,12 +190,13 @@ class CUDABackend:
 
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
-             preload: bool = True, norm=None, residual=None):
+             preload: bool = True, norm=None, residual=None, skip: bool = False):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
         x rows with first (kernels.norm_ok shapes); residual [P, rows]: added to y, in the same launch where
-        the kernel can (kernels.residual_ok), else by one more."""
+        the kernel can (kernels.residual_ok), else by one more; skip: leave out the products with mats[p] < 0
+        (their rows of y are not written; fast2 shapes)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)[0]
@@ -207,7 +208,7 @@ class CUDABackend:
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
-                           fused=fused, preload=preload, norm=norm, residual=residual if own else None)
+                           fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip)
         self.launches += 1
         if residual is not None and not own:
             y += residual
@@ -401,8 +402,9 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
-                self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h)
-                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp)
+                self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
+                          skip=True)
+                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True)
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
                           preload=False, norm=norm)                                           # silu(g) * u, fused

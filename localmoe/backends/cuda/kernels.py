@@ -485,17 +485,19 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None, residual=None):
+                norm=None, residual=None, skip=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
     loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
-    first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only."""
+    first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only; skip: the
+    products with mats[p] < 0 are left out (fast2 shapes only)."""
     assert norm is None or norm_ok(qt, cols, fused)
+    assert not skip or fast2_ok(qt, cols)
     assert residual is None or residual_ok(qt, cols, fused)
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
-                            norm=norm, residual=residual)
+                            norm=norm, residual=residual, skip=skip)
     if f32rows_ok(qt, cols, fused):
         return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
@@ -784,15 +786,16 @@ X_LOADS = 8                # fast2: x values a lane loads before quantizing them
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                residual: bool = False):
+                residual: bool = False, skip: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
     residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
-    Products p with mats[p] < 0 are skipped (their blocks return at once, y[p] untouched): streamed experts
-    run their hits while the misses are copied, then the misses (CUDABackend.expert_ffn).
+    skip: products p with mats[p] < 0 are left out (their blocks return at once, y[p] untouched): streamed
+    experts run their hits while the misses are copied, then the misses (CUDABackend.expert_ffn). Only that
+    variant tests it: the test would put the mats load in front of every other load of the kernel.
     Index arithmetic is int32 (numba's is int64: every `int32(...)` below narrows it), from two 64-bit bases
     per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
     shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses)."""
@@ -805,14 +808,13 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     accs = ["acc"] + (["acc2"] if fused else [])
     src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
            + (", res):" if residual else "):"),
-           "    p = cuda.blockIdx.y",
-           "    if mats[p] < 0:",                       # a product this launch skips (the streamed experts' split)
-           "        return",
-           "    lane = int32(cuda.threadIdx.x & 31)",
-           "    warp = int32(cuda.threadIdx.x >> 5)",
-           "    U = int32(cols >> 8)",
-           "    total = int32(rows * U)",              # units in a matrix (< 2^31: its words are < 2^32 * 4)
-           "    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
+           "    p = cuda.blockIdx.y"]
+    src += ["    if mats[p] < 0:", "        return"] if skip else []
+    src += ["    lane = int32(cuda.threadIdx.x & 31)",
+            "    warp = int32(cuda.threadIdx.x >> 5)",
+            "    U = int32(cols >> 8)",
+            "    total = int32(rows * U)",              # units in a matrix (< 2^31: its words are < 2^32 * 4)
+            "    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
     if preload:
         src += [
             f"    t0 = int32(cuda.blockIdx.x * {warps} + warp)",
@@ -984,10 +986,10 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                 residual: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload, norm, residual)
+                 residual: bool = False, skip: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload, norm, residual, skip)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual, skip)
     return _CACHE[key]
 
 
@@ -1008,10 +1010,11 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None, residual=None):
+                 bps=None, preload=False, norm=None, residual=None, skip=False):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
-    (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only)."""
+    (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); skip: products with mats[p] < 0
+    are left out."""
     if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
         raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
@@ -1020,7 +1023,7 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     bps = bps or cfg["bps"][fused]
     U = cols // 256
     kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
-                        norm is not None, residual is not None)
+                        norm is not None, residual is not None, skip)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
