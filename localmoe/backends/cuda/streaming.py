@@ -47,6 +47,20 @@ segment is already enqueued behind a device-side wait: `publish` writes the slot
 copy stream, behind the layer's copies, and `await_published` is the compute stream's wait for the flag, so
 rule 1 holds without a host wait; the event of rule 2 is then one the caller recorded ahead (`readers_done`).
 
+The device mode (the default where it can run, `device_why_not` says why not): kernels decide and copy, so
+the host is out of the loop and a streamed decode step is one captured graph like a resident one. The file
+is registered mapped as well as read-only, so the SMs can read it. Per MoE layer, on the compute stream:
+- kernels.cache_lookup_kernel makes ExpertCache's LRU/LFU choices from the router's ids in device arrays
+  (`device_cache_state`), and writes each id's slot, the slots split into hits and misses, and the misses;
+- kernels.expert_copy_kernel copies the misses' matrices from the mapped file into their slots. With the
+  `overlap`, it runs on the copy stream: the layer's hits (and the shared expert) run meanwhile, and the
+  misses after the compute stream waits for it.
+Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
+layer's kernels are done before the lookup starts. LFU ages by cache_tick_kernel after each step. Kernel
+copies read random experts at ~95% of a DMA's rate (bench/bench_zero_copy.py), and the host's ~130 us per
+layer of deciding is gone. Policy "hot", a pool smaller than a layer's experts, or an unmapped file keep
+the host's decisions above; prefetch is a host-mode feature.
+
 The device operations are the few `_methods` at the end, so tests/test_expert_streamer.py can run all
 of the above on the CPU with a simulated copy stream. Nothing here imports cupy at module level.
 """
