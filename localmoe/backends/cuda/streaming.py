@@ -209,9 +209,7 @@ class ExpertStreamer:
         recorded on the compute stream behind the kernels that read the previous fetch's slots (else one is
         recorded now); the compute stream is then not made to wait here: the caller's `publish` and
         `await_published` order it after the copies (rule 1)."""
-        ws = self._check(layer, gate, up, down)
-        if self.on_device:
-            raise RuntimeError("this streamer's cache is decided on the device (lookup_on_device)")
+        ws = self._host_decides(layer, gate, up, down)
         ids = np.asarray(ids_host)
         uniq, inv = _distinct(ids)
         self._release_previous(readers_done)
@@ -284,11 +282,11 @@ class ExpertStreamer:
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
         here (the host only if all staging buffers are busy). The cache chooses which are loaded."""
-        self._load(self._check(layer, gate, up, down), layer, ids_host, self.cache.prefetch)
+        self._load(self._host_decides(layer, gate, up, down), layer, ids_host, self.cache.prefetch)
 
     def admit(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Load experts outside the demand path, e.g. the hot policy's `cache.hot_keys` at start."""
-        self._load(self._check(layer, gate, up, down), layer, ids_host, self.cache.admit)
+        self._load(self._host_decides(layer, gate, up, down), layer, ids_host, self.cache.admit)
 
     def end_token(self, n: int = 1) -> None:
         """A token (or a prefill batch of n) passed every layer: per-token counters, LFU aging."""
@@ -311,8 +309,7 @@ class ExpertStreamer:
         if self.on_device:                        # the device's counters (the host's cache only gave the size)
             c = dict(zip(("clock", "filled", "lookup_no", "lookups", "hits", "misses", "evictions"),
                          self._dstate["state"].get().tolist()))
-            moved = c["misses"] * sb
-            h2d = direct = moved + self.bytes_h2d
+            h2d = direct = moved = c["misses"] * sb
             n.update(lookups=c["lookups"], hits=c["hits"], misses=c["misses"], evictions=c["evictions"],
                      bytes_demand=moved, bytes_moved=moved, resident=c["filled"],
                      hit_rate=c["hits"] / c["lookups"] if c["lookups"] else float("nan"))
@@ -422,6 +419,14 @@ class ExpertStreamer:
                 return (f"the file ({self._host.nbytes / GiB:.1f} GiB) is more than the RAM it may pin "
                         f"({room / GiB:.1f} GiB: MemTotal less max(8 GiB, 25%))")
         return ""
+
+    def _host_decides(self, layer: int, *ws: Weight) -> tuple[Weight, ...]:
+        """_check, for the host's decisions (fetch, prefetch, admit): an error in the device mode, whose cache
+        lives on the device (the host's ExpertCache would go out of step with it)."""
+        ws = self._check(layer, *ws)
+        if self.on_device:
+            raise RuntimeError("this streamer's cache is decided on the device (lookup_on_device)")
+        return ws
 
     def _device_why_not(self, ws) -> str:
         """'' when the device mode can run (after the pools and the registration), else why not."""
