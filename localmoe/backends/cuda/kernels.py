@@ -20,6 +20,9 @@ Three kernel families:
     for odd shapes of tiny test models.
 fast2 quantizes activations to int16 per 32-block exactly as the CPU kernels do; fast and generic
 accumulate float32 activations.
+Streamed experts decided on the device (streaming.py): cache_lookup_kernel (localmoe/cache.py's choices,
+from the router's ids), expert_copy_kernel (the misses read from the mapped file by the SMs) and
+cache_tick_kernel (LFU's aging), at the end.
 """
 from __future__ import annotations
 
