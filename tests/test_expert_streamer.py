@@ -130,14 +130,14 @@ class SimStreamer(ExpertStreamer):
 
 class Blob:
     """One uint8 array standing in for the mapped GGUF: random tensors carved from it back to back, each at
-    an odd offset (tensors in a file share pages); the file's `data`."""
+    an odd offset (tensors in a file share pages), rounded up to `align`; the file's `data`."""
 
-    def __init__(self, nbytes: int):
-        self.data, self.used = np.zeros(nbytes, np.uint8), 0
+    def __init__(self, nbytes: int, align: int = 1):
+        self.data, self.used, self.align = np.zeros(nbytes, np.uint8), 0, align
 
     def __call__(self, rng, shape):
         n = int(np.prod(shape))
-        self.used += 13
+        self.used = -(-(self.used + 13) // self.align) * self.align
         a = self.data[self.used:self.used + n].reshape(shape)
         a[...] = rng.integers(0, 256, shape, dtype=np.uint8)
         self.used += n
@@ -362,6 +362,46 @@ def test_weights_outside_the_registered_file_are_staged():
     assert direct_loads * bpe == n["bytes_direct"]
     assert all(np.shares_memory(op[3], blob.data) for op in st.queue if op[0] == "copy"
                and not any(np.shares_memory(op[3], b) for b in st._stage))
+
+
+class MappedSim(SimStreamer):
+    """SimStreamer whose registered file the GPU could read (a mapped registration): only the device mode's
+    preconditions are left to refuse it."""
+
+    def _device_pointer(self, start):
+        return start
+
+
+@pytest.mark.parametrize("case", ["no kernels", "off", "hot", "small pool", "unmapped", "strided", "unaligned"])
+def test_the_device_mode_says_why_not_and_the_host_decides(case):
+    """Where the kernels cannot decide (no kernels, turned off, policy "hot", a pool smaller than a layer's
+    experts, a file not mapped for kernels, experts not contiguous or not 16-byte aligned in it), the streamer
+    says why in its stats and the host's path serves the fetches."""
+    rng = np.random.default_rng(9)
+    be = FAKE_BE if case == "no kernels" else SimpleNamespace(
+        xp=np, K=SimpleNamespace(fast_ok=FAKE_BE.K.fast_ok, cache_lookup_kernel=None, CANDIDATES=32, THREADS=256,
+                                 MAX_EXPERTS=512))
+    E, blob = 8, Blob(1 << 20, align=1 if case == "unaligned" else 32)
+    if case == "strided":                      # gate and up: views of one fused tensor (random_layer's layout)
+        layers = [random_layer(rng, E=E, blob=blob) for _ in range(2)]
+    else:
+        layers = [(Weight(blob(rng, (E, 64, 136)), Q8, 128, "gate"), Weight(blob(rng, (E, 64, 136)), Q8, 128, "up"),
+                   Weight(blob(rng, (E, 128, 68)), Q8, 64, "down")) for _ in range(2)]
+    bpe = sum(w.raw[0].nbytes for w in layers[0])
+    kw = dict(host_buffer=blob.data, host_register=True, on_device=False if case == "off" else None)
+    if case == "hot":
+        kw.update(policy="hot", hot_counts=rng.integers(0, 50, (2, E)))
+    cls = SimStreamer if case == "unmapped" else MappedSim
+    st = cls(be, (E // 2 if case == "small pool" else 2 * E) * bpe, 2, E, **kw)
+    ids = np.array([[1, 5, 6]])
+    *pools, slots = st.fetch(0, *layers[0], ids)
+    check_slots(layers[0], pools, ids, slots)
+    n = st.stats()
+    why = {"no kernels": "no device kernels", "off": "turned off", "hot": "policy 'hot' decides on the host",
+           "small pool": "fewer than a layer's 8 experts", "unmapped": "not mapped for kernels",
+           "strided": "not contiguous", "unaligned": "16-byte boundaries"}[case]
+    assert not n["on_device"] and why in n["device_why_not"], n["device_why_not"]
+    assert n["host_registered"]
 
 
 def test_pinnable_bytes_leaves_a_quarter_or_8_gib():
