@@ -251,17 +251,20 @@ class ExpertCache:
         """Zero the counters; the pool keeps its contents."""
         self._n = dict.fromkeys(COUNTERS, 0)
 
-    def stats(self) -> dict:
+    def stats(self, kept: dict | None = None) -> dict:
         """The counters, and derived rates: hit_rate (of demand lookups; prefetched entries found
-        resident count as hits, and as prefetch_hits), per-token figures over `tokens` (end_token calls)."""
-        n = dict(self._n)
+        resident count as hits, and as prefetch_hits), per-token figures over `tokens` (end_token calls).
+        kept: counters (and `resident`) kept elsewhere, in place of this cache's (the GPU's, when kernels
+        make these decisions: backends/cuda/streaming.py)."""
+        n = dict(self._n, resident=len(self._slot))
+        n.update(kept or {})
         n["bytes_moved"] = n["bytes_demand"] + n["bytes_prefetch"] + n["bytes_admit"]
         n["hit_rate"] = n["hits"] / n["lookups"] if n["lookups"] else float("nan")
         n["prefetch_accuracy"] = n["prefetch_hits"] / n["prefetch_loads"] if n["prefetch_loads"] else float("nan")
         t = n["tokens"]
         for k in ("misses", "prefetch_loads", "bytes_demand", "bytes_prefetch", "bytes_moved"):
             n[f"{k}_per_token"] = n[k] / t if t else float("nan")
-        n["resident"], n["capacity"] = len(self._slot), self.capacity
+        n["capacity"] = self.capacity
         return n
 
     def _k(self, layer: int, e: int) -> int:

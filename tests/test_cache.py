@@ -305,3 +305,17 @@ def test_for_budget_and_table():
     slots, _ = c.lookup(1, [2, 0])
     t = c.table()
     assert t.shape == (2, 4) and t[1, 2] == slots[0] and t[1, 0] == slots[1] and (t >= 0).sum() == 2
+
+
+def test_stats_of_counters_kept_elsewhere():
+    """stats(kept): the GPU's counters (the device mode) replace the cache's own, and the rates follow from them."""
+    c = ExpertCache(4, 2, 8, "lfu", bytes_per_expert=10)
+    c.lookup(0, [1, 2])
+    c.end_token()
+    c.end_token()
+    n = c.stats(dict(lookups=20, hits=15, misses=5, evictions=1, bytes_demand=50, resident=4))
+    assert (n["lookups"], n["hits"], n["misses"], n["evictions"], n["resident"]) == (20, 15, 5, 1, 4)
+    assert n["hit_rate"] == 0.75 and n["bytes_moved"] == 50 and n["bytes_moved_per_token"] == 25
+    assert n["misses_per_token"] == 2.5 and n["tokens"] == 2 and n["capacity"] == 4
+    own = c.stats()
+    assert (own["lookups"], own["misses"], own["resident"]) == (2, 2, 2)

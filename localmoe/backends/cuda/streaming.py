@@ -302,20 +302,16 @@ class ExpertStreamer:
         those, DMA'd straight from the registered file), host_waits (staging buffer still in flight), slots,
         slot_bytes (one expert), pool_bytes, staging_bytes; host_registered, register_s (the registration's
         seconds), register_why_not ('' when registered)."""
-        n = self.cache.stats() if self.cache is not None else {}
-        slots = self.cache.capacity if self.cache is not None else 0
         sb = getattr(self, "slot_bytes", 0)
-        h2d, direct = self.bytes_h2d, self.bytes_direct
-        if self.on_device:                        # the device's counters (the host's cache only gave the size)
+        h2d, direct, kept = self.bytes_h2d, self.bytes_direct, None
+        if self.on_device:                        # the device's counters (the host's cache only counts tokens)
             c = dict(zip(("clock", "filled", "lookup_no", "lookups", "hits", "misses", "evictions"),
                          self._dstate["state"].get().tolist()))
-            h2d = direct = moved = c["misses"] * sb
-            n.update(lookups=c["lookups"], hits=c["hits"], misses=c["misses"], evictions=c["evictions"],
-                     bytes_demand=moved, bytes_moved=moved, resident=c["filled"],
-                     hit_rate=c["hits"] / c["lookups"] if c["lookups"] else float("nan"))
-            t = n["tokens"]
-            for k, v in (("misses", c["misses"]), ("bytes_demand", moved), ("bytes_moved", moved)):
-                n[f"{k}_per_token"] = v / t if t else float("nan")
+            h2d = direct = c["misses"] * sb
+            kept = dict(lookups=c["lookups"], hits=c["hits"], misses=c["misses"], evictions=c["evictions"],
+                        bytes_demand=h2d, resident=c["filled"])
+        n = self.cache.stats(kept) if self.cache is not None else {}
+        slots = self.cache.capacity if self.cache is not None else 0
         n.update(bytes_h2d=h2d, bytes_direct=direct, host_waits=self.host_waits, slots=slots,
                  slot_bytes=sb, pool_bytes=slots * sb, staging_bytes=len(self._stage) * sb,
                  host_registered=self.host_registered, register_s=self.register_s,
@@ -447,7 +443,7 @@ class ExpertStreamer:
             return "an expert matrix's bytes are not a multiple of 16"
         if self._mapped_at is None:
             return f"the file is not mapped for kernels ({self.register_why_not or 'registered without the mapped flag'})"
-        if not all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes)):
+        if not self._in_file(ws):
             return "the experts are not contiguous inside the registered file"
         if any(_address(w.raw) % 16 for w in ws):
             return "the experts do not start at 16-byte boundaries in the file"
@@ -462,9 +458,13 @@ class ExpertStreamer:
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
         self.on_device = True
 
+    def _in_file(self, ws) -> bool:
+        """Each matrix's experts lie back to back inside the registered file (what expert_copy_kernel reads)."""
+        return all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes))
+
     def _mapped_sources(self, layer: int, ws) -> tuple[int, ...]:
         """The device addresses of the layer's expert 0 of each matrix, in the registered file."""
-        if not all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes)):
+        if not self._in_file(ws):
             raise ValueError(f"layer {layer}'s experts are not contiguous inside the registered file")
         return tuple(self._mapped_at + _address(w.raw) - self._host_range[0] for w in ws)
 
