@@ -125,6 +125,9 @@ def main() -> None:
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
     ap.add_argument("--pipelined", choices=("ab", "on", "off"), default="ab",
                     help="--gpu-mem's replay: the host a layer ahead (on), in turn (off), or both with the ratio (ab)")
+    ap.add_argument("--copy-blocks", default="",
+                    help="--gpu-mem's device mode: SMs of the copy kernel beside the hits, a comma list to compare "
+                         "(default kernels.COPY_BLOCKS)")
     ap.add_argument("--decide", choices=("ab", "device", "host"), default="ab",
                     help="--gpu-mem's cache: kernels decide and copy (device; the file registered), the host decides "
                     "and DMAs (host: --host-register, --pipelined), or both (ab)")
@@ -508,14 +511,15 @@ def stream_bench(args, m) -> None:
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
     onoff = {"ab": (False, True), "on": (True,), "off": (False,)}
     modes = {"auto": (None,), **onoff}[args.host_register]
-    configs = [(True, True, None)] if args.decide in ("ab", "device") else []
+    blocks = [int(b) for b in args.copy_blocks.split(",")] if args.copy_blocks else [None]
+    configs = [(True, True, None, b) for b in blocks] if args.decide in ("ab", "device") else []
     if args.decide in ("ab", "host"):
-        configs += [(False, a, b) for a in modes for b in onoff[args.pipelined]]
+        configs += [(False, a, b, None) for a in modes for b in onoff[args.pipelined]]
     rates = {}
-    for on_device, mode, pipelined in configs:
+    for on_device, mode, pipelined, cb in configs:
         be.route, be.next_experts = route0, dict(next0)
         be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode,   # closes the last one
-                          on_device=on_device)
+                          on_device=on_device, copy_blocks=cb)
         if pipelined and not be.pipelined:
             print(f" pipelined replay unavailable: {be.pipelined_why_not}", flush=True)
             continue
@@ -524,7 +528,8 @@ def stream_bench(args, m) -> None:
         rng = np.random.default_rng(0)
         zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
                                             args.zipf, args.locality, rng)
-        print(" decided on the device (kernels look up and copy):" if on_device else
+        print(f" decided on the device (kernels look up and copy; copy kernel beside the hits on "
+              f"{be.streamer.copy_blocks()} SMs):" if on_device else
               f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
               f"pipelined={pipelined}:", flush=True)
         for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
@@ -557,7 +562,7 @@ def stream_bench(args, m) -> None:
             h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
             roof = pcie * 1e9 / h2d if h2d else float("inf")
-            rates[on_device, mode, pipelined, name.split(" (")[0]] = 1 / dt
+            rates[on_device, mode, pipelined, name.split(" (")[0], cb] = 1 / dt
             if args.profile and name.startswith("Zipf"):
                 profile_decode(m, cache, rng, 8)
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
@@ -572,8 +577,10 @@ def stream_bench(args, m) -> None:
                                            f"{rates[b] / rates[a]:.2f}x" for a, b in pairs if b in rates), flush=True)
     for name in sorted({k[3] for k in rates if k[0]}):
         host = [v for k, v in rates.items() if not k[0] and k[3] == name]
-        if host:
-            print(f" device / the best host way, {name}: {rates[True, True, None, name] / max(host):.2f}x", flush=True)
+        for cb in blocks:
+            if host and (True, True, None, name, cb) in rates:
+                print(f" device ({be.streamer.copy_blocks() if cb is None else cb} copy SMs) / the best host way, {name}: "
+                      f"{rates[True, True, None, name, cb] / max(host):.2f}x", flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

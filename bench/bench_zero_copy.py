@@ -255,10 +255,10 @@ def layer_misses(cp, K, rng, path: str, dma: float, sms: int) -> None:
         lists = [cp.asarray(p) for p in pairs]
         cnt = cp.asarray(np.array([m], np.int32))
         row = []
-        for per_sm in (1, 2, 4):
-            s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[per_sm * sms, K.THREADS, cuda.external_stream(st.ptr)](
+        for blocks in (8, 16, 32, sms):
+            s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[blocks, K.COPY_THREADS, cuda.external_stream(st.ptr)](
                 lists[i], cnt, *srcs, *pools, words), calls)
-            row.append(f"kernel {per_sm}/SM {3 * m * mb / s / 1e9:5.1f}")
+            row.append(f"kernel on {blocks} SMs {3 * m * mb / s / 1e9:5.1f}")
 
         def by_dma(i, st):
             for e, sl in pairs[i].reshape(-1, 2).tolist():

@@ -86,6 +86,7 @@ class CUDABackend:
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
+        self._sms_beside = 0              # SMs a streamed layer's copy kernel holds while its hits run
         self._weights: dict = {}          # key -> (host array kept alive, device array, fast)
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
@@ -207,7 +208,8 @@ class CUDABackend:
         row_bytes = w.raw.shape[-1]
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
-        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
+        sms = self.sms - self._sms_beside if self._sms_beside < self.sms else self.sms
+        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, sms,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip)
         self.launches += 1
         if residual is not None and not own:
@@ -364,6 +366,8 @@ class CUDABackend:
             host_decides = got is None
             if not host_decides:
                 mats, halves, copied = got
+                if copied is not None:         # until the join, the gemvs size their grids to the SMs left
+                    self._sms_beside = self.streamer.copy_blocks()
         if host_decides:                       # the cache decides on the host: one device->host copy per layer
             fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
@@ -402,6 +406,7 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
+                    self._sms_beside = 0
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
                           skip=True)
                 self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True)

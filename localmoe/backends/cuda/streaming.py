@@ -178,8 +178,9 @@ class ExpertStreamer:
 
     def __init__(self, be, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", *,
                  copy_threads: int = 4, host_buffer: np.ndarray | None = None, host_register: bool | None = None,
-                 on_device: bool | None = None, **cache_kw):
+                 on_device: bool | None = None, copy_blocks: int | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
+        self._copy_blocks = copy_blocks          # the device mode's copy kernel beside the hits (None: COPY_BLOCKS)
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
         self.budget, self.n_layers, self.n_experts = int(budget_bytes), int(n_layers), int(n_experts)
@@ -267,13 +268,19 @@ class ExpertStreamer:
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
-        # one block an SM (as fast as more, bench_zero_copy.py): it fits beside a gemv's block, which two do not
-        K.expert_copy_kernel[self.be.sms, K.THREADS, self._copy_launch if overlap else K.STREAM[0]](
+        # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
+        K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
+                             self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
         if overlap:
             done = self._record(on_copy=True)
         self.be.launches += 2
         return mats, split, done
+
+    def copy_blocks(self) -> int:
+        """Blocks of the device mode's copy kernel beside the hits, at most one an SM: the SMs the hits' gemvs
+        cannot count on until `join` (a fused gemv block needs a whole SM's registers)."""
+        return min(self.be.sms, self.be.K.COPY_BLOCKS if self._copy_blocks is None else self._copy_blocks)
 
     def join(self, done) -> None:
         """The compute stream waits (on the device) for the copies `lookup_on_device(overlap=True)` enqueued."""
