@@ -619,8 +619,10 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
         r = lookup0(layer, *a, **kw)
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
+        if r is None or r[2] is None:                   # the host decides, or the copy is not beside the hits
+            return r
         stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
-        return r
+        return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 
     def join(done):
         stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 3)

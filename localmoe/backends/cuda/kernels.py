@@ -1389,13 +1389,15 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 
 @cuda.jit
-def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss, nmiss):
-    """One block: ExpertCache.lookup(layer, distinct ids) for the ids [P] a router kernel just wrote, base =
+def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
+                        nmiss):
+    """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
-    Writes mats [P] (each id's slot: the expert kernels' matrix indices), split [2, P] (the same, -1 except
-    at the hits; -1 except at the misses: for launches that skip the others), and the misses as (expert,
-    slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
+    Writes mats [Q] (each id's slot: the expert kernels' matrix indices; Q = n * k, or n * (k + 1) with each
+    token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
+    same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
+    others), and the misses as (expert, slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
     slots from registers (one load each), so a victim costs a block-wide argmin, not a pass over memory."""
     grid_dependency()
     tid = cuda.threadIdx.x
@@ -1504,25 +1506,30 @@ def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, st
         if hit[i] < 0:
             j = rank[i]
             s = slot[j]
-            k = base + order[i]
+            key = base + order[i]
             if j >= free:
                 slot_of[key_of[s]] = -1
-            slot_of[k] = s
-            key_of[s] = k
+            slot_of[key] = s
+            key_of[s] = key
             if lfu:
-                score[k] += w
+                score[key] += w
             last[s] = clock + 1 + nh + j
             pin[s] = lk
             miss[2 * j] = order[i]
             miss[2 * j + 1] = s
     cuda.syncthreads()
-    P = ids.shape[0]
-    for p in range(tid, P, THREADS):
-        s = slot_of[base + ids[p]]
-        mats[p] = s
-        fresh = pin[s] == lk and last[s] > clock + nh
-        split[p] = -1 if fresh else s
-        split[P + p] = s if fresh else -1
+    kk = k + 1 if shared >= 0 else k
+    Q = ids.shape[0] // k * kk
+    for q in range(tid, Q, THREADS):
+        t = q // kk
+        j = q - t * kk
+        s, fresh = shared, False
+        if j < k:
+            s = slot_of[base + ids[t * k + j]]
+            fresh = pin[s] == lk and last[s] > clock + nh
+        mats[q] = s
+        split[q] = -1 if fresh else s
+        split[Q + q] = s if fresh else -1
     if tid == 0:
         nmiss[0] = nm
         state[CLOCK] = clock + nd

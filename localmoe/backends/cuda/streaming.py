@@ -242,29 +242,34 @@ class ExpertStreamer:
         """The compute stream runs nothing more until `publish` has set `flag` to value or later (no host wait)."""
         self._wait_flag(flag, value)
 
-    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, overlap: bool = False):
-        """The device mode: enqueue on the compute stream the cache's lookup of `ids` (the int32 device array a
-        router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
-        (kernels.cache_lookup_kernel, expert_copy_kernel). overlap: the copies go to the copy stream (after the
-        lookup), so the compute stream can run the hits meanwhile; it must `join` the returned event before it
-        reads the misses. Returns the device int32 arrays (fixed per layer and size: a captured step replays
-        them) mats (each id's slot) and split [2, ids.size] (only the hits' slots; only the misses'), and that
-        event (None without overlap); None when the host decides (`fetch`)."""
+    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, shared=None,
+                         overlap: bool = False):
+        """The device mode: enqueue on the compute stream the cache's lookup of `ids` [n, k] (the int32 device
+        array a router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
+        (kernels.cache_lookup_kernel, expert_copy_kernel). shared: the layer's shared expert (a DenseFFN), run
+        as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
+        first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
+        stream can run the hits meanwhile; it must `join` the returned event before it reads the misses.
+        Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
+        product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
+        misses'), that event (None without overlap) and whether the shared expert is in them; None when the
+        host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
         K, xp = self.be.K, self.xp
-        flat = ids.reshape(-1)
-        P = flat.size
-        bufs = self._bufs.get((layer, P))
+        n, k = ids.shape
+        sslot = self._shared_slot(layer, shared)
+        Q = n * (k + 1) if sslot >= 0 else n * k
+        bufs = self._bufs.get((layer, Q))
         if bufs is None:
-            bufs = self._bufs[(layer, P)] = (xp.empty(P, np.int32), xp.empty((2, P), np.int32),
-                                             xp.empty(2 * P, np.int32), xp.zeros(1, np.int32))
+            bufs = self._bufs[(layer, Q)] = (xp.empty(Q, np.int32), xp.empty((2, Q), np.int32),
+                                             xp.empty(2 * n * k, np.int32), xp.zeros(1, np.int32))
         mats, split, miss, nmiss = bufs
         d = self._dstate
         K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
-            flat, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"], d["key_of"],
-            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
+            ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
+            d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
@@ -275,7 +280,7 @@ class ExpertStreamer:
         if overlap:
             done = self._record(on_copy=True)
         self.be.launches += 2
-        return mats, split, done
+        return mats, split, done, sslot >= 0
 
     def copy_blocks(self) -> int:
         """Blocks of the device mode's copy kernel beside the hits, at most one an SM: the SMs the hits' gemvs
@@ -375,7 +380,11 @@ class ExpertStreamer:
         S = cache.capacity
         fasts = [bool(self.be.K.fast_ok(int(w.type), w.cols)) for w in ws]
         self._init_device()
-        self.pools = tuple(self._alloc(S * m, f) for m, f in zip(self.mat_bytes, fasts))
+        self._pin_host()
+        self.device_why_not = self._device_why_not(ws, S)
+        # the device mode keeps each layer's shared expert in a slot after the cache's S (_shared_slot)
+        extra = 0 if self.device_why_not else self.n_layers
+        self.pools = tuple(self._alloc((S + extra) * m, f) for m, f in zip(self.mat_bytes, fasts))
         self.fast = all(fasts)
         self._stage_ev: list = [None] * N_STAGING
         self._next_stage = 0
@@ -388,8 +397,6 @@ class ExpertStreamer:
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
         self.cache = cache
-        self._pin_host()
-        self.device_why_not = self._device_why_not(ws)
         if not self.device_why_not:
             self._setup_device()
 
@@ -431,19 +438,19 @@ class ExpertStreamer:
             raise RuntimeError("this streamer's cache is decided on the device (lookup_on_device)")
         return ws
 
-    def _device_why_not(self, ws) -> str:
-        """'' when the device mode can run (after the pools and the registration), else why not."""
+    def _device_why_not(self, ws, S: int) -> str:
+        """'' when the device mode can run with S cache slots (after the registration), else why not."""
         if self.want_device is False:
             return "turned off (on_device=False)"
         if not hasattr(self.be.K, "cache_lookup_kernel"):
             return "no device kernels"
         if self.policy not in ("lru", "lfu"):
             return f"policy {self.policy!r} decides on the host"
-        if self.cache.capacity < self.n_experts:
-            return (f"the pool's {self.cache.capacity} slots hold fewer than a layer's {self.n_experts} experts "
+        if S < self.n_experts:
+            return (f"the pool's {S} slots hold fewer than a layer's {self.n_experts} experts "
                     f"(a lookup could find every slot pinned)")
-        if self.cache.capacity > self.be.K.CANDIDATES * self.be.K.THREADS:
-            return f"{self.cache.capacity} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
+        if S > self.be.K.CANDIDATES * self.be.K.THREADS:
+            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
         if self.n_experts > self.be.K.MAX_EXPERTS:
             return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
         if any(m % 16 for m in self.mat_bytes):
@@ -461,6 +468,7 @@ class ExpertStreamer:
         self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
         self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
         self._words = tuple(m // 4 for m in self.mat_bytes)
+        self._shared_in: set[int] = set()      # layers whose shared expert is in its slot
         self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
         self.on_device = True
@@ -468,6 +476,22 @@ class ExpertStreamer:
     def _in_file(self, ws) -> bool:
         """Each matrix's experts lie back to back inside the registered file (what expert_copy_kernel reads)."""
         return all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes))
+
+    def _shared_slot(self, layer: int, shared) -> int:
+        """The slot of the layer's shared expert (after the cache's S), uploaded at the first call; -1 when there
+        is none or it is not stored like the routed experts (then it runs apart)."""
+        if shared is None:
+            return -1
+        ws = (shared.gate, shared.up, shared.down)
+        if tuple((int(w.type), w.cols, w.raw.shape, w.raw.dtype.str) for w in ws) != tuple(
+                (t, c, shape, dt) for t, c, shape, dt, _ in self._spec):
+            return -1
+        s = self.cache.capacity + layer
+        if layer not in self._shared_in:
+            for pool, w, m in zip(self._pool_words, ws, self._words):
+                pool[s * m:(s + 1) * m].set(np.ascontiguousarray(w.raw).reshape(-1).view(np.uint32))
+            self._shared_in.add(layer)
+        return s
 
     def _mapped_sources(self, layer: int, ws) -> tuple[int, ...]:
         """The device addresses of the layer's expert 0 of each matrix, in the registered file."""
