@@ -655,6 +655,11 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
           f"{s[-1, 4] - s[0, 0]:.0f} us (with stamps; 4 tokens took {(time.perf_counter() - t0) * 1e3:.0f} ms incl. capture):")
     for what, v in parts.items():
         print(f"   {what}: mean {np.nanmean(v):.1f} us, median {np.nanmedian(v):.1f}, sum {np.nansum(v):.0f} us")
+    nm = {layer: int(be.to_host(b[3])[0]) for (layer, Q), b in st._bufs.items() if Q <= 8}   # the decode steps' lookups
+    misses = np.array([nm.get(i, -1) for i in moe])
+    copy = s[:, 2] - s[:, 1]
+    print("   copy time by the layer's misses (the last step): " + "; ".join(
+        f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
     print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, end): " + "; ".join(
         ", ".join(f"{x - s[0, 0]:.0f}" for x in r) for r in s[:6]), flush=True)
 

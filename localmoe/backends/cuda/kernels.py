@@ -1380,6 +1380,7 @@ CACHE_STATE = 8            # int64 words of the state array (one spare)
 
 
 CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
+CANDIDATES_AT_ONCE = 8     # ... whose loads it issues together (one after another, each waits for the last: ~17 us)
 
 
 @cuda.jit(device=True, inline=True)
@@ -1473,12 +1474,15 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     if nm > free:                                     # the rest evict: the smallest unpinned (score, last)
         cs = cuda.local.array(CANDIDATES, float64)
         cl = cuda.local.array(CANDIDATES, int64)
-        for c in range(CANDIDATES):
-            t = tid + c * THREADS
-            cl[c] = -1
-            if t < filled and pin[t] != lk:                # filled slots this lookup's hits did not pin
-                cs[c] = score[key_of[t]] if lfu else 0.0
-                cl[c] = last[t]
+        ck = cuda.local.array(CANDIDATES_AT_ONCE, int64)
+        for c0 in range(0, CANDIDATES, CANDIDATES_AT_ONCE):   # unconditional loads, in flight together
+            for c in range(CANDIDATES_AT_ONCE):
+                t = tid + (c0 + c) * THREADS
+                u = min(t, S - 1)
+                ck[c], lu, pu = key_of[u], last[u], pin[u]
+                cl[c0 + c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
+            for c in range(CANDIDATES_AT_ONCE):
+                cs[c0 + c] = score[max(ck[c], 0)] if lfu else 0.0
         for j in range(max(free, 0), nm):
             bs, bl, bi = math.inf, int64(0), int32(-1)
             for c in range(CANDIDATES):
