@@ -433,9 +433,11 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
 
 
 @needs_gpu
-def test_copy_kernel_moves_the_misses_from_mapped_host_memory():
+@pytest.mark.parametrize("grid,threads", [(7, 256), (2, 4), (1, 1)])
+def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads):
     """kernels.expert_copy_kernel copies each listed (expert, slot) pair's three matrices from pinned host
-    memory (read by the SMs, no DMA) into the slots, and nothing else."""
+    memory (read by the SMs, no DMA) into the slots, and nothing else. The small grids run its loop of
+    COPY_LOADS loads in flight and the rest after it (37 and 64 vectors); the large one only the rest."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
@@ -448,7 +450,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory():
     before = [p.get() for p in pools]
     pairs = [(4, 1), (0, 3), (5, 0)]
     miss = cp.asarray(np.array(pairs + [(2, 2)], np.int32).reshape(-1))      # the 4th is past the count
-    K.expert_copy_kernel[7, K.THREADS](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
+    K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
                                        *pools, words)
     for h, p, b, w in zip(host, pools, before, words):
         want = b.reshape(S, w).copy()

@@ -53,8 +53,9 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
 - kernels.cache_lookup_kernel makes ExpertCache's LRU/LFU choices from the router's ids in device arrays
   (`device_cache_state`), and writes each id's slot, the slots split into hits and misses, and the misses;
 - kernels.expert_copy_kernel copies the misses' matrices from the mapped file into their slots. With the
-  `overlap`, it runs on the copy stream: the layer's hits (and the shared expert) run meanwhile, and the
-  misses after the compute stream waits for it.
+  `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
+  which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
+  meanwhile on the other SMs, and the misses after the compute stream waits for it.
 Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts. LFU ages by cache_tick_kernel after each step. Kernel
 copies read random experts at ~95% of a DMA's rate (bench/bench_zero_copy.py), and the host's ~130 us per
