@@ -116,6 +116,8 @@ def main() -> None:
                     "(convert.synthetic.SMALL4 keys; for smoke runs)")
     ap.add_argument("--kernel-times", action="store_true", help="GPU time of each backend call of a decode step")
     ap.add_argument("--profile", action="store_true", help="cProfile 8 decode steps: where the host time goes")
+    ap.add_argument("--timeline", action="store_true",
+                    help="--gpu-mem's device mode: GPU timestamps around each MoE layer's lookup, copy and hits")
     ap.add_argument("--prefill-budget", type=float, default=300.0, help="seconds after which prefill stops")
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
     ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
@@ -125,6 +127,9 @@ def main() -> None:
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
     ap.add_argument("--pipelined", choices=("ab", "on", "off"), default="ab",
                     help="--gpu-mem's replay: the host a layer ahead (on), in turn (off), or both with the ratio (ab)")
+    ap.add_argument("--copy-blocks", default="",
+                    help="--gpu-mem's device mode: SMs of the copy kernel beside the hits, a comma list to compare "
+                         "(default kernels.COPY_BLOCKS)")
     ap.add_argument("--decide", choices=("ab", "device", "host"), default="ab",
                     help="--gpu-mem's cache: kernels decide and copy (device; the file registered), the host decides "
                     "and DMAs (host: --host-register, --pipelined), or both (ab)")
@@ -508,14 +513,15 @@ def stream_bench(args, m) -> None:
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
     onoff = {"ab": (False, True), "on": (True,), "off": (False,)}
     modes = {"auto": (None,), **onoff}[args.host_register]
-    configs = [(True, True, None)] if args.decide in ("ab", "device") else []
+    blocks = [int(b) for b in args.copy_blocks.split(",")] if args.copy_blocks else [None]
+    configs = [(True, True, None, b) for b in blocks] if args.decide in ("ab", "device") else []
     if args.decide in ("ab", "host"):
-        configs += [(False, a, b) for a in modes for b in onoff[args.pipelined]]
+        configs += [(False, a, b, None) for a in modes for b in onoff[args.pipelined]]
     rates = {}
-    for on_device, mode, pipelined in configs:
+    for on_device, mode, pipelined, cb in configs:
         be.route, be.next_experts = route0, dict(next0)
         be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode,   # closes the last one
-                          on_device=on_device)
+                          on_device=on_device, copy_blocks=cb)
         if pipelined and not be.pipelined:
             print(f" pipelined replay unavailable: {be.pipelined_why_not}", flush=True)
             continue
@@ -524,7 +530,8 @@ def stream_bench(args, m) -> None:
         rng = np.random.default_rng(0)
         zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
                                             args.zipf, args.locality, rng)
-        print(" decided on the device (kernels look up and copy):" if on_device else
+        print(f" decided on the device (kernels look up and copy; copy kernel beside the hits on "
+              f"{be.streamer.copy_blocks()} SMs):" if on_device else
               f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
               f"pipelined={pipelined}:", flush=True)
         for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
@@ -557,9 +564,11 @@ def stream_bench(args, m) -> None:
             h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
             roof = pcie * 1e9 / h2d if h2d else float("inf")
-            rates[on_device, mode, pipelined, name.split(" (")[0]] = 1 / dt
+            rates[on_device, mode, pipelined, name.split(" (")[0], cb] = 1 / dt
             if args.profile and name.startswith("Zipf"):
                 profile_decode(m, cache, rng, 8)
+            if args.timeline and on_device:
+                stream_timeline(m, cache, rng)
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
                   f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "
@@ -572,8 +581,87 @@ def stream_bench(args, m) -> None:
                                            f"{rates[b] / rates[a]:.2f}x" for a, b in pairs if b in rates), flush=True)
     for name in sorted({k[3] for k in rates if k[0]}):
         host = [v for k, v in rates.items() if not k[0] and k[3] == name]
-        if host:
-            print(f" device / the best host way, {name}: {rates[True, True, None, name] / max(host):.2f}x", flush=True)
+        for cb in blocks:
+            if host and (True, True, None, name, cb) in rates:
+                print(f" device ({be.streamer.copy_blocks() if cb is None else cb} copy SMs) / the best host way, {name}: "
+                      f"{rates[True, True, None, name, cb] / max(host):.2f}x", flush=True)
+
+
+def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
+    """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
+    captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
+    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream), the hits done
+    (the join), the layer done. The stamps cost ~a few us each."""
+    from numba.core import types as t
+    from numba.core.extending import intrinsic
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda._numba import cuda
+    be, st = m.backend, m.backend.streamer
+
+    @intrinsic
+    def globaltimer(typingctx):
+        def codegen(context, builder, sig, args):
+            return K._asm(builder, K._I64, [], "mov.u64 $0, %globaltimer;", "=l", [], side_effect=True)
+        return t.int64(), codegen
+
+    @cuda.jit
+    def stamp(buf, i):
+        K.grid_dependency()
+        buf[i] = globaltimer()
+
+    L = st.n_layers
+    buf = be.xp.zeros(5 * L, np.int64)
+    lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
+    cur = [0]
+
+    def lookup(layer, *a, **kw):
+        cur[0] = layer
+        stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
+        r = lookup0(layer, *a, **kw)
+        stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
+        if r is None or r[2] is None:                   # the host decides, or the copy is not beside the hits
+            return r
+        stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
+        return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
+
+    def join(done):
+        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 3)
+        join0(done)
+
+    def ffn(*a, **kw):
+        y = ffn0(*a, **kw)
+        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 4)
+        return y
+
+    st.lookup_on_device, st.join, be.expert_ffn = lookup, join, ffn
+    be._graphs.clear()
+    try:
+        t0 = time.perf_counter()
+        for tok in rng.integers(1000, m.config.vocab_size, tokens):
+            m.net.forward(np.array([int(tok)]), cache, last_only=True)
+        cuda_sync(be)
+    finally:
+        del st.lookup_on_device, st.join, be.expert_ffn
+        be._graphs.clear()
+    s = be.to_host(buf).reshape(L, 5).astype(np.float64) / 1e3          # us
+    moe = [i for i in range(L) if s[i, 0] > 0]
+    s = s[moe]
+    prev = np.concatenate([[np.nan], s[:-1, 4]])
+    parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
+             "lookup": s[:, 1] - s[:, 0], "copy (lookup done -> copy stream done)": s[:, 2] - s[:, 1],
+             "hits (lookup done -> join)": s[:, 3] - s[:, 1],
+             "after copy and hits (misses, combine)": s[:, 4] - np.maximum(s[:, 2], s[:, 3])}
+    print(f"  timeline of one decode step, {len(moe)} MoE layers, first lookup -> last layer end "
+          f"{s[-1, 4] - s[0, 0]:.0f} us (with stamps; 4 tokens took {(time.perf_counter() - t0) * 1e3:.0f} ms incl. capture):")
+    for what, v in parts.items():
+        print(f"   {what}: mean {np.nanmean(v):.1f} us, median {np.nanmedian(v):.1f}, sum {np.nansum(v):.0f} us")
+    nm = {layer: int(be.to_host(b[3])[0]) for (layer, Q), b in st._bufs.items() if Q <= 8}   # the decode steps' lookups
+    misses = np.array([nm.get(i, -1) for i in moe])
+    copy = s[:, 2] - s[:, 1]
+    print("   copy time by the layer's misses (the last step): " + "; ".join(
+        f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
+    print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, end): " + "; ".join(
+        ", ".join(f"{x - s[0, 0]:.0f}" for x in r) for r in s[:6]), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

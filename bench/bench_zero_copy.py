@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--file-gib", type=float, default=2.0)
     ap.add_argument("--dir", default="/dev/shm")
     ap.add_argument("--gguf", help="a large file to read random expert-sized pieces from (section 6)")
+    ap.add_argument("--layers-only", action="store_true", help="sections 1 and 6 only")
     args = ap.parse_args()
     ok, why = available()
     if not ok:
@@ -109,6 +110,10 @@ def main() -> None:
     st = cp.cuda.get_current_stream()
     dma = n / timed(cp, lambda: rt.memcpyAsync(dev.data.ptr, pin.ctypes.data, n, rt.memcpyHostToDevice, st.ptr)) / 1e9
     print(f"1. pinned DMA host->device: {dma:.1f} GB/s")
+    if args.layers_only and args.gguf:
+        del pin, dev
+        layer_misses(cp, K, rng, args.gguf, dma, sms)
+        return
 
     # 2. a copy kernel reading the pinned memory
     src = host_view(cp, pin.ctypes.data, n, pin)
@@ -255,10 +260,10 @@ def layer_misses(cp, K, rng, path: str, dma: float, sms: int) -> None:
         lists = [cp.asarray(p) for p in pairs]
         cnt = cp.asarray(np.array([m], np.int32))
         row = []
-        for per_sm in (1, 2, 4):
-            s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[per_sm * sms, K.THREADS, cuda.external_stream(st.ptr)](
+        for blocks in (8, 16, 32, sms):
+            s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[blocks, K.COPY_THREADS, cuda.external_stream(st.ptr)](
                 lists[i], cnt, *srcs, *pools, words), calls)
-            row.append(f"kernel {per_sm}/SM {3 * m * mb / s / 1e9:5.1f}")
+            row.append(f"kernel on {blocks} SMs {3 * m * mb / s / 1e9:5.1f}")
 
         def by_dma(i, st):
             for e, sl in pairs[i].reshape(-1, 2).tolist():

@@ -391,7 +391,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
     """kernels.cache_lookup_kernel (+ cache_tick_kernel) on fresh random lookups makes localmoe/cache.py's
     ExpertCache's choices: the same slot for every id, the same misses in the same order, the same counters;
     with duplicate ids (prefill batches), a pool barely larger than a layer or several slots per thread, and
-    LFU's rescaling (decay tiny)."""
+    LFU's rescaling (decay tiny); every other lookup with a shared expert's slot after each token's k."""
     import cupy as cp
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda.streaming import device_cache_state
@@ -406,16 +406,20 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         ids = np.concatenate([rng.choice(E, 4, replace=False) for _ in range(n)]).astype(np.int32)
         uniq = np.unique(ids)
         slots, miss = host.lookup(layer, uniq)
-        P = len(ids)
-        mats, split = cp.empty(P, np.int32), cp.empty(2 * P, np.int32)
-        misses, nmiss = cp.full(2 * P, -7, np.int32), cp.zeros(1, np.int32)
-        K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), layer * E, E, policy == "lfu", d["slot_of"], d["key_of"],
-                                            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split, misses,
-                                            nmiss)
-        at = np.searchsorted(uniq, ids)
-        want = slots[at]
+        shared = S + layer if step % 2 else -1       # a shared expert's slot: each token's product k + 1
+        at = np.searchsorted(uniq, ids).reshape(n, 4)
+        want, fresh = slots[at], miss[at]
+        if shared >= 0:
+            want = np.concatenate([want, np.full((n, 1), shared)], axis=1)
+            fresh = np.concatenate([fresh, np.zeros((n, 1), bool)], axis=1)
+        want, fresh = want.reshape(-1), fresh.reshape(-1)
+        mats, split = cp.empty(len(want), np.int32), cp.empty(2 * len(want), np.int32)
+        misses, nmiss = cp.full(2 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
+        K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
+                                            d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
+                                            split, misses, nmiss)
         assert np.array_equal(mats.get(), want), f"step {step}"
-        assert np.array_equal(split.get(), np.concatenate([np.where(miss[at], -1, want), np.where(miss[at], want, -1)]))
+        assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
         assert misses.get()[:2 * m].reshape(m, 2).tolist() == [[int(e), int(s)] for e, s in zip(uniq[miss], slots[miss])]
         if layer == L - 1:
@@ -429,9 +433,11 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
 
 
 @needs_gpu
-def test_copy_kernel_moves_the_misses_from_mapped_host_memory():
+@pytest.mark.parametrize("grid,threads", [(7, 256), (2, 4), (1, 1)])
+def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads):
     """kernels.expert_copy_kernel copies each listed (expert, slot) pair's three matrices from pinned host
-    memory (read by the SMs, no DMA) into the slots, and nothing else."""
+    memory (read by the SMs, no DMA) into the slots, and nothing else. The small grids run its loop of
+    COPY_LOADS loads in flight and the rest after it (37 and 64 vectors); the large one only the rest."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
@@ -444,7 +450,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory():
     before = [p.get() for p in pools]
     pairs = [(4, 1), (0, 3), (5, 0)]
     miss = cp.asarray(np.array(pairs + [(2, 2)], np.int32).reshape(-1))      # the 4th is past the count
-    K.expert_copy_kernel[7, K.THREADS](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
+    K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
                                        *pools, words)
     for h, p, b, w in zip(host, pools, before, words):
         want = b.reshape(S, w).copy()

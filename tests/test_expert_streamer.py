@@ -563,14 +563,18 @@ def test_device_mode_expert_ffn_matches_resident(t, tmp_path):
     """Decided on the device, with fast2's shapes (the hits run while the copy stream copies the misses, then
     the misses): expert_ffn gives the resident run's bits, eager and replayed from captured graphs, with a
     large matmul delaying the kernels of some steps (a miss read before its copy, or a copy into a slot still
-    being read, would change the bits)."""
+    being read, would change the bits); layers 0 and 2 have a shared expert (in a slot of its own: folded
+    into the same launches, as resident)."""
     import cupy as cp
+    from localmoe.backends import DenseFFN
     from localmoe.backends.cuda import CUDABackend
     rng = np.random.default_rng()
     L, E, H, I, k = 4, 16, 256, 512, 4
     layers = [tuple(Weight(w.raw, w.type, w.cols, f"blk.{i}.ffn_{name}_exps") for w, name in
                     zip((quantized(rng, (E, I, H), t), quantized(rng, (E, I, H), t), quantized(rng, (E, H, I), t)),
                         ("gate", "up", "down"))) for i in range(L)]
+    shared = [DenseFFN(quantized(rng, (I, H), t), quantized(rng, (I, H), t), quantized(rng, (H, I), t))
+              if i % 2 == 0 else None for i in range(L)]
     mm, data, layers = mapped_read_only(tmp_path / "experts.bin", layers, align=32)
     bpe = sum(w.expert_nbytes() for w in layers[0])
     streamed, resident = CUDABackend(), CUDABackend()
@@ -584,16 +588,16 @@ def test_device_mode_expert_ffn_matches_resident(t, tmp_path):
         x = cp.asarray(rng.standard_normal((n, H)).astype(np.float32))
         ids = cp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(n)]).astype(np.int32))
         g, u, d = layers[layer]
-        w = weights[layer][:n]
-        want.append(resident.expert_ffn(g, u, d, x, ids, w))
+        w, sh = weights[layer][:n], shared[layer]
+        want.append(resident.expert_ffn(g, u, d, x, ids, w, shared=sh))
         if step % 3 == 0:
             _ = busy @ busy                                           # delays what follows
         if graph:                                                     # one key per layer: captured, then replayed
-            y = streamed.replay(("ffn", layer), lambda x, ids, g=g, u=u, d=d, w=w: streamed.expert_ffn(g, u, d, x, ids, w),
-                                x, ids)
+            y = streamed.replay(("ffn", layer), lambda x, ids, g=g, u=u, d=d, w=w, sh=sh:
+                                streamed.expert_ffn(g, u, d, x, ids, w, shared=sh), x, ids)
             got.append(y.copy())
         else:
-            got.append(streamed.expert_ffn(g, u, d, x, ids, w))
+            got.append(streamed.expert_ffn(g, u, d, x, ids, w, shared=sh))
     for i, (a, b) in enumerate(zip(got, want)):
         assert np.array_equal(cp.asnumpy(a), cp.asnumpy(b)), i
     n = streamed.streamer.stats()

@@ -86,6 +86,7 @@ class CUDABackend:
         self.rope_tables: dict = {}      # rope tables cached per backend (models/rope.py)
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
+        self._sms_beside = 0              # SMs a streamed layer's copy kernel holds while its hits run
         self._weights: dict = {}          # key -> (host array kept alive, device array, fast)
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
@@ -207,7 +208,8 @@ class CUDABackend:
         row_bytes = w.raw.shape[-1]
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
-        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, self.sms,
+        sms = self.sms - self._sms_beside if self._sms_beside < self.sms else self.sms
+        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, sms,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip)
         self.launches += 1
         if residual is not None and not own:
@@ -354,16 +356,21 @@ class CUDABackend:
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
         pg = pu = pd = None
-        host_decides, copied = False, None
+        host_decides, copied, folded = False, None, False
         if self.streamer is not None:
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
-            got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, overlap=split)  # kernels decide, copy
+            got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared,
+                                                 overlap=split)        # kernels decide and copy
             host_decides = got is None
             if not host_decides:
-                mats, halves, copied = got
+                mats, halves, copied, folded = got
+                if folded:                     # the shared expert is each token's last product, weight 1
+                    wd = self._shared_rows(ids, weights, ids2, wd, gate.n_experts)[1]
+                if copied is not None:         # until the join, the gemvs size their grids to the SMs left
+                    self._sms_beside = self.streamer.copy_blocks()
         if host_decides:                       # the cache decides on the host: one device->host copy per layer
             fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins
@@ -378,16 +385,11 @@ class CUDABackend:
             pg, pu, pd = self.streamer.pools
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
-            r = self._slot_rows
-            if r is not None and r[0] is ids and r[1] is weights:      # our router's: it wrote the rows too
-                m2, w2 = r[2], r[3]
-            else:
-                m2 = xp.concatenate([ids2.astype(np.int32), xp.full((n, 1), gate.n_experts, np.int32)], axis=1)
-                w2 = xp.concatenate([wd, xp.ones((n, 1), np.float32)], axis=1)
-            mats, wd = m2.reshape(-1), w2
+            m2, wd = self._shared_rows(ids, weights, ids2, wd, gate.n_experts)
+            mats = m2.reshape(-1)
         else:
             mats = ids2.reshape(-1).astype(np.int32, copy=False)
-        plus = swiglu(self, shared, xn, residual=res) if shared is not None and not fold else res
+        plus = swiglu(self, shared, xn, residual=res) if shared is not None and not (fold or folded) else res
         if host_decides and self._segments is not None:
             self._gate(cut=plus is not res)    # the shared expert ran while the host fetched; now the routed ones
         k = wd.shape[1]
@@ -402,6 +404,7 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
+                    self._sms_beside = 0
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
                           skip=True)
                 self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True)
@@ -420,6 +423,16 @@ class CUDABackend:
                                                                   plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
+
+    def _shared_rows(self, ids, weights, ids2, wd, E: int):
+        """Each token's k expert ids then E (the shared expert, matrix E of `_with_shared`), and their weights
+        then 1: the rows our router wrote with them (`route`), else built."""
+        r = self._slot_rows
+        if r is not None and r[0] is ids and r[1] is weights:
+            return r[2], r[3]
+        xp, n = self.xp, len(ids2)
+        return (xp.concatenate([ids2.astype(np.int32), xp.full((n, 1), E, np.int32)], axis=1),
+                xp.concatenate([wd, xp.ones((n, 1), np.float32)], axis=1))
 
     def _fetcher(self, layer: int, gate: Weight, up: Weight, down: Weight, x, ids):
         """The host's part of a streamed MoE layer, as two calls (run now, or between graph segments): fetch

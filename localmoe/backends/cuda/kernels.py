@@ -684,6 +684,18 @@ def stgf(typingctx, addr, v):
 
 
 @_intrinsic
+def stg4a(typingctx, addr, a, b, c, d):
+    """Store 4 uint32 words at global byte address addr (int64, 16-byte aligned): st.global.v4."""
+    def codegen(context, builder, sig, args):
+        ad = context.cast(builder, args[0], sig.args[0], _t.int64)
+        ws = [context.cast(builder, v, ty, _t.uint32) for v, ty in zip(args[1:], sig.args[1:])]
+        _asm(builder, _ir.VoidType(), [_I64] + [_I32] * 4, "st.global.v4.u32 [$0], {$1,$2,$3,$4};",
+             "l,r,r,r,r,~{memory}", [ad] + ws, side_effect=True)
+        return context.get_dummy_value()
+    return _t.none(addr, a, b, c, d), codegen
+
+
+@_intrinsic
 def sar32(typingctx, a, n):
     """a >> n, 32-bit arithmetic (numba's is 64-bit: two shifts, and 64-bit address math after)."""
     def codegen(context, builder, sig, args):
@@ -1368,6 +1380,7 @@ CACHE_STATE = 8            # int64 words of the state array (one spare)
 
 
 CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
+CANDIDATES_AT_ONCE = 8     # ... whose loads it issues together (one after another, each waits for the last: ~17 us)
 
 
 @cuda.jit(device=True, inline=True)
@@ -1377,13 +1390,15 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 
 @cuda.jit
-def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss, nmiss):
-    """One block: ExpertCache.lookup(layer, distinct ids) for the ids [P] a router kernel just wrote, base =
+def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
+                        nmiss):
+    """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
-    Writes mats [P] (each id's slot: the expert kernels' matrix indices), split [2, P] (the same, -1 except
-    at the hits; -1 except at the misses: for launches that skip the others), and the misses as (expert,
-    slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
+    Writes mats [Q] (each id's slot: the expert kernels' matrix indices; Q = n * k, or n * (k + 1) with each
+    token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
+    same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
+    others), and the misses as (expert, slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
     slots from registers (one load each), so a victim costs a block-wide argmin, not a pass over memory."""
     grid_dependency()
     tid = cuda.threadIdx.x
@@ -1459,12 +1474,15 @@ def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, st
     if nm > free:                                     # the rest evict: the smallest unpinned (score, last)
         cs = cuda.local.array(CANDIDATES, float64)
         cl = cuda.local.array(CANDIDATES, int64)
-        for c in range(CANDIDATES):
-            t = tid + c * THREADS
-            cl[c] = -1
-            if t < filled and pin[t] != lk:                # filled slots this lookup's hits did not pin
-                cs[c] = score[key_of[t]] if lfu else 0.0
-                cl[c] = last[t]
+        ck = cuda.local.array(CANDIDATES_AT_ONCE, int64)
+        for c0 in range(0, CANDIDATES, CANDIDATES_AT_ONCE):   # unconditional loads, in flight together
+            for c in range(CANDIDATES_AT_ONCE):
+                t = tid + (c0 + c) * THREADS
+                u = min(t, S - 1)
+                ck[c], lu, pu = key_of[u], last[u], pin[u]
+                cl[c0 + c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
+            for c in range(CANDIDATES_AT_ONCE):
+                cs[c0 + c] = score[max(ck[c], 0)] if lfu else 0.0
         for j in range(max(free, 0), nm):
             bs, bl, bi = math.inf, int64(0), int32(-1)
             for c in range(CANDIDATES):
@@ -1492,25 +1510,30 @@ def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, st
         if hit[i] < 0:
             j = rank[i]
             s = slot[j]
-            k = base + order[i]
+            key = base + order[i]
             if j >= free:
                 slot_of[key_of[s]] = -1
-            slot_of[k] = s
-            key_of[s] = k
+            slot_of[key] = s
+            key_of[s] = key
             if lfu:
-                score[k] += w
+                score[key] += w
             last[s] = clock + 1 + nh + j
             pin[s] = lk
             miss[2 * j] = order[i]
             miss[2 * j + 1] = s
     cuda.syncthreads()
-    P = ids.shape[0]
-    for p in range(tid, P, THREADS):
-        s = slot_of[base + ids[p]]
-        mats[p] = s
-        fresh = pin[s] == lk and last[s] > clock + nh
-        split[p] = -1 if fresh else s
-        split[P + p] = s if fresh else -1
+    kk = k + 1 if shared >= 0 else k
+    Q = ids.shape[0] // k * kk
+    for q in range(tid, Q, THREADS):
+        t = q // kk
+        j = q - t * kk
+        s, fresh = shared, False
+        if j < k:
+            s = slot_of[base + ids[t * k + j]]
+            fresh = pin[s] == lk and last[s] > clock + nh
+        mats[q] = s
+        split[q] = -1 if fresh else s
+        split[Q + q] = s if fresh else -1
     if tid == 0:
         nmiss[0] = nm
         state[CLOCK] = clock + nd
@@ -1522,16 +1545,33 @@ def cache_lookup_kernel(ids, base, E, lfu, slot_of, key_of, score, last, pin, st
         state[EVICTIONS] += max(0, nm - free)
 
 
+COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile
+COPY_THREADS = 512
+COPY_LOADS = 4             # 16-byte loads a copying thread has in flight (16 x 512 x 4 x 16 B = 512 KB in all)
+
+
 @cuda.jit(device=True, inline=True)
-def _copy_from_host(src, pool, d, nvec, t0, step):
-    """pool words d, d + 1, ... := the nvec 16-byte vectors at global (host-mapped) byte address src."""
-    for v in range(t0, nvec, step):
-        w0, w1, w2, w3 = ldg4a(src + int64(v) * 16)
-        i = d + 4 * int64(v)
-        pool[i] = w0
-        pool[i + 1] = w1
-        pool[i + 2] = w2
-        pool[i + 3] = w3
+def _copy_from_host(src, dst, nvec, t0, step):
+    """The nvec 16-byte vectors at global byte address src (host memory the GPU maps) to dst (device),
+    COPY_LOADS loads per thread issued before their stores: PCIe's latency is microseconds."""
+    v = t0
+    while v + 3 * step < nvec:
+        a = src + int64(v) * 16
+        b = dst + int64(v) * 16
+        s = int64(step) * 16
+        a0, a1, a2, a3 = ldg4a(a)
+        b0, b1, b2, b3 = ldg4a(a + s)
+        c0, c1, c2, c3 = ldg4a(a + 2 * s)
+        d0, d1, d2, d3 = ldg4a(a + 3 * s)
+        stg4a(b, a0, a1, a2, a3)
+        stg4a(b + s, b0, b1, b2, b3)
+        stg4a(b + 2 * s, c0, c1, c2, c3)
+        stg4a(b + 3 * s, d0, d1, d2, d3)
+        v += 4 * step
+    while v < nvec:
+        a0, a1, a2, a3 = ldg4a(src + int64(v) * 16)
+        stg4a(dst + int64(v) * 16, a0, a1, a2, a3)
+        v += step
 
 
 @cuda.jit
@@ -1539,14 +1579,16 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
-    loop, at ~91% of a DMA's rate over PCIe (bench/bench_zero_copy.py). 16-byte loads, grid-strided."""
+    loop, at ~91% of a DMA's rate over PCIe (bench/bench_zero_copy.py). Launched on COPY_BLOCKS blocks:
+    a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
+    SMs it leaves free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
     t0, step = cuda.grid(1), cuda.gridsize(1)
     for i in range(nmiss[0]):
         e, s = int64(miss[2 * i]), int64(miss[2 * i + 1])
-        _copy_from_host(src0 + 4 * e * words[0], pool0, s * words[0], words[0] >> 2, t0, step)
-        _copy_from_host(src1 + 4 * e * words[1], pool1, s * words[1], words[1] >> 2, t0, step)
-        _copy_from_host(src2 + 4 * e * words[2], pool2, s * words[2], words[2] >> 2, t0, step)
+        _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], words[0] >> 2, t0, step)
+        _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], words[1] >> 2, t0, step)
+        _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], words[2] >> 2, t0, step)
 
 
 @cuda.jit

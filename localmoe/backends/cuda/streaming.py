@@ -53,8 +53,9 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
 - kernels.cache_lookup_kernel makes ExpertCache's LRU/LFU choices from the router's ids in device arrays
   (`device_cache_state`), and writes each id's slot, the slots split into hits and misses, and the misses;
 - kernels.expert_copy_kernel copies the misses' matrices from the mapped file into their slots. With the
-  `overlap`, it runs on the copy stream: the layer's hits (and the shared expert) run meanwhile, and the
-  misses after the compute stream waits for it.
+  `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
+  which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
+  meanwhile on the other SMs, and the misses after the compute stream waits for it.
 Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts. LFU ages by cache_tick_kernel after each step. Kernel
 copies read random experts at ~95% of a DMA's rate (bench/bench_zero_copy.py), and the host's ~130 us per
@@ -178,8 +179,9 @@ class ExpertStreamer:
 
     def __init__(self, be, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", *,
                  copy_threads: int = 4, host_buffer: np.ndarray | None = None, host_register: bool | None = None,
-                 on_device: bool | None = None, **cache_kw):
+                 on_device: bool | None = None, copy_blocks: int | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
+        self._copy_blocks = copy_blocks          # the device mode's copy kernel beside the hits (None: COPY_BLOCKS)
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
         self.budget, self.n_layers, self.n_experts = int(budget_bytes), int(n_layers), int(n_experts)
@@ -241,39 +243,50 @@ class ExpertStreamer:
         """The compute stream runs nothing more until `publish` has set `flag` to value or later (no host wait)."""
         self._wait_flag(flag, value)
 
-    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, overlap: bool = False):
-        """The device mode: enqueue on the compute stream the cache's lookup of `ids` (the int32 device array a
-        router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
-        (kernels.cache_lookup_kernel, expert_copy_kernel). overlap: the copies go to the copy stream (after the
-        lookup), so the compute stream can run the hits meanwhile; it must `join` the returned event before it
-        reads the misses. Returns the device int32 arrays (fixed per layer and size: a captured step replays
-        them) mats (each id's slot) and split [2, ids.size] (only the hits' slots; only the misses'), and that
-        event (None without overlap); None when the host decides (`fetch`)."""
+    def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, shared=None,
+                         overlap: bool = False):
+        """The device mode: enqueue on the compute stream the cache's lookup of `ids` [n, k] (the int32 device
+        array a router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
+        (kernels.cache_lookup_kernel, expert_copy_kernel). shared: the layer's shared expert (a DenseFFN), run
+        as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
+        first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
+        stream can run the hits meanwhile; it must `join` the returned event before it reads the misses.
+        Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
+        product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
+        misses'), that event (None without overlap) and whether the shared expert is in them; None when the
+        host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
         K, xp = self.be.K, self.xp
-        flat = ids.reshape(-1)
-        P = flat.size
-        bufs = self._bufs.get((layer, P))
+        n, k = ids.shape
+        sslot = self._shared_slot(layer, shared)
+        Q = n * (k + 1) if sslot >= 0 else n * k
+        bufs = self._bufs.get((layer, Q))
         if bufs is None:
-            bufs = self._bufs[(layer, P)] = (xp.empty(P, np.int32), xp.empty((2, P), np.int32),
-                                             xp.empty(2 * P, np.int32), xp.zeros(1, np.int32))
+            bufs = self._bufs[(layer, Q)] = (xp.empty(Q, np.int32), xp.empty((2, Q), np.int32),
+                                             xp.empty(2 * n * k, np.int32), xp.zeros(1, np.int32))
         mats, split, miss, nmiss = bufs
         d = self._dstate
         K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
-            flat, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"], d["key_of"],
-            d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
+            ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
+            d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
-        # one block an SM (as fast as more, bench_zero_copy.py): it fits beside a gemv's block, which two do not
-        K.expert_copy_kernel[self.be.sms, K.THREADS, self._copy_launch if overlap else K.STREAM[0]](
+        # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
+        K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
+                             self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
         if overlap:
             done = self._record(on_copy=True)
         self.be.launches += 2
-        return mats, split, done
+        return mats, split, done, sslot >= 0
+
+    def copy_blocks(self) -> int:
+        """Blocks of the device mode's copy kernel beside the hits, at most one an SM: the SMs the hits' gemvs
+        cannot count on until `join` (a fused gemv block needs a whole SM's registers)."""
+        return min(self.be.sms, self.be.K.COPY_BLOCKS if self._copy_blocks is None else self._copy_blocks)
 
     def join(self, done) -> None:
         """The compute stream waits (on the device) for the copies `lookup_on_device(overlap=True)` enqueued."""
@@ -368,7 +381,11 @@ class ExpertStreamer:
         S = cache.capacity
         fasts = [bool(self.be.K.fast_ok(int(w.type), w.cols)) for w in ws]
         self._init_device()
-        self.pools = tuple(self._alloc(S * m, f) for m, f in zip(self.mat_bytes, fasts))
+        self._pin_host()
+        self.device_why_not = self._device_why_not(ws, S)
+        # the device mode keeps each layer's shared expert in a slot after the cache's S (_shared_slot)
+        extra = 0 if self.device_why_not else self.n_layers
+        self.pools = tuple(self._alloc((S + extra) * m, f) for m, f in zip(self.mat_bytes, fasts))
         self.fast = all(fasts)
         self._stage_ev: list = [None] * N_STAGING
         self._next_stage = 0
@@ -381,8 +398,6 @@ class ExpertStreamer:
         self._last = None                      # the previous fetch's slots
         self._spec, self._names = spec, [_describe(w) for w in ws]
         self.cache = cache
-        self._pin_host()
-        self.device_why_not = self._device_why_not(ws)
         if not self.device_why_not:
             self._setup_device()
 
@@ -424,19 +439,19 @@ class ExpertStreamer:
             raise RuntimeError("this streamer's cache is decided on the device (lookup_on_device)")
         return ws
 
-    def _device_why_not(self, ws) -> str:
-        """'' when the device mode can run (after the pools and the registration), else why not."""
+    def _device_why_not(self, ws, S: int) -> str:
+        """'' when the device mode can run with S cache slots (after the registration), else why not."""
         if self.want_device is False:
             return "turned off (on_device=False)"
         if not hasattr(self.be.K, "cache_lookup_kernel"):
             return "no device kernels"
         if self.policy not in ("lru", "lfu"):
             return f"policy {self.policy!r} decides on the host"
-        if self.cache.capacity < self.n_experts:
-            return (f"the pool's {self.cache.capacity} slots hold fewer than a layer's {self.n_experts} experts "
+        if S < self.n_experts:
+            return (f"the pool's {S} slots hold fewer than a layer's {self.n_experts} experts "
                     f"(a lookup could find every slot pinned)")
-        if self.cache.capacity > self.be.K.CANDIDATES * self.be.K.THREADS:
-            return f"{self.cache.capacity} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
+        if S > self.be.K.CANDIDATES * self.be.K.THREADS:
+            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
         if self.n_experts > self.be.K.MAX_EXPERTS:
             return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
         if any(m % 16 for m in self.mat_bytes):
@@ -454,6 +469,7 @@ class ExpertStreamer:
         self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
         self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
         self._words = tuple(m // 4 for m in self.mat_bytes)
+        self._shared_in: set[int] = set()      # layers whose shared expert is in its slot
         self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
         self.on_device = True
@@ -461,6 +477,22 @@ class ExpertStreamer:
     def _in_file(self, ws) -> bool:
         """Each matrix's experts lie back to back inside the registered file (what expert_copy_kernel reads)."""
         return all(self._registered(w.raw) and w.raw.strides[0] == m for w, m in zip(ws, self.mat_bytes))
+
+    def _shared_slot(self, layer: int, shared) -> int:
+        """The slot of the layer's shared expert (after the cache's S), uploaded at the first call; -1 when there
+        is none or it is not stored like the routed experts (then it runs apart)."""
+        if shared is None:
+            return -1
+        ws = (shared.gate, shared.up, shared.down)
+        if tuple((int(w.type), w.cols, w.raw.shape, w.raw.dtype.str) for w in ws) != tuple(
+                (t, c, shape, dt) for t, c, shape, dt, _ in self._spec):
+            return -1
+        s = self.cache.capacity + layer
+        if layer not in self._shared_in:
+            for pool, w, m in zip(self._pool_words, ws, self._words):
+                pool[s * m:(s + 1) * m].set(np.ascontiguousarray(w.raw).reshape(-1).view(np.uint32))
+            self._shared_in.add(layer)
+        return s
 
     def _mapped_sources(self, layer: int, ws) -> tuple[int, ...]:
         """The device addresses of the layer's expert 0 of each matrix, in the registered file."""
