@@ -437,7 +437,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
 def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads):
     """kernels.expert_copy_kernel copies each listed (expert, slot) pair's three matrices from pinned host
     memory (read by the SMs, no DMA) into the slots, and nothing else. The small grids run its loop of
-    COPY_LOADS loads in flight and the rest after it (37 and 64 vectors); the large one only the rest."""
+    four loads in flight and the rest after it (37 and 64 vectors); the large one only the rest."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K

@@ -208,8 +208,8 @@ class CUDABackend:
         row_bytes = w.raw.shape[-1]
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
-        sms = self.sms - self._sms_beside if self._sms_beside < self.sms else self.sms
-        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows, sms,
+        self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows,
+                           self.sms - self._sms_beside,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip)
         self.launches += 1
         if residual is not None and not own:
@@ -369,8 +369,9 @@ class CUDABackend:
                 mats, halves, copied, folded = got
                 if folded:                     # the shared expert is each token's last product, weight 1
                     wd = self._shared_rows(ids, weights, ids2, wd, gate.n_experts)[1]
-                if copied is not None:         # until the join, the gemvs size their grids to the SMs left
-                    self._sms_beside = self.streamer.copy_blocks()
+                cb = self.streamer.copy_blocks()
+                if copied is not None and cb < self.sms:   # until the join, the gemvs' grids: the SMs left
+                    self._sms_beside = cb
         if host_decides:                       # the cache decides on the host: one device->host copy per layer
             fetch, prefetch = self._fetcher(layer, gate, up, down, xn, ids2)
             if self._segments is not None:     # capturing: the graph ends here, the host fetches, the next begins

@@ -1398,8 +1398,9 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     Writes mats [Q] (each id's slot: the expert kernels' matrix indices; Q = n * k, or n * (k + 1) with each
     token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
     same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
-    others), and the misses as (expert, slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel. Each thread ranks its share of the
-    slots from registers (one load each), so a victim costs a block-wide argmin, not a pass over memory."""
+    others), and the misses as (expert, slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel.
+    Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a time), so a victim
+    costs a block-wide argmin, not a pass over memory."""
     grid_dependency()
     tid = cuda.threadIdx.x
     lane, warp = tid & 31, tid >> 5
@@ -1546,14 +1547,13 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
 
 
 COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile
-COPY_THREADS = 512
-COPY_LOADS = 4             # 16-byte loads a copying thread has in flight (16 x 512 x 4 x 16 B = 512 KB in all)
+COPY_THREADS = 512         # (with 4 loads of 16 bytes in flight a thread: 512 KB in flight on 16 SMs)
 
 
 @cuda.jit(device=True, inline=True)
 def _copy_from_host(src, dst, nvec, t0, step):
     """The nvec 16-byte vectors at global byte address src (host memory the GPU maps) to dst (device),
-    COPY_LOADS loads per thread issued before their stores: PCIe's latency is microseconds."""
+    four loads a thread issued before their stores: PCIe's latency is microseconds."""
     v = t0
     while v + 3 * step < nvec:
         a = src + int64(v) * 16
@@ -1579,7 +1579,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
-    loop, at ~91% of a DMA's rate over PCIe (bench/bench_zero_copy.py). Launched on COPY_BLOCKS blocks:
+    loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py). Launched on COPY_BLOCKS blocks:
     a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
     SMs it leaves free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
