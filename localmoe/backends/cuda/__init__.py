@@ -209,14 +209,16 @@ class CUDABackend:
 
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
-             preload: bool = True, norm=None, residual=None, skip: bool = False, interleaved: bool = False):
+             preload: bool = True, norm=None, residual=None, skip: bool = False, interleaved: bool = False,
+             spread: bool = False):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
         x rows with first (kernels.norm_ok shapes); residual [P, rows]: added to y, in the same launch where
         the kernel can (kernels.residual_ok), else by one more; skip: leave out the products with mats[p] < 0
         (their rows of y are not written; fast2 shapes). interleaved: `pools` hold interleaved matrices where
-        `self.interleaved(w)` (as the uploads do)."""
+        `self.interleaved(w)` (as the uploads do). spread: a skip launch whose products are few, each gets
+        a warp per task (kernels.launch_fast2)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)
@@ -232,7 +234,7 @@ class CUDABackend:
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows,
                            self.sms - self._sms_beside,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip,
-                           interleaved=interleaved)
+                           interleaved=interleaved, spread=spread)
         self.launches += 1
         if residual is not None and not own:
             y += residual
@@ -430,9 +432,12 @@ class CUDABackend:
                 if i:
                     self.streamer.join(copied)
                     self._sms_beside = 0
+                # a decode layer's misses are 1-4 products: spread over every SM, not sized for all P
+                spread = bool(i) and n == 1
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
-                          skip=True, interleaved=il)
-                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True, interleaved=il)
+                          skip=True, interleaved=il, spread=spread)
+                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True, interleaved=il,
+                          spread=spread)
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
                           preload=False, norm=norm, interleaved=il)                    # silu(g) * u, fused

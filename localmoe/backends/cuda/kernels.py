@@ -488,21 +488,21 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None, residual=None, skip=False, interleaved=False):
+                norm=None, residual=None, skip=False, interleaved=False, spread=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
     loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
     first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only; skip: the
     products with mats[p] < 0 are left out (fast2 shapes only); interleaved: W (and W2) are stored as
-    `interleave` writes them (`interleaved_ok` shapes only)."""
+    `interleave` writes them (`interleaved_ok` shapes only); spread: see launch_fast2 (skip launches)."""
     assert norm is None or norm_ok(qt, cols, fused)
     assert not skip or fast2_ok(qt, cols)
     assert not interleaved or interleaved_ok(qt, rows, cols)
     assert residual is None or residual_ok(qt, cols, fused)
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
-                            norm=norm, residual=residual, skip=skip, interleaved=interleaved)
+                            norm=norm, residual=residual, skip=skip, interleaved=interleaved, spread=spread)
     if f32rows_ok(qt, cols, fused):
         return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
@@ -1074,11 +1074,12 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False):
+                 bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False, spread=False):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); skip: products with mats[p] < 0
-    are left out."""
+    are left out; spread: a block for every `warps` tasks of each product (every warp one task, in waves if
+    the products are many), not the SMs shared by P: for a skip launch whose few products run alone."""
     if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
         raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
@@ -1089,7 +1090,9 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
                         norm is not None, residual is not None, skip, interleaved)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
-    gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
+    gx = (ntask + warps - 1) // warps
+    if not spread:
+        gx = max(1, min(gx, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
     args = ((W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
             + (() if residual is None else (residual,)))
