@@ -989,7 +989,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src.append("    while t < ntask:")        # (a range() would divide for its trip count)
     src += task("        ", False) + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps), ldg4a=ldg4a, ldgf=ldgf,
+                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps),
+                       ldg4a=ldg4a, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
                        stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
@@ -1000,7 +1001,7 @@ CHUNK = 32                 # fast2: units (8 blocks: a lane's share of a row) pe
 
 def interleaved_ok(qt: int, rows: int, cols: int) -> bool:
     """Matrices of this shape are stored interleaved on the GPU (`interleave`): fast2 shapes whose units fill
-    whole chunks (every matrix of Small 4 and of the test models)."""
+    whole chunks (every quantized matrix of Small 4); the rest stay in the file's order."""
     return fast2_ok(qt, cols) and rows * (cols // 256) % CHUNK == 0
 
 
@@ -1638,8 +1639,8 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
     loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py); matrix j interleaved on the way
-    when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). Launched on COPY_BLOCKS blocks:
-    a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
+    when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). Launched on COPY_BLOCKS
+    blocks: a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
     SMs it leaves free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
     t0, step = cuda.grid(1), cuda.gridsize(1)
