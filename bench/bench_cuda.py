@@ -177,10 +177,13 @@ def main() -> None:
             W, W2 = cuda.to_device(raw.view(np.uint32)), cuda.to_device(raw2.view(np.uint32))
             dm, dx = cuda.to_device(mats), cuda.to_device(x)
             dxi = cuda.to_device(np.arange(P, dtype=np.int32))
-            for v in VARIANTS:
+            il = K.interleaved_ok(qt, rows, cols)          # the product's layout too, on the same blocks
+            Wi, W2i = (cuda.to_device(K.interleave(r, qt).view(np.uint32)) for r in (raw, raw2)) if il else (W, W2)
+            for v in VARIANTS + ([dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][fused], interleaved=True)] if il else []):
                 y = cuda.to_device(np.full((P, rows), np.nan, np.float32))
+                w1, w2 = (Wi, W2i) if v.get("interleaved") else (W, W2)
                 try:
-                    K.launch_fast2(qt, cols, rows, W, W2, dm, dxi, dx, y, P, rows * cols // 32 * BS[qt], sms, fused,
+                    K.launch_fast2(qt, cols, rows, w1, w2, dm, dxi, dx, y, P, rows * cols // 32 * BS[qt], sms, fused,
                                    **v)
                 except Exception as e:          # e.g. too many threads for the kernel's registers
                     if str(v) not in failed:
@@ -192,7 +195,8 @@ def main() -> None:
                 if not err < 1e-4:
                     bad += 1
                     print(f"  WRONG {NAME[qt]} {rows}x{cols} P={P} fused={fused} {v}: rel err {err:.2e}")
-    print(f"correctness: {bad} failures over {2 * 6 * len(VARIANTS)} (type, shape, variant) checks", flush=True)
+    print(f"correctness: {bad} failures over {2 * 6 * len(VARIANTS)} (type, shape, variant) checks + the interleaved "
+          f"product variant where the shape allows", flush=True)
 
     # -- bandwidth ---------------------------------------------------------------------------------
     def setup(qt, rows, cols):
@@ -213,7 +217,9 @@ def main() -> None:
             old = timeit(cuda, lambda: K.launch_gemv_v1(qt, cols, rows, W, W, mats, xidx, x, yb, nmat,
                                                                   row_bytes, mat_bytes, sms), 10)
             res = {"old": nmat * mat_bytes / old / 1e9}
-            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0])]):
+            # the product's variant reads interleaved blocks (random either way: the timing is the layout's)
+            il = K.interleaved_ok(qt, rows, cols)
+            for v in (VARIANTS if args.sweep else [dict(K.FAST2[qt], bps=K.FAST2[qt]["bps"][0], interleaved=il)]):
                 if str(v) in failed:
                     continue
                 t = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms,
@@ -248,11 +254,13 @@ def main() -> None:
             y1 = cuda.device_array((1, rows), np.float32)
             zero1 = cuda.to_device(np.zeros(1, np.int32))
             singles = [cuda.to_device(np.array([m], np.int32)) for m in range(nmat)]
-            tb = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms), 10)
+            il = K.interleaved_ok(qt, rows, cols)
+            tb = timeit(cuda, lambda: K.launch_fast2(qt, cols, rows, W, W, mats, xidx, x, yb, nmat, mat_bytes, sms,
+                                                     interleaved=il), 10)
 
             def single():
                 for m in range(nmat):
-                    K.launch_fast2(qt, cols, rows, W, W, singles[m], zero1, x, y1, 1, mat_bytes, sms)
+                    K.launch_fast2(qt, cols, rows, W, W, singles[m], zero1, x, y1, 1, mat_bytes, sms, interleaved=il)
             ts = timeit(cuda, single, 5) / nmat
             bw_b, bw_s = nmat * mat_bytes / tb / 1e9, mat_bytes / ts / 1e9
             rows_out.append((NAME[qt], label, mat_bytes / 1e6, nmat, bw_b, bw_b / copy_bw, ts * 1e6, bw_s, bw_s / copy_bw))
@@ -270,7 +278,7 @@ def main() -> None:
         sets = [cuda.to_device(rng.choice(E, 4, replace=False).astype(np.int32)) for _ in range(32)]
         it = iter(range(10 ** 9))
         t = timeit(cuda, lambda: K.launch_fast2(qt, H, I, G, Uw, sets[next(it) % 32], xidx, x, y, 4, mat_bytes, sms,
-                                                True), 30)
+                                                True, interleaved=True), 30)
         ex.append((NAME[qt], 8 * mat_bytes / 1e6, t * 1e6, 8 * mat_bytes / t / 1e9))
         del G, Uw
     print(f"\ncopy {copy_bw:.0f} GB/s; variants in use: Q4_0 {K.FAST2[Q4_0]}, Q8_0 {K.FAST2[Q8_0]}")

@@ -52,15 +52,18 @@ def main() -> None:
     for qt, name in ((K.Q4_0, "Q4_0"), (K.Q8_0, "Q8_0")):
         cfg = K.FAST2[qt]
         # the variants a decode step launches: plain and fused, with the norm (the layers' norms), with the
-        # residual (attn_output), preloaded where the type allows (_make_fast2)
+        # residual (attn_output), preloaded where the type allows (_make_fast2); on interleaved weights (Small
+        # 4's shapes) and on GGUF-ordered ones (the rest)
         pre = cfg.get("preload", False)
-        for fused, preload, norm, residual in ((False, False, False, False), (True, False, False, False),
-                                               (True, False, True, False), (False, pre, True, False),
-                                               (False, pre, False, True)):
-            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"], preload, norm, residual)
+        for fused, preload, norm, residual, il in ((False, False, False, False, True), (True, False, False, False, True),
+                                                   (True, False, True, False, True), (False, pre, True, False, True),
+                                                   (False, pre, False, True, True), (True, False, True, False, False),
+                                                   (False, pre, True, False, False)):
+            k = K._make_fast2(qt, fused, cfg["warps"], cfg["direct"], preload, norm, residual, interleaved=il)
             sig = GEMV_SIG + (t.int64,) + ((f1, t.float32) if norm else ()) + ((f2,) if residual else ())
             label = " ".join(["fused" if fused else "plain"] + [v for v, on in (("preload", preload), ("norm", norm),
-                                                                                ("residual", residual)) if on])
+                                                                                ("residual", residual),
+                                                                                ("GGUF order", not il)) if on])
             rows.append((f"fast2 {name} {label} (bps {cfg['bps'][fused]})", 32 * cfg["warps"], registers(k.py_func, sig, exe)))
         for cols in (128, 256):
             rows.append((f"lanes {name} cols={cols}", K.THREADS, registers(K._make_lanes(qt, cols, False).py_func, GEMV_SIG, exe)))

@@ -426,7 +426,8 @@ def make_weights(rng, qt, nmat, rows, cols, pad):
     return pool.reshape(-1).view(np.uint32).copy(), mat_bytes, deq
 
 
-def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct=None, warps=None):
+def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct=None, warps=None,
+             interleaved=False):
     nmat, nx = 3, 4
     pad = int(rng.integers(0, 3))
     W, mat_bytes, deq = make_weights(rng, qt, nmat, rows, cols, pad)
@@ -442,9 +443,15 @@ def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, 
     outs = []
     for mod in mods:
         y = np.full((P, rows), np.nan, np.float32)
-        mod.launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=fused, warps=warps,
-                         direct=direct, preload=preload, norm=None if nw is None else (nw, np.float32(1e-6)),
-                         residual=res)
+        kw, args = {}, (W, W2, mat_bytes)
+        if interleaved and mod is KNEW and direct is not False and KNEW.interleaved_ok(qt, rows, cols):
+            mb = rows * cols // 32 * (18 if qt == KNEW.Q4_0 else 34)     # the other layout, the same products
+            il = [np.concatenate([KNEW.interleave(m[:mb], qt) for m in w.view(np.uint8).reshape(nmat, -1)])
+                  for w in (W, W2)]
+            kw, args = dict(interleaved=True), (il[0].view(np.uint32), il[1].view(np.uint32), mb)
+        mod.launch_fast2(qt, cols, rows, args[0], args[1], mats, xidx, x, y, P, args[2], sms, fused=fused,
+                         warps=warps, direct=direct, preload=preload,
+                         norm=None if nw is None else (nw, np.float32(1e-6)), residual=res, **kw)
         outs.append(y)
     # reference (float64): tolerance for the int16 x and the f32 sums
     xr = x[xidx].astype(np.float64)
@@ -466,6 +473,8 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--interleaved", action="store_true", help="this revision's kernels on kernels.interleave'd "
+                    "weights (the reference: its own layout)")
     a = ap.parse_args()
     np.seterr(over="ignore", invalid="ignore")   # silu overflow; junk words of the staged variant (unused rows)
     ref = load_ref(a.ref)
@@ -490,6 +499,8 @@ def main() -> None:
         residual = not fused and rng.random() < 0.4
         preload = not fused and rng.random() < 0.6
         rows = int(rng.integers(64, 301))
+        if a.interleaved:                 # rows * units a multiple of 32 (kernels.interleaved_ok)
+            rows = max(32, rows // 32 * 32)
         P = int(rng.integers(1, 6))
         sms = int(rng.integers(1, 4))
         direct, warps = None, None
@@ -504,7 +515,8 @@ def main() -> None:
     t0 = time.time()
     for i, (qt, fused, preload, norm, residual, cols, rows, P, sms, direct, warps) in enumerate(cases):
         t = time.time()
-        outs, err = run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct, warps)
+        outs, err = run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct, warps,
+                             a.interleaved)
         same = np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
         nan = np.isnan(outs[1]).any()
         ok = same and not nan and err < 2e-3
@@ -513,7 +525,9 @@ def main() -> None:
                    and cols <= 8192)        # what launch_fast2 gives the kernel
         name = " ".join(["Q4_0" if qt == KNEW.Q4_0 else "Q8_0", "fused" if fused else "plain"]
                         + [k for k, on in (("preload", preload), ("norm", norm), ("residual", residual),
-                                           ("staged", direct is False), (f"warps={warps}", warps)) if on])
+                                           ("staged", direct is False), (f"warps={warps}", warps),
+                                           ("interleaved", a.interleaved and direct is not False
+                                            and KNEW.interleaved_ok(qt, rows, cols))) if on])
         print(f"{i:3d} {name:40s} cols {cols:5d} rows {rows:3d} P {P} sms {sms}: "
               f"{'bitwise equal' if same else 'DIFFERENT'}{' NaN' if nan else ''}, rel err vs f64 {err:.1e}"
               f"  ({time.time() - t:.0f} s)", flush=True)

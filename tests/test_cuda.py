@@ -434,15 +434,20 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
 
 @needs_gpu
 @pytest.mark.parametrize("grid,threads", [(7, 256), (2, 4), (1, 1)])
-def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, interleaved):
     """kernels.expert_copy_kernel copies each listed (expert, slot) pair's three matrices from pinned host
-    memory (read by the SMs, no DMA) into the slots, and nothing else. The small grids run its loop of
-    four loads in flight and the rest after it (37 and 64 vectors); the large one only the rest."""
+    memory (read by the SMs, no DMA) into the slots, and nothing else; interleaved: the first two matrices
+    (a chunk of Q4_0 units, one of Q8_0) land as kernels.interleave lays them out, the third as it is. The
+    small grids run its loop of four loads in flight and the rest after it; the large one only the rest."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
     rng = np.random.default_rng()
-    E, S, words = 6, 5, (4 * 37, 4 * 5, 4 * 64)
+    E, S = 6, 5
+    words = (36 * K.CHUNK, 68 * K.CHUNK, 4 * 64) if interleaved else (4 * 37, 4 * 5, 4 * 64)
+    qts = (K.Q4_0, K.Q8_0, None) if interleaved else (None, None, None)
+    uvs = tuple(0 if q is None else 8 * K.BLOCK_BYTES[q] // 16 for q in qts)
     host = [cupyx.empty_pinned(E * w, np.uint32) for w in words]
     for h in host:
         h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)
@@ -451,12 +456,35 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads):
     pairs = [(4, 1), (0, 3), (5, 0)]
     miss = cp.asarray(np.array(pairs + [(2, 2)], np.int32).reshape(-1))      # the 4th is past the count
     K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
-                                       *pools, words)
-    for h, p, b, w in zip(host, pools, before, words):
+                                       *pools, words, uvs)
+    for h, p, b, w, q in zip(host, pools, before, words, qts):
         want = b.reshape(S, w).copy()
         for e, s in pairs:
-            want[s] = h.reshape(E, w)[e]
+            m = h.reshape(E, w)[e]
+            want[s] = m if q is None else K.interleave(m.view(np.uint8), q).view(np.uint32)
         assert np.array_equal(p.get().reshape(S, w), want)
+
+
+@needs_gpu
+def test_uploads_are_interleaved_on_the_gpu_as_on_the_host():
+    """CUDABackend's uploads of fast2 shapes go through interleave_kernel in pieces (here of 3 chunks, so
+    pieces and a short last one): the same bytes as the host's kernels.interleave; other shapes as stored."""
+    from localmoe.backends.cuda import CUDABackend
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends import Weight
+    from localmoe.gguf.format import GGMLType
+    be = CUDABackend()
+    be.UPLOAD_PIECE = 3 * K.CHUNK * 8 * 18
+    rng = np.random.default_rng()
+    for qt, rows, cols, E in ((K.Q4_0, 64, 1024, 3), (K.Q8_0, 96, 512, None), (K.Q4_0, 30, 1024, None)):
+        bb = K.BLOCK_BYTES[qt]
+        shape = (rows, cols // 32 * bb) if E is None else (E, rows, cols // 32 * bb)
+        raw = rng.integers(0, 256, shape, dtype=np.uint8)
+        w = Weight(raw, GGMLType(qt), cols, f"t{qt}")
+        got = be.upload(w).copy_to_host().view(np.uint8)
+        want = K.interleave(raw, qt) if K.interleaved_ok(qt, rows, cols) else raw.reshape(-1)
+        assert be.interleaved(w) == (rows != 30)
+        assert np.array_equal(got, want)
 
 
 @needs_gpu

@@ -139,18 +139,13 @@ class CUDABackend:
 
     # -- weights ----------------------------------------------------------------------------------
     def upload(self, w: Weight):
-        """The device copy of a weight's stored blocks: (device array, fast); uploaded on first use."""
+        """The device copy of a weight's stored blocks, uploaded on first use: interleaved where
+        `kernels.interleaved_ok` (what `gemv` reads), else as in the file."""
         k = _key(w.raw, int(w.type))
         hit = self._weights.get(k)
         if hit is None:
-            raw = np.ascontiguousarray(w.raw).reshape(-1)
-            if raw.dtype != np.uint8:
-                raw = raw.view(np.uint8)
-            fast = self.K.fast_ok(int(w.type), w.cols)
-            dev = self.cuda.to_device(raw.view(np.uint32) if fast else raw)
-            self.bytes_uploaded += raw.nbytes
-            hit = self._weights[k] = (w.raw, dev, fast)
-        return hit[1], hit[2]
+            hit = self._weights[k] = (w.raw, self._upload_parts([w]))
+        return hit[1]
 
     def _with_shared(self, routed: Weight, shared: Weight):
         """One device array of routed's E matrices then the shared expert's as matrix E (read through the
@@ -158,17 +153,40 @@ class CUDABackend:
         k = ("+shared", _key(routed.raw, int(routed.type)), _key(shared.raw, int(shared.type)))
         hit = self._weights.get(k)
         if hit is None:
-            parts = [np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8) for w in (routed, shared)]
-            dtype = np.uint32 if self.K.fast_ok(int(routed.type), routed.cols) else np.uint8
-            dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
-            start = 0
-            for a in parts:
-                a = a.view(dtype)
-                dev[start:start + a.size].copy_to_device(a)
-                start += a.size
-            self.bytes_uploaded += start * np.dtype(dtype).itemsize
-            hit = self._weights[k] = (routed.raw, dev, shared.raw)
+            hit = self._weights[k] = (routed.raw, self._upload_parts([routed, shared]), shared.raw)
         return hit[1]
+
+    def _upload_parts(self, ws: list[Weight]):
+        """One device array of the weights' blocks back to back (uint32 words for the fast kernels, else
+        bytes), each interleaved where `interleaved_ok`: the GGUF's bytes go up in pieces through a scratch
+        buffer that interleave_kernel rewrites into place."""
+        w0 = ws[0]
+        qt = int(w0.type)
+        dtype = np.uint32 if self.K.fast_ok(qt, w0.cols) else np.uint8
+        parts = [np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8) for w in ws]
+        dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
+        start = 0
+        for a in parts:
+            if self.interleaved(w0):
+                step = self.UPLOAD_PIECE // (self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]) * (
+                    self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt])                # whole chunks
+                for i in range(0, a.nbytes, step):
+                    piece = self.cuda.to_device(a[i:i + step].view(np.uint32))
+                    out = dev[start + i // 4:start + (i + piece.size * 4) // 4]
+                    self.K.interleave_kernel[min(1024, (piece.size // 4 + 255) // 256), 256](
+                        piece, out, 8 * self.K.BLOCK_BYTES[qt] // 16)
+            else:
+                dev[start:start + a.nbytes // dev.dtype.itemsize].copy_to_device(a.view(dtype))
+            start += a.nbytes // dev.dtype.itemsize
+        self.bytes_uploaded += start * dev.dtype.itemsize
+        return dev
+
+    UPLOAD_PIECE = 64 << 20                  # bytes of the GGUF per interleave_kernel launch of an upload
+
+    def interleaved(self, w: Weight) -> bool:
+        """w is stored interleaved on the device (its uploads; a streamer's slots hold what lookup_on_device
+        says)."""
+        return self.K.interleaved_ok(int(w.type), w.rows, w.cols)
 
     def _vector(self, v: np.ndarray):
         k = _key(v)
@@ -191,26 +209,32 @@ class CUDABackend:
 
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
-             preload: bool = True, norm=None, residual=None, skip: bool = False):
+             preload: bool = True, norm=None, residual=None, skip: bool = False, interleaved: bool = False,
+             spread: bool = False):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
         x rows with first (kernels.norm_ok shapes); residual [P, rows]: added to y, in the same launch where
         the kernel can (kernels.residual_ok), else by one more; skip: leave out the products with mats[p] < 0
-        (their rows of y are not written; fast2 shapes)."""
+        (their rows of y are not written; fast2 shapes). interleaved: `pools` hold interleaved matrices where
+        `self.interleaved(w)` (as the uploads do). spread: a skip launch whose products are few, each gets
+        a warp per task (kernels.launch_fast2)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
-            dev = self.upload(w)[0]
-            dev2 = self.upload(w2)[0] if w2 is not None else dev
+            dev = self.upload(w)
+            dev2 = self.upload(w2) if w2 is not None else dev
+            interleaved = self.interleaved(w)
         else:
             dev, dev2 = pools[0], pools[-1]
+            interleaved = interleaved and self.interleaved(w)
         y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows,
                            self.sms - self._sms_beside,
-                           fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip)
+                           fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip,
+                           interleaved=interleaved, spread=spread)
         self.launches += 1
         if residual is not None and not own:
             y += residual
@@ -382,8 +406,10 @@ class CUDABackend:
             else:
                 mats = xp.asarray(fetch().reshape(P).astype(np.int32))  # (the pools exist after the first fetch)
                 prefetch()
+        il = True                              # the pools hold interleaved matrices where their shapes allow
         if self.streamer is not None:
             pg, pu, pd = self.streamer.pools
+            il = self.streamer.interleaved
         elif fold:                             # each token's row of slots: its k experts, then the shared one
             pg, pu, pd = (self._with_shared(r, s) for r, s in zip(routed, (shared.gate, shared.up, shared.down)))
             m2, wd = self._shared_rows(ids, weights, ids2, wd, gate.n_experts)
@@ -406,18 +432,21 @@ class CUDABackend:
                 if i:
                     self.streamer.join(copied)
                     self._sms_beside = 0
+                # a decode layer's misses are 1-4 products: spread over every SM, not sized for all P
+                spread = bool(i) and n == 1
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
-                          skip=True)
-                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True)
+                          skip=True, interleaved=il, spread=spread)
+                self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True, interleaved=il,
+                          spread=spread)
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
-                          preload=False, norm=norm)                                           # silu(g) * u, fused
+                          preload=False, norm=norm, interleaved=il)                    # silu(g) * u, fused
         else:
-            g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False)
-            u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,))
+            g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False, interleaved=il)
+            u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,), interleaved=il)
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
         if copied is None:
-            yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,))
+            yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,), interleaved=il)
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,

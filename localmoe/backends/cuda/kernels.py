@@ -488,19 +488,21 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None, residual=None, skip=False):
+                norm=None, residual=None, skip=False, interleaved=False, spread=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
     loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
     first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only; skip: the
-    products with mats[p] < 0 are left out (fast2 shapes only)."""
+    products with mats[p] < 0 are left out (fast2 shapes only); interleaved: W (and W2) are stored as
+    `interleave` writes them (`interleaved_ok` shapes only); spread: see launch_fast2 (skip launches)."""
     assert norm is None or norm_ok(qt, cols, fused)
     assert not skip or fast2_ok(qt, cols)
+    assert not interleaved or interleaved_ok(qt, rows, cols)
     assert residual is None or residual_ok(qt, cols, fused)
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
-                            norm=norm, residual=residual, skip=skip)
+                            norm=norm, residual=residual, skip=skip, interleaved=interleaved, spread=spread)
     if f32rows_ok(qt, cols, fused):
         return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
@@ -801,7 +803,7 @@ X_LOADS = 8                # fast2: x values a lane loads before quantizing them
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                residual: bool = False, skip: bool = False):
+                residual: bool = False, skip: bool = False, interleaved: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
@@ -813,8 +815,11 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     variant tests it: the test would put the mats load in front of every other load of the kernel.
     Index arithmetic is int32 (numba's is int64: every `int32(...)` below narrows it), from two 64-bit bases
     per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
-    shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses)."""
+    shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses).
+    interleaved (direct): the weights are stored as `interleave` writes them, so a task's loads are 512
+    contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit."""
     assert not preload or (direct and not fused)
+    assert not interleaved or direct
     assert not (residual and fused)
     UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
@@ -831,11 +836,15 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             "    total = int32(rows * U)",              # units in a matrix (< 2^31: its words are < 2^32 * 4)
             "    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
     if preload:
-        src += [
-            f"    t0 = int32(cuda.blockIdx.x * {warps} + warp)",
-            f"    ga = gaddr(W, 0) + mp + int64(uint32(min(int32(t0 * 32 + lane), int32(total - 1)))) * {4 * UW}",
-        ]
-        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4a(ga + {16 * i})" for i in range(UV)]
+        src.append(f"    t0 = int32(cuda.blockIdx.x * {warps} + warp)")
+        if interleaved:      # the task's chunk (past the last task: the last chunk, loaded for nothing)
+            src.append(f"    ga = gaddr(W, 0) + mp + int64(uint32(min(t0, int32(int32(total + 31) >> 5) - 1))) * "
+                       f"{128 * UW} + 16 * lane")
+        else:
+            src.append(f"    ga = gaddr(W, 0) + mp + int64(uint32(min(int32(t0 * 32 + lane), int32(total - 1)))) * "
+                       f"{4 * UW}")
+        VS = 512 if interleaved else 16    # bytes between a lane's vectors
+        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4a(ga + {VS * i})" for i in range(UV)]
         src.append("    grid_dependency()")
     # shared memory, in bytes from XA0 (16-byte aligned; word sk of the dynamic array, see the layout above):
     # x unit cu at XA0 + 528 cu, d_x of block b of unit cu at DA0 + 36 cu + 4 b, its int16 sum at SA0 + 36 cu +
@@ -934,7 +943,9 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
               "    sb = int32(DA0 + cu * 36)"]
         if qt == Q4_0:
             L.append("    sq = int32(SA0 + cu * 36)")
-        if not first and direct:
+        if not first and interleaved:
+            L.append(f"    uo = int64(uint32(u0)) * {4 * UW} + 16 * lane")
+        elif not first and direct:
             L.append(f"    uo = int64(uint32(min(int32(u0 + lane), int32(total - 1)))) * {4 * UW}")
         elif not first:
             L.append(f"    nv = int32(min(32, total - u0) * {UV})")
@@ -945,7 +956,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             elif direct:
                 L.append(f"    ga = g{m} + uo")
                 for i in range(UV):
-                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = ldg4a(ga + {16 * i})")
+                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
+                             f"ldg4a(ga + {(512 if interleaved else 16) * i})")
             else:
                 L.append(f"    ga = g{m} + uo")
                 for i in range(UV):
@@ -977,10 +989,48 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src.append("    while t < ntask:")        # (a range() would divide for its trip count)
     src += task("        ", False) + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual}", max_registers=65536 // (32 * warps), ldg4a=ldg4a, ldgf=ldgf,
+                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps),
+                       ldg4a=ldg4a, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
                        stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
+
+
+CHUNK = 32                 # fast2: units (8 blocks: a lane's share of a row) per warp task
+
+
+def interleaved_ok(qt: int, rows: int, cols: int) -> bool:
+    """Matrices of this shape are stored interleaved on the GPU (`interleave`): fast2 shapes whose units fill
+    whole chunks (every quantized matrix of Small 4); the rest stay in the file's order."""
+    return fast2_ok(qt, cols) and rows * (cols // 256) % CHUNK == 0
+
+
+def interleave(raw: np.ndarray, qt: int) -> np.ndarray:
+    """GGUF blocks (uint8, whole chunks of units: `interleaved_ok`) in fast2's interleaved layout: per chunk of
+    CHUNK units, the units' 16-byte vector 0 one after another, then vector 1, ..., so a warp's i-th load
+    reads 512 contiguous bytes (lane l: unit l's vector i) rather than 32 vectors a unit (144 or 272 bytes)
+    apart: 1.1-1.35x the bandwidth (H100, docs/PERFORMANCE.md). The host's version of interleave_kernel."""
+    uv = 8 * BLOCK_BYTES[qt] // 16
+    a = np.asarray(raw, np.uint8).reshape(-1, CHUNK, uv, 16)
+    return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(-1)
+
+
+@cuda.jit(device=True, inline=True)
+def _interleaved_vector(v, uv):
+    """Where 16-byte vector v of GGUF-ordered units (uv vectors each) goes in the interleaved layout."""
+    u = v // uv
+    return ((u >> 5) * uv + (v - u * uv)) * CHUNK + (u & 31)
+
+
+@cuda.jit
+def interleave_kernel(src, dst, uv):
+    """dst (uint32 words) = src's whole chunks of units interleaved (`interleave`), a thread per 16-byte vector;
+    an upload's second step, on the GPU (numpy's transpose runs at ~1 GB/s: a minute for Small 4)."""
+    grid_dependency()
+    a, b = gaddr(src, 0), gaddr(dst, 0)
+    for v in range(cuda.grid(1), src.shape[0] >> 2, cuda.gridsize(1)):
+        w0, w1, w2, w3 = ldg4a(a + int64(v) * 16)
+        stg4a(b + int64(_interleaved_vector(v, uv)) * 16, w0, w1, w2, w3)
 
 
 def fast2_ok(qt: int, cols: int) -> bool:
@@ -1001,10 +1051,10 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                 residual: bool = False, skip: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload, norm, residual, skip)
+                 residual: bool = False, skip: bool = False, interleaved: bool = False):
+    key = ("fast2", qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
     if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual, skip)
+        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
     return _CACHE[key]
 
 
@@ -1025,11 +1075,12 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None, residual=None, skip=False):
+                 bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False, spread=False):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); skip: products with mats[p] < 0
-    are left out."""
+    are left out; spread: a block for every `warps` tasks of each product (every warp one task, in waves if
+    the products are many), not the SMs shared by P: for a skip launch whose few products run alone."""
     if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
         raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
@@ -1038,9 +1089,11 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     bps = bps or cfg["bps"][fused]
     U = cols // 256
     kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
-                        norm is not None, residual is not None, skip)
+                        norm is not None, residual is not None, skip, interleaved)
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
-    gx = max(1, min((ntask + warps - 1) // warps, max(1, bps * sms // P)))
+    gx = (ntask + warps - 1) // warps
+    if not spread:
+        gx = max(1, min(gx, max(1, bps * sms // P)))
     shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
     args = ((W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
             + (() if residual is None else (residual,)))
@@ -1551,44 +1604,51 @@ COPY_THREADS = 512         # (with 4 loads of 16 bytes in flight a thread: 512 K
 
 
 @cuda.jit(device=True, inline=True)
-def _copy_from_host(src, dst, nvec, t0, step):
-    """The nvec 16-byte vectors at global byte address src (host memory the GPU maps) to dst (device),
-    four loads a thread issued before their stores: PCIe's latency is microseconds."""
+def _slot_vector(v, uv):
+    """Where a matrix's 16-byte vector v goes in its slot: v itself (uv 0), else interleaved (uv per unit)."""
+    return v if uv == 0 else _interleaved_vector(v, uv)
+
+
+@cuda.jit(device=True, inline=True)
+def _copy_from_host(src, dst, nvec, t0, step, uv):
+    """The nvec 16-byte vectors at global byte address src (host memory the GPU maps) to dst (device), in
+    order or interleaved (uv, see _slot_vector), four loads a thread issued before their stores: PCIe's
+    latency is microseconds. The loads stay contiguous (PCIe reads whole lines); the stores scatter."""
     v = t0
     while v + 3 * step < nvec:
         a = src + int64(v) * 16
-        b = dst + int64(v) * 16
         s = int64(step) * 16
         a0, a1, a2, a3 = ldg4a(a)
         b0, b1, b2, b3 = ldg4a(a + s)
         c0, c1, c2, c3 = ldg4a(a + 2 * s)
         d0, d1, d2, d3 = ldg4a(a + 3 * s)
-        stg4a(b, a0, a1, a2, a3)
-        stg4a(b + s, b0, b1, b2, b3)
-        stg4a(b + 2 * s, c0, c1, c2, c3)
-        stg4a(b + 3 * s, d0, d1, d2, d3)
+        stg4a(dst + int64(_slot_vector(v, uv)) * 16, a0, a1, a2, a3)
+        stg4a(dst + int64(_slot_vector(v + step, uv)) * 16, b0, b1, b2, b3)
+        stg4a(dst + int64(_slot_vector(v + 2 * step, uv)) * 16, c0, c1, c2, c3)
+        stg4a(dst + int64(_slot_vector(v + 3 * step, uv)) * 16, d0, d1, d2, d3)
         v += 4 * step
     while v < nvec:
         a0, a1, a2, a3 = ldg4a(src + int64(v) * 16)
-        stg4a(dst + int64(v) * 16, a0, a1, a2, a3)
+        stg4a(dst + int64(_slot_vector(v, uv)) * 16, a0, a1, a2, a3)
         v += step
 
 
 @cuda.jit
-def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words):
+def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs):
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
-    loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py). Launched on COPY_BLOCKS blocks:
-    a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
+    loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py); matrix j interleaved on the way
+    when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). Launched on COPY_BLOCKS
+    blocks: a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
     SMs it leaves free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
     t0, step = cuda.grid(1), cuda.gridsize(1)
     for i in range(nmiss[0]):
         e, s = int64(miss[2 * i]), int64(miss[2 * i + 1])
-        _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], words[0] >> 2, t0, step)
-        _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], words[1] >> 2, t0, step)
-        _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], words[2] >> 2, t0, step)
+        _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], words[0] >> 2, t0, step, uvs[0])
+        _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], words[1] >> 2, t0, step, uvs[1])
+        _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], words[2] >> 2, t0, step, uvs[2])
 
 
 @cuda.jit

@@ -198,6 +198,7 @@ class ExpertStreamer:
         self._stage: list = []
         self._newest_copy = None                 # the event behind the last copy enqueued
         self.want_device, self.on_device = on_device, False
+        self.interleaved = False              # the slots hold interleaved matrices where their shapes allow
         self.device_why_not = "not set up yet"
         self._mapped_at = None                   # the registered file's device address, when kernels may read it
 
@@ -277,7 +278,7 @@ class ExpertStreamer:
         # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
         K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
                              self._copy_launch if overlap else K.STREAM[0]](
-            miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words)
+            miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs)
         if overlap:
             done = self._record(on_copy=True)
         self.be.launches += 2
@@ -399,7 +400,7 @@ class ExpertStreamer:
         self._spec, self._names = spec, [_describe(w) for w in ws]
         self.cache = cache
         if not self.device_why_not:
-            self._setup_device()
+            self._setup_device(ws)
 
     def _pin_host(self) -> None:
         """Register the mapped file with CUDA when allowed (timed); else keep the reason: copies are staged."""
@@ -464,15 +465,18 @@ class ExpertStreamer:
             return "the experts do not start at 16-byte boundaries in the file"
         return ""
 
-    def _setup_device(self) -> None:
+    def _setup_device(self, ws) -> None:
         """The device mode's state (kernels.cache_lookup_kernel's arrays), empty like ExpertCache.clear()."""
+        K = self.be.K
         self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
         self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
         self._words = tuple(m // 4 for m in self.mat_bytes)
         self._shared_in: set[int] = set()      # layers whose shared expert is in its slot
         self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
-        self.on_device = True
+        # the copy kernel interleaves as it copies (a DMA cannot): the device mode's slots are interleaved
+        self._uvs = tuple(8 * K.BLOCK_BYTES[int(w.type)] // 16 if self.be.interleaved(w) else 0 for w in ws)
+        self.on_device = self.interleaved = True
 
     def _in_file(self, ws) -> bool:
         """Each matrix's experts lie back to back inside the registered file (what expert_copy_kernel reads)."""
@@ -490,7 +494,9 @@ class ExpertStreamer:
         s = self.cache.capacity + layer
         if layer not in self._shared_in:
             for pool, w, m in zip(self._pool_words, ws, self._words):
-                pool[s * m:(s + 1) * m].set(np.ascontiguousarray(w.raw).reshape(-1).view(np.uint32))
+                raw = np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8)
+                pool[s * m:(s + 1) * m].set((self.be.K.interleave(raw, int(w.type)) if self.be.interleaved(w)
+                                             else raw).view(np.uint32))
             self._shared_in.add(layer)
         return s
 
