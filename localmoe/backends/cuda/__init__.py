@@ -87,7 +87,7 @@ class CUDABackend:
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
         self._sms_beside = 0              # SMs a streamed layer's copy kernel holds while its hits run
-        self._weights: dict = {}          # key -> (host array kept alive, device array, fast)
+        self._weights: dict = {}          # key -> (the host arrays it keeps alive..., device array)
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
         self.bytes_uploaded = 0           # weight bytes host -> device so far
@@ -145,7 +145,7 @@ class CUDABackend:
         hit = self._weights.get(k)
         if hit is None:
             hit = self._weights[k] = (w.raw, self._upload_parts([w]))
-        return hit[1]
+        return hit[-1]
 
     def _with_shared(self, routed: Weight, shared: Weight):
         """One device array of routed's E matrices then the shared expert's as matrix E (read through the
@@ -153,8 +153,8 @@ class CUDABackend:
         k = ("+shared", _key(routed.raw, int(routed.type)), _key(shared.raw, int(shared.type)))
         hit = self._weights.get(k)
         if hit is None:
-            hit = self._weights[k] = (routed.raw, self._upload_parts([routed, shared]), shared.raw)
-        return hit[1]
+            hit = self._weights[k] = (routed.raw, shared.raw, self._upload_parts([routed, shared]))
+        return hit[-1]
 
     def _upload_parts(self, ws: list[Weight]):
         """One device array of the weights' blocks back to back (uint32 words for the fast kernels, else
@@ -165,11 +165,11 @@ class CUDABackend:
         dtype = np.uint32 if self.K.fast_ok(qt, w0.cols) else np.uint8
         parts = [np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8) for w in ws]
         dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
+        chunk = self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]                    # bytes of CHUNK units
+        step = max(1, self.UPLOAD_PIECE // chunk) * chunk
         start = 0
         for a in parts:
             if self.interleaved(w0):
-                step = self.UPLOAD_PIECE // (self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]) * (
-                    self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt])                # whole chunks
                 for i in range(0, a.nbytes, step):
                     piece = self.cuda.to_device(a[i:i + step].view(np.uint32))
                     out = dev[start + i // 4:start + (i + piece.size * 4) // 4]
@@ -184,8 +184,8 @@ class CUDABackend:
     UPLOAD_PIECE = 64 << 20                  # bytes of the GGUF per interleave_kernel launch of an upload
 
     def interleaved(self, w: Weight) -> bool:
-        """w is stored interleaved on the device (its uploads; a streamer's slots hold what lookup_on_device
-        says)."""
+        """w's uploads are interleaved (kernels.interleave); a streamer's slots are where its `interleaved` is
+        also true."""
         return self.K.interleaved_ok(int(w.type), w.rows, w.cols)
 
     def _vector(self, v: np.ndarray):
