@@ -165,11 +165,13 @@ class CUDABackend:
         dtype = np.uint32 if self.K.fast_ok(qt, w0.cols) else np.uint8
         parts = [np.ascontiguousarray(w.raw).reshape(-1).view(np.uint8) for w in ws]
         dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
-        chunk = self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]                    # bytes of CHUNK units
-        step = max(1, self.UPLOAD_PIECE // chunk) * chunk
+        il = self.interleaved(w0)
+        if il:
+            chunk = self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]                # bytes of CHUNK units
+            step = max(1, self.UPLOAD_PIECE // chunk) * chunk
         start = 0
         for a in parts:
-            if self.interleaved(w0):
+            if il:
                 for i in range(0, a.nbytes, step):
                     piece = self.cuda.to_device(a[i:i + step].view(np.uint32))
                     out = dev[start + i // 4:start + (i + piece.size * 4) // 4]
