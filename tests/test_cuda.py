@@ -447,7 +447,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     E, S = 6, 5
     words = (36 * K.CHUNK, 68 * K.CHUNK, 4 * 64) if interleaved else (4 * 37, 4 * 5, 4 * 64)
     qts = (K.Q4_0, K.Q8_0, None) if interleaved else (None, None, None)
-    uvs = tuple(0 if q is None else 8 * K.BLOCK_BYTES[q] // 16 for q in qts)
+    uvs = tuple(0 if q is None else K.UNIT_VECTORS[q] for q in qts)
     host = [cupyx.empty_pinned(E * w, np.uint32) for w in words]
     for h in host:
         h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)

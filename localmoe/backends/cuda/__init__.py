@@ -167,7 +167,7 @@ class CUDABackend:
         dev = self.cuda.device_array(sum(a.nbytes for a in parts) // np.dtype(dtype).itemsize, dtype)
         il = self.interleaved(w0)
         if il:
-            chunk = self.K.CHUNK * 8 * self.K.BLOCK_BYTES[qt]                # bytes of CHUNK units
+            chunk = self.K.CHUNK * 16 * self.K.UNIT_VECTORS[qt]               # bytes of CHUNK units
             step = max(1, self.UPLOAD_PIECE // chunk) * chunk
         start = 0
         for a in parts:
@@ -176,7 +176,7 @@ class CUDABackend:
                     piece = self.cuda.to_device(a[i:i + step].view(np.uint32))
                     out = dev[start + i // 4:start + (i + piece.size * 4) // 4]
                     self.K.interleave_kernel[min(1024, (piece.size // 4 + 255) // 256), 256](
-                        piece, out, 8 * self.K.BLOCK_BYTES[qt] // 16)
+                        piece, out, self.K.UNIT_VECTORS[qt])
             else:
                 dev[start:start + a.nbytes // dev.dtype.itemsize].copy_to_device(a.view(dtype))
             start += a.nbytes // dev.dtype.itemsize

@@ -36,6 +36,7 @@ from ._numba import cuda
 
 F32, F16, Q4_0, Q8_0, BF16 = 0, 1, 2, 8, 30
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18}
+UNIT_VECTORS = {t: 8 * b // 16 for t, b in BLOCK_BYTES.items()}   # fast2: 16-byte vectors in 8 blocks (a lane's unit)
 ESIZE = {F32: 4, F16: 2, BF16: 2}
 
 from llvmlite import ir as _ir  # noqa: E402
@@ -821,7 +822,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     assert not preload or (direct and not fused)
     assert not interleaved or direct
     assert not (residual and fused)
-    UV = 9 if qt == Q4_0 else 17           # 16-byte vectors per unit
+    UV = UNIT_VECTORS[qt]                  # 16-byte vectors per unit
     UW = 4 * UV                            # words per unit
     redux = _has_redux()
     mats = ["W"] + (["W2"] if fused else [])
@@ -1010,8 +1011,7 @@ def interleave(raw: np.ndarray, qt: int) -> np.ndarray:
     CHUNK units, the units' 16-byte vector 0 one after another, then vector 1, ..., so a warp's i-th load
     reads 512 contiguous bytes (lane l: unit l's vector i) rather than 32 vectors a unit (144 or 272 bytes)
     apart: 1.1-1.35x the bandwidth (H100, docs/PERFORMANCE.md). The host's version of interleave_kernel."""
-    uv = 8 * BLOCK_BYTES[qt] // 16
-    a = np.asarray(raw, np.uint8).reshape(-1, CHUNK, uv, 16)
+    a = np.asarray(raw, np.uint8).reshape(-1, CHUNK, UNIT_VECTORS[qt], 16)
     return np.ascontiguousarray(a.transpose(0, 2, 1, 3)).reshape(-1)
 
 

@@ -198,7 +198,6 @@ class ExpertStreamer:
         self._stage: list = []
         self._newest_copy = None                 # the event behind the last copy enqueued
         self.want_device, self.on_device = on_device, False
-        self.interleaved = False              # the slots hold interleaved matrices where their shapes allow
         self.device_why_not = "not set up yet"
         self._mapped_at = None                   # the registered file's device address, when kernels may read it
 
@@ -475,8 +474,14 @@ class ExpertStreamer:
         self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
         # the copy kernel interleaves as it copies (a DMA cannot): the device mode's slots are interleaved
-        self._uvs = tuple(8 * K.BLOCK_BYTES[int(w.type)] // 16 if self.be.interleaved(w) else 0 for w in ws)
-        self.on_device = self.interleaved = True
+        self._uvs = tuple(K.UNIT_VECTORS[int(w.type)] if self.be.interleaved(w) else 0 for w in ws)
+        self.on_device = True
+
+    @property
+    def interleaved(self) -> bool:
+        """The slots hold interleaved matrices where their shapes allow: the device mode's copy kernel writes
+        them so (a DMA cannot permute: the host's slots keep the file's order)."""
+        return self.on_device
 
     def _in_file(self, ws) -> bool:
         """Each matrix's experts lie back to back inside the registered file (what expert_copy_kernel reads)."""
