@@ -3,6 +3,10 @@
 Python), bandwidth as a share of the device-to-device copy, and whether both layouts give the same bits.
 
     python bench/bench_gemv.py            # on the GPU machine; --pdl off for launches without PDL
+    python bench/bench_gemv.py --warps 4,8,16,20,24   # also the interleaved launch at other block sizes
+
+A block size other than kernels.FAST2's gets max(1, 16 // warps) blocks per SM (as many warps per SM, at most),
+so the launch's warps, and how many tasks each runs, are what change.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pdl", choices=("on", "off"), default="on")
     ap.add_argument("--launches", type=int, default=20, help="launches per graph")
+    ap.add_argument("--warps", default="", help="comma-separated warps per block to time the interleaved launch at")
     args = ap.parse_args()
     ok, name = available()
     if not ok:
@@ -86,10 +91,11 @@ def main() -> None:
             sets = [cp.asarray(rng.choice(nmat, P, replace=nmat < P).astype(np.int32)) for _ in range(n)]
             ys = [cp.full((P, rows), np.nan, np.float32) for _ in range(2)]
 
-            def run(i, il):
+            def run(i, il, warps=None, y=None):
                 W = [w[il] for w in ws]
-                K.launch_fast2(qt, cols, rows, W[0], W[-1], sets[i % n], xidx, x, ys[il], P, mb, sms, fused,
-                               preload=preload, interleaved=bool(il))
+                K.launch_fast2(qt, cols, rows, W[0], W[-1], sets[i % n], xidx, x, ys[il] if y is None else y, P, mb,
+                               sms, fused, preload=preload, interleaved=bool(il), warps=warps,
+                               bps=None if warps is None else max(1, 16 // warps))
             run(0, 0)
             run(0, 1)
             st.synchronize()
@@ -102,6 +108,18 @@ def main() -> None:
             share = [nbytes / (u * 1e3) / copy_gbs for u in t]
             print(f"{'Q4_0' if qt == K.Q4_0 else 'Q8_0':5} {label:42} {nbytes / 1e6:6.1f} {t[0]:13.1f} {share[0]:7.1%} "
                   f"{t[1]:14.1f} {share[1]:7.1%} {t[0] / t[1]:7.2f}x  {'equal' if same else 'DIFFERENT'}", flush=True)
+            for warps in [int(w) for w in args.warps.split(",") if w]:
+                ntask = (rows * (cols // 256) + 31) // 32                  # launch_fast2's grid, per product
+                gx = max(1, min((ntask + warps - 1) // warps, max(1, max(1, 16 // warps) * sms // P)))
+                y = cp.full((P, rows), np.nan, np.float32)
+                run(0, 1, warps, y)
+                run(0, 1)
+                st.synchronize()
+                eq = bool((y.view(np.uint32) == ys[1].view(np.uint32)).all())
+                u = min(graph_us(lambda i: run(i, 1, warps, y)) for _ in range(2))
+                print(f"      {warps:2} warps/block: {u:6.1f} us {nbytes / (u * 1e3) / copy_gbs:7.1%} of copy, "
+                      f"{t[1] / u:5.2f}x; tasks per warp {ntask / (warps * gx):.2f}"
+                      f"{'' if eq else '  DIFFERENT'}", flush=True)
             del ws
 
 

@@ -327,6 +327,9 @@ class CUDABackend:
         xp = self.xp
         n, heads, _ = q.shape
         r = 2 * cos.shape[1]
+        if max(r, q.shape[2] - r) > self.K.THREADS:
+            raise ValueError(f"MLA heads of {q.shape[2] - r} + {r} columns: the GPU kernel handles <= "
+                             f"{self.K.THREADS} of each")
         q_nope = xp.empty((n, heads, q.shape[2] - r), np.float32)
         query = xp.empty((n, heads, kv.shape[1]), np.float32)
         self.K.mla_rope_kernel[(n, heads + 1), self.K.THREADS, self.S[0]](
@@ -347,10 +350,10 @@ class CUDABackend:
                              f"<= {self.K.MAX_EXPERTS} experts, <= {self.K.MAX_GROUPS} groups")
         ids, w = xp.empty((n, k), np.int32) if out is None else out, xp.empty((n, k), np.float32)
         slots, sw = xp.empty((n, k + 1), np.int32), xp.empty((n, k + 1), np.float32)
-        if n_group == 1:        # one warp per token
-            self.K.route_warp_kernel[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
+        if n_group == 1 and k <= 32:        # one warp per token (lane r keeps pick r)
+            self.K.route_warp_kernel(E)[(n + self.K.WARPS - 1) // self.K.WARPS, self.K.THREADS, self.S[0]](
                 z, k, bool(norm), np.float32(scale), ids, w, slots, sw)
-        else:                   # grouped (DeepSeek-style): one thread per token
+        else:                   # grouped (DeepSeek-style), or more than 32 picks: one thread per token
             self.K.route_kernel[(n + 31) // 32, 32, self.S[0]](z, k, bool(norm), np.float32(scale), n_group,
                                                               topk_group, ids, w, slots, sw)
         self.launches += 1
@@ -451,8 +454,8 @@ class CUDABackend:
             yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,), interleaved=il)
         y = xp.empty((n, down.rows), np.float32)
         gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
-        self.K.combine_kernel[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,
-                                                                  plus is not None)
+        self.K.combine_kernel(k)[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,
+                                                                     plus is not None)
         self.launches += 1
         return y[0] if squeeze else y
 

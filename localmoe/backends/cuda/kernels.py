@@ -990,7 +990,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src.append("    while t < ntask:")        # (a range() would divide for its trip count)
     src += task("        ", False) + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps),
+                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps) & ~7,
                        ldg4a=ldg4a, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
                        stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
@@ -1146,36 +1146,38 @@ def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_n
     Block (j, h < heads): q_nope[j, h] = q[j, h, :nope] * s and query[j, h, kvr:] = rope(q[j, h, nope:]) * s,
     s = 1 + beta * log1p(position // length) (llama-4 query scaling; 1 when beta is 0). Block (j, heads):
     cache[position] = [rmsnorm(kv[j, :kvr]) * w, rope(kv[j, kvr:])]. cos/sin: whole tables, rows read
-    at the positions from device memory (so one captured launch serves every decode step)."""
-    grid_dependency()
+    at the positions from device memory (so one captured launch serves every decode step). A thread's rotation
+    pair (its position, cos and sin: inputs no kernel writes) is loaded before the wait, and its q or kv values
+    all before its first store. One rotation pair and one q_nope value per thread: 2 * half and nope <= THREADS."""
     red = cuda.shared.array(THREADS, float32)
     j = cuda.blockIdx.x
     h = cuda.blockIdx.y
     tid = cuda.threadIdx.x
     pos = positions[j]
     half = cos.shape[1]
+    i = min(tid, half - 1)
+    c = cos[pos, i]
+    sn = sin[pos, i]
     kvr = cache.shape[1] - 2 * half
+    grid_dependency()
     if h < q.shape[1]:
         nope = q.shape[2] - 2 * half
+        qn = q[j, h, min(tid, nope - 1)]
+        a = q[j, h, nope + 2 * i]
+        b = q[j, h, nope + 2 * i + 1]
         s = float32(1.0)
         if beta != 0.0:
             s = float32(1.0 + beta * math.log1p(float64(pos // length)))
-        for d in range(tid, nope, THREADS):
-            q_nope[j, h, d] = q[j, h, d] * s
-        for i in range(tid, half, THREADS):
-            a = q[j, h, nope + 2 * i]
-            b = q[j, h, nope + 2 * i + 1]
-            c = cos[pos, i]
-            sn = sin[pos, i]
+        if tid < nope:
+            q_nope[j, h, tid] = qn * s
+        if tid < half:
             query[j, h, kvr + 2 * i] = (a * c - b * sn) * s
             query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s
     else:
+        a = kv[j, kvr + 2 * i]
+        b = kv[j, kvr + 2 * i + 1]
         _rmsnorm_row(kv, j, kvr, w, cache, pos, eps, red, tid)
-        for i in range(tid, half, THREADS):
-            a = kv[j, kvr + 2 * i]
-            b = kv[j, kvr + 2 * i + 1]
-            c = cos[pos, i]
-            sn = sin[pos, i]
+        if tid < half:
             cache[pos, kvr + 2 * i] = a * c - b * sn
             cache[pos, kvr + 2 * i + 1] = b * c + a * sn
 
@@ -1347,79 +1349,85 @@ def route_kernel(logits, k, norm, scale, n_group, topk_group, ids, wts, slots, s
     swts[t, k] = float32(1.0)
 
 
-@cuda.jit
-def route_warp_kernel(logits, k, norm, scale, ids, wts, slots, swts):
-    """route_kernel's choice without groups, one warp per row t: lane holds experts lane + 32 j; softmax
-    by shuffles; each of the k picks is a warp-wide argmax (ties to the lower id, like the stable sort).
-    The order of the picks only needs exp(logit - max), so it cannot depend on the summation order.
-    Also route_kernel's slot rows."""
-    grid_dependency()
-    t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)
-    lane = cuda.threadIdx.x & 31
-    if t >= logits.shape[0]:
-        return
-    E = logits.shape[1]
-    p = cuda.local.array(EXPERTS_PER_LANE, float32)
-    m = float32(-3.0e38)
-    for j in range(EXPERTS_PER_LANE):
-        e = lane + 32 * j
-        if e < E:
-            m = max(m, logits[t, e])
-    for o in (16, 8, 4, 2, 1):
-        m = max(m, cuda.shfl_xor_sync(0xffffffff, m, o))
-    total = float32(0.0)
-    for j in range(EXPERTS_PER_LANE):
-        e = lane + 32 * j
-        p[j] = math.exp(logits[t, e] - m) if e < E else float32(-1.0)
-        if e < E:
-            total += p[j]
-    for o in (16, 8, 4, 2, 1):
-        total += cuda.shfl_xor_sync(0xffffffff, total, o)
-    wsum = float32(0.0)
-    for r in range(k):
-        bv = float32(-3.0)
-        be = E
-        for j in range(EXPERTS_PER_LANE):
-            if p[j] > bv:
-                bv = p[j]
-                be = lane + 32 * j
-        for o in (16, 8, 4, 2, 1):
-            ov = cuda.shfl_xor_sync(0xffffffff, bv, o)
-            oe = cuda.shfl_xor_sync(0xffffffff, be, o)
-            if ov > bv or (ov == bv and oe < be):
-                bv = ov
-                be = oe
-        if (be & 31) == lane:
-            p[be >> 5] = float32(-2.0)
-        w = bv / total
-        wsum += w
-        if lane == 0:
-            ids[t, r] = be
-            slots[t, r] = be
-            wts[t, r] = w
-    if lane == 0:
-        for r in range(k):
-            w = wts[t, r]
-            if norm:
-                w = w / (wsum + float32(1e-20))
-            wts[t, r] = w * scale
-            swts[t, r] = w * scale
-        slots[t, k] = E
-        swts[t, k] = float32(1.0)
+def _make_route_warp(nj: int):
+    """route_kernel's choice without groups, one warp per row t, for up to 32 nj experts: lane holds experts
+    lane + 32 j in named registers (all its logits loaded at once); softmax by shuffles; each of the k picks
+    is a warp-wide argmax (ties to the lower id, like the stable sort), kept by lane r for pick r (k <= 32),
+    so the k lanes write their ids and weights at once at the end. The order of the picks only needs
+    exp(logit - max), so it cannot depend on the summation order. Also route_kernel's slot rows."""
+    J = range(nj)
+    src = ["def kern(logits, k, norm, scale, ids, wts, slots, swts):",
+           "    t = cuda.blockIdx.x * WARPS + (cuda.threadIdx.x >> 5)",
+           "    lane = cuda.threadIdx.x & 31",
+           "    if t >= logits.shape[0]:",
+           "        return",
+           "    E = logits.shape[1]"]
+    src += [f"    z{j} = logits[t, min(lane + {32 * j}, E - 1)]" for j in J]
+    src.append("    m = float32(-3.0e38)")
+    src += [f"    if lane + {32 * j} < E:\n        m = max(m, z{j})" for j in J]
+    src += ["    for o in (16, 8, 4, 2, 1):", "        m = max(m, cuda.shfl_xor_sync(0xffffffff, m, o))",
+            "    total = float32(0.0)"]
+    for j in J:
+        src += [f"    p{j} = float32(-1.0)", f"    if lane + {32 * j} < E:", f"        p{j} = math.exp(z{j} - m)",
+                f"        total += p{j}"]
+    src += ["    for o in (16, 8, 4, 2, 1):", "        total += cuda.shfl_xor_sync(0xffffffff, total, o)",
+            "    wsum = float32(0.0)", "    mine = float32(0.0)", "    mid = E",
+            "    for r in range(k):", "        bv = float32(-3.0)", "        be = E"]
+    src += [f"        if p{j} > bv:\n            bv = p{j}\n            be = lane + {32 * j}" for j in J]
+    src += ["        for o in (16, 8, 4, 2, 1):",
+            "            ov = cuda.shfl_xor_sync(0xffffffff, bv, o)",
+            "            oe = cuda.shfl_xor_sync(0xffffffff, be, o)",
+            "            if ov > bv or (ov == bv and oe < be):",
+            "                bv = ov",
+            "                be = oe"]
+    src += [f"        if be == lane + {32 * j}:\n            p{j} = float32(-2.0)" for j in J]
+    src += ["        w = bv / total",
+            "        wsum += w",
+            "        if lane == r:",
+            "            mine = w",
+            "            mid = be",
+            "    if lane < k:",
+            "        if norm:",
+            "            mine = mine / (wsum + float32(1e-20))",
+            "        ids[t, lane] = mid",
+            "        slots[t, lane] = mid",
+            "        wts[t, lane] = mine * scale",
+            "        swts[t, lane] = mine * scale",
+            "    if lane == 0:",
+            "        slots[t, k] = E",
+            "        swts[t, k] = float32(1.0)"]
+    return _jit_source(src, f"route_warp nj={nj}")
 
 
-@cuda.jit
-def combine_kernel(yp, wts, y, plus, add):
+def route_warp_kernel(E: int):
+    """The one-warp-per-token router for E experts (one compile per 32 experts)."""
+    key = ("route_warp", (E + 31) // 32)
+    if key not in _CACHE:
+        _CACHE[key] = _make_route_warp(key[1])
+    return _CACHE[key]
+
+
+def _make_combine(k: int):
     """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output, when
-    it ran apart)."""
-    grid_dependency()
-    t = cuda.blockIdx.y
-    k = wts.shape[1]
-    for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):
-        a = float32(0.0)
-        for j in range(k):
-            a += wts[t, j] * yp[t * k + j, c]
-        y[t, c] = a + plus[t, c] if add else a
+    it ran apart), the k weights and each column's k values loaded before the sum (a loop over a run-time k
+    would load them one after another)."""
+    src = ["def kern(yp, wts, y, plus, add):",
+           "    t = cuda.blockIdx.y"]
+    src += [f"    w{j} = wts[t, {j}]" for j in range(k)]
+    src += ["    for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):"]
+    src += [f"        v{j} = yp[t * {k} + {j}, c]" for j in range(k)]
+    src += ["        b = plus[t, c] if add else float32(0.0)", "        a = float32(0.0)"]
+    src += [f"        a += w{j} * v{j}" for j in range(k)]
+    src += ["        y[t, c] = a + b if add else a"]
+    return _jit_source(src, f"combine k={k}")
+
+
+def combine_kernel(k: int):
+    """The combine of k products per token."""
+    key = ("combine", k)
+    if key not in _CACHE:
+        _CACHE[key] = _make_combine(k)
+    return _CACHE[key]
 
 
 # -- the expert cache decided on the device (streaming.py's device mode) ----------------------------------
