@@ -324,11 +324,8 @@ def _make_lanes(qt: int, cols: int, preload: bool):
 
 
 def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload=False):
-    key = ("lanes", qt, cols, preload)
-    if key not in _CACHE:
-        _CACHE[key] = _make_lanes(qt, cols, preload)
-    _CACHE[key][((rows + THREADS - 1) // THREADS, P), THREADS, STREAM[0]](W, W, mats, xidx, x, y, rows, cols,
-                                                                          mat_bytes // 4)
+    _compiled(_make_lanes, qt, cols, preload)[((rows + THREADS - 1) // THREADS, P), THREADS, STREAM[0]](
+        W, W, mats, xidx, x, y, rows, cols, mat_bytes // 4)
 
 
 F32_LOADS = 4              # f32rows: 16-byte weight loads per thread, all issued first (4096 columns at 256 threads)
@@ -396,11 +393,9 @@ def _make_f32rows(preload: bool, norm: bool):
 
 def launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload=False, norm=None):
     """norm: (weight, eps), x rows rmsnorm'ed first."""
-    key = ("f32rows", preload, norm is not None)
-    if key not in _CACHE:
-        _CACHE[key] = _make_f32rows(preload, norm is not None)
     gx = max(1, min(rows, 8 * BLOCKS_PER_SM * sms // P))
-    _CACHE[key][(gx, P), THREADS, STREAM[0]](W, mats, xidx, x, y, rows, cols, mat_bytes, *(norm or ()))
+    _compiled(_make_f32rows, preload, norm is not None)[(gx, P), THREADS, STREAM[0]](
+        W, mats, xidx, x, y, rows, cols, mat_bytes, *(norm or ()))
 
 
 # -- generic: any type, any shape ---------------------------------------------------------------------
@@ -476,16 +471,21 @@ def _make_generic(qt: int, fused: bool):
 _CACHE: dict = {}
 
 
+def _compiled(make, *args):
+    """make(*args): a kernel, generated once per arguments (numba compiles it at its first launch)."""
+    key = (make, *args)
+    if key not in _CACHE:
+        _CACHE[key] = make(*args)
+    return _CACHE[key]
+
+
 def fast_ok(qt: int, cols: int) -> bool:
     return qt in (Q4_0, Q8_0) and cols % 64 == 0
 
 
 def gemv_kernel(qt: int, cols: int, fused: bool):
     fast = fast_ok(qt, cols)
-    key = (qt, fast, fused)
-    if key not in _CACHE:
-        _CACHE[key] = (_make_fast if fast else _make_generic)(qt, fused)
-    return fast, _CACHE[key]
+    return fast, _compiled(_make_fast if fast else _make_generic, qt, fused)
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
@@ -1052,10 +1052,7 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
                  residual: bool = False, skip: bool = False, interleaved: bool = False):
-    key = ("fast2", qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
-    if key not in _CACHE:
-        _CACHE[key] = _make_fast2(qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
-    return _CACHE[key]
+    return _compiled(_make_fast2, qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
 
 
 def fast2_norm_ok(qt: int, cols: int) -> bool:
@@ -1264,10 +1261,7 @@ def _make_attention(nj: int):
 
 def attention_kernel(dk: int):
     """The attention kernel for heads dk wide (one compile per 32 columns of width)."""
-    key = ("attention", (dk + 31) // 32)
-    if key not in _CACHE:
-        _CACHE[key] = _make_attention(key[1])
-    return _CACHE[key]
+    return _compiled(_make_attention, (dk + 31) // 32)
 
 
 MAX_EXPERTS = 512
@@ -1401,10 +1395,7 @@ def _make_route_warp(nj: int):
 
 def route_warp_kernel(E: int):
     """The one-warp-per-token router for E experts (one compile per 32 experts)."""
-    key = ("route_warp", (E + 31) // 32)
-    if key not in _CACHE:
-        _CACHE[key] = _make_route_warp(key[1])
-    return _CACHE[key]
+    return _compiled(_make_route_warp, (E + 31) // 32)
 
 
 def _make_combine(k: int):
@@ -1424,10 +1415,7 @@ def _make_combine(k: int):
 
 def combine_kernel(k: int):
     """The combine of k products per token."""
-    key = ("combine", k)
-    if key not in _CACHE:
-        _CACHE[key] = _make_combine(k)
-    return _CACHE[key]
+    return _compiled(_make_combine, k)
 
 
 # -- the expert cache decided on the device (streaming.py's device mode) ----------------------------------
