@@ -801,6 +801,10 @@ def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
 
 
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
+# fast2: x blocks a warp quantizes together (their shuffle reductions interleaved: one chain's latency, not that
+# many chains'); as many as keep the block's registers (`bench/kernel_registers.py`): Q8_0's plain kernel stays at
+# 62 with 2 (2 blocks per SM), 74 with 4 or more
+QUANT_AT_ONCE = {Q4_0: X_LOADS, Q8_0: 2}
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
@@ -888,36 +892,38 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     # block r + i warps: unit (r >> 3) + (i warps >> 3), block (r & 7) when warps % 8 == 0 (constant offsets)
     src += ["        qa = int32(XA0 + (r >> 3) * 528 + (r & 7) * 64 + ((lane >> 1) << 2))",
             "        da = int32(DA0 + (r >> 3) * 36 + (r & 7) * 4)"]
-    for i in range(X_LOADS):
-        if warps % 8 == 0:
-            qa, da = f"qa + {528 * (i * warps // 8)}", f"da + {36 * (i * warps // 8)}"
+    # QUANT_AT_ONCE[qt] blocks at a time, each step of their reductions issued for all of them together; a block
+    # past the row quantizes its zeros and stores nothing
+    for g0 in range(0, X_LOADS, QUANT_AT_ONCE[qt]):
+        group = range(g0, min(X_LOADS, g0 + QUANT_AT_ONCE[qt]))
+        src += [f"        a{i} = abs(v{i})" for i in group]
+        for o in (16, 8, 4, 2, 1):
+            src += [f"        a{i} = max(a{i}, cuda.shfl_xor_sync(0xffffffff, a{i}, {o}))" for i in group]
+        src += [f"        d{i} = a{i} / float32(32767.0)" for i in group]
+        src += [f"        e{i} = float32(1.0) / d{i} if d{i} > float32(0.0) else float32(0.0)" for i in group]
+        src += [f"        q{i} = int32(libdevice.rintf(v{i} * e{i}))" for i in group]
+        src += [f"        qn{i} = cuda.shfl_down_sync(0xffffffff, q{i}, 1)" for i in group]
+        if redux:                                                      # |sum| < 2^21: int32 exact
+            src += [f"        qs{i} = warp_sum_i32(q{i})" for i in group]
         else:
-            qa = f"XA0 + ((r + {i * warps}) >> 3) * 528 + ((r + {i * warps}) & 7) * 64 + ((lane >> 1) << 2)"
-            da = f"DA0 + ((r + {i * warps}) >> 3) * 36 + ((r + {i * warps}) & 7) * 4"
-        src += [
-            f"        if int32(r + {i * warps}) < nblk:",
-            f"            v = v{i}",
-            "            a = abs(v)",
-            "            for o in (16, 8, 4, 2, 1):",
-            "                a = max(a, cuda.shfl_xor_sync(0xffffffff, a, o))",
-            "            d = a / float32(32767.0)",
-            "            inv = float32(1.0) / d if d > float32(0.0) else float32(0.0)",
-            "            q = int32(libdevice.rintf(v * inv))",
-            "            qn = cuda.shfl_down_sync(0xffffffff, q, 1)",
-            "            if (lane & 1) == 0:",
-            f"                sts1a({qa}, (q & 0xffff) | (qn << 16))",
-        ] + ([
-            "            qs = warp_sum_i32(q)",                                       # |sum| < 2^21: int32 exact
-        ] if redux else [
-            "            qs = q",
-            "            for o in (16, 8, 4, 2, 1):",
-            "                qs = int32(qs + cuda.shfl_xor_sync(0xffffffff, qs, o))",
-        ]) + [
-            "            if lane == 0:",
-            f"                di = int32({da})",
-            "                sts1a(di, libdevice.float_as_int(d))",
-            "                sts1a(di + (SA0 - DA0), qs)",
-        ]
+            src += [f"        qs{i} = q{i}" for i in group]
+            for o in (16, 8, 4, 2, 1):
+                src += [f"        qs{i} = int32(qs{i} + cuda.shfl_xor_sync(0xffffffff, qs{i}, {o}))" for i in group]
+        for i in group:
+            if warps % 8 == 0:
+                qa, da = f"qa + {528 * (i * warps // 8)}", f"da + {36 * (i * warps // 8)}"
+            else:
+                qa = f"XA0 + ((r + {i * warps}) >> 3) * 528 + ((r + {i * warps}) & 7) * 64 + ((lane >> 1) << 2)"
+                da = f"DA0 + ((r + {i * warps}) >> 3) * 36 + ((r + {i * warps}) & 7) * 4"
+            src += [
+                f"        if int32(r + {i * warps}) < nblk:",
+                "            if (lane & 1) == 0:",
+                f"                sts1a({qa}, (q{i} & 0xffff) | (qn{i} << 16))",
+                "            if lane == 0:",
+                f"                di = int32({da})",
+                f"                sts1a(di, libdevice.float_as_int(d{i}))",
+                f"                sts1a(di + (SA0 - DA0), qs{i})",
+            ]
     src.append(f"        r = int32(r + {warps * X_LOADS})")
     src += [
         "    cuda.syncthreads()",
@@ -973,9 +979,9 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             L += _unit_code(qt, f"{m}w", a, "    ")
         # segmented: the sum of the row's SEG lanes. Unrolled (numba keeps a loop over a tuple with a test); every
         # shuffle is taken (no branch around it), its value added where the segment spans it
-        for a in accs:
-            for o in (16, 8, 4, 2, 1):
-                L += [f"sh = cuda.shfl_xor_sync(0xffffffff, {a}, {o})", f"if SEG > {o}:", f"    {a} += sh"]
+        for o in (16, 8, 4, 2, 1):          # (fused: both rows' steps together)
+            L += [f"sh{a} = cuda.shfl_xor_sync(0xffffffff, {a}, {o})" for a in accs]
+            L += [f"if SEG > {o}:"] + [f"    {a} += sh{a}" for a in accs]
         L += ["if int32(lane & int32(SEG - 1)) == 0:",
               "    row = sar32(int32(t * CPT * 32 + lane), l2u)",
               "    if row < nrows:",
