@@ -21,6 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from localmoe.backends.cuda import available  # noqa: E402
 
+
+def best_graph_us(g, st, reps: int) -> float:
+    """The best of `reps` replays of the captured graph g on cupy stream st, in us (CUDA events)."""
+    import cupy as cp
+    best = np.inf
+    for _ in range(reps):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(st)
+        g.launch(st)
+        b.record(st)
+        b.synchronize()
+        best = min(best, cp.cuda.get_elapsed_time(a, b) * 1e3)
+    return best
+
 # label, rows, cols, matrices to pick from, products per launch, fused gate+up, preload (dense weights)
 CASES = [("routed+shared experts gate+up, 5 of 128", 2048, 4096, 128, 5, True, False),
          ("routed+shared experts down, 5 of 128", 4096, 2048, 128, 5, False, False),
@@ -58,15 +72,7 @@ def main() -> None:
         g = st.end_capture()
         g.launch(st)
         st.synchronize()
-        best = np.inf
-        for _ in range(reps):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record(st)
-            g.launch(st)
-            b.record(st)
-            b.synchronize()
-            best = min(best, cp.cuda.get_elapsed_time(a, b) * 1e3 / launches)
-        return best
+        return best_graph_us(g, st, reps) / launches
 
     src, dst = cp.ones(1 << 28, np.uint32), cp.empty(1 << 28, np.uint32)
     copy_gbs = 2 * src.nbytes / graph_us(lambda i: dst.__setitem__(slice(None), src), 5, 3) / 1e3

@@ -17,10 +17,12 @@ Prints us per step for each (best of `reps` graph replays)."""
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cupy as cp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_gemv import best_graph_us  # noqa: E402
 
 from localmoe.backends.cuda import _numba  # noqa: E402
 from localmoe.backends.cuda import kernels as K  # noqa: E402
@@ -141,14 +143,7 @@ def main(steps: int, reps: int) -> None:
             graphs[name] = stream.end_capture()
         for name, g in graphs.items():
             regs = f", {max(kernels[name].get_regs_per_thread().values())} registers a thread"
-            best = float("inf")
-            for _ in range(reps):
-                e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-                e0.record(stream)
-                g.launch(stream)
-                e1.record(stream)
-                e1.synchronize()
-                best = min(best, cp.cuda.get_elapsed_time(e0, e1) * 1e3 / steps)
+            best = best_graph_us(g, stream, reps) / steps
             print(f"{name}: {best:.2f} us per step ({steps} steps, {nb} blocks{regs})", flush=True)
         # the same answer either way: the chain and the persistent kernel compute the same vectors
         for heavy in ("light", "heavy 512", "heavy 256"):
