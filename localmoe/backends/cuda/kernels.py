@@ -801,10 +801,11 @@ def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
 
 
 X_LOADS = 8                # fast2: x values a lane loads before quantizing them (4096 columns at 16 warps: all)
-# fast2: x blocks a warp quantizes together (their shuffle reductions interleaved: one chain's latency, not that
-# many chains'); as many as keep the block's registers (`bench/kernel_registers.py`): Q8_0's plain kernel stays at
-# 62 with 2 (2 blocks per SM), 74 with 4 or more
-QUANT_AT_ONCE = {Q4_0: X_LOADS, Q8_0: 2}
+# fast2: the groups of a warp's X_LOADS x blocks that it quantizes together (their shuffle reductions interleaved:
+# one chain's latency per group, not one per block); a group runs when its first block is in the row, so short
+# rows (1024 columns: 2 blocks a warp, 2048: 4) skip the rest. Q8_0's plain kernel keeps 62 registers (2 blocks
+# per SM) with groups of 2, 74 with 4 (`bench/kernel_registers.py`). Chosen by `bench/ab_configs.py $F quantize`.
+QUANT_GROUPS = {Q4_0: (2, 2, 4), Q8_0: (2, 2, 2, 2)}
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
@@ -892,10 +893,14 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     # block r + i warps: unit (r >> 3) + (i warps >> 3), block (r & 7) when warps % 8 == 0 (constant offsets)
     src += ["        qa = int32(XA0 + (r >> 3) * 528 + (r & 7) * 64 + ((lane >> 1) << 2))",
             "        da = int32(DA0 + (r >> 3) * 36 + (r & 7) * 4)"]
-    # QUANT_AT_ONCE[qt] blocks at a time, each step of their reductions issued for all of them together; a block
-    # past the row quantizes its zeros and stores nothing
-    for g0 in range(0, X_LOADS, QUANT_AT_ONCE[qt]):
-        group = range(g0, min(X_LOADS, g0 + QUANT_AT_ONCE[qt]))
+    # QUANT_GROUPS[qt]: each step of a group's reductions issued for all its blocks together; a block past the row
+    # quantizes its zeros and stores nothing
+    assert sum(QUANT_GROUPS[qt]) == X_LOADS
+    for k, gs in enumerate(QUANT_GROUPS[qt]):
+        g0 = sum(QUANT_GROUPS[qt][:k])
+        group = range(g0, g0 + gs)
+        src.append(f"        if int32(r + {g0 * warps}) < nblk:")
+        n0 = len(src)
         src += [f"        a{i} = abs(v{i})" for i in group]
         for o in (16, 8, 4, 2, 1):
             src += [f"        a{i} = max(a{i}, cuda.shfl_xor_sync(0xffffffff, a{i}, {o}))" for i in group]
@@ -924,6 +929,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
                 f"                sts1a(di, libdevice.float_as_int(d{i}))",
                 f"                sts1a(di + (SA0 - DA0), qs{i})",
             ]
+        src[n0:] = ["    " + line for line in src[n0:]]
     src.append(f"        r = int32(r + {warps * X_LOADS})")
     src += [
         "    cuda.syncthreads()",
