@@ -8,7 +8,8 @@ kernels (compiled at its first round), so the rounds compare code, not compile s
 of a set is the shipped one; ratios are against it. Sets:
   coresident  fast2's Q4_0 block shape: A the default (16 warps, register cap 128: one block fills an SM);
               B 8 warps, cap 128 (two blocks fit an SM: the next kernel's can be resident and waiting, PDL),
-              X_LOADS 16 so the norm prologue still holds a row; C 8 warps, cap 256 (B's shape, one per SM)
+              X_LOADS 16 so the norm prologue still holds a row (quantized in groups 2, 2, 4, 8; session 17
+              measured it with one block at a time); C 8 warps, cap 256 (B's shape, one per SM)
   quantize    fast2's x quantization: Q4_0's groups of blocks quantized together (QUANT_GROUPS) as shipped,
               other groupings, and one block at a time (session 16's order; the same bits in every case)
 (the file: bench_cuda.py --full-scale writes it.)"""
@@ -31,11 +32,12 @@ def capped(src, name, max_registers=None, **names):
 
 
 K._jit_source = capped
-Q4 = dict(K.FAST2[K.Q4_0])
+EIGHT_WARPS = dict(FAST2={**K.FAST2, K.Q4_0: {**K.FAST2[K.Q4_0], "warps": 8}}, X_LOADS=16,
+                   QUANT_GROUPS={K.Q4_0: (2, 2, 4, 8), K.Q8_0: (2,) * 8})
 SETS = {
     "coresident": {"A 16 warps cap 128": {},
-                   "B 8 warps cap 128": dict(FAST2={**K.FAST2, K.Q4_0: {**Q4, "warps": 8}}, X_LOADS=16, cap=128),
-                   "C 8 warps cap 256": dict(FAST2={**K.FAST2, K.Q4_0: {**Q4, "warps": 8}}, X_LOADS=16, cap=256)},
+                   "B 8 warps cap 128": dict(EIGHT_WARPS, cap=128),
+                   "C 8 warps cap 256": dict(EIGHT_WARPS, cap=256)},
     "quantize": {f"groups {K.QUANT_GROUPS[K.Q4_0]}": {},
                  **{f"groups {g}": dict(QUANT_GROUPS={**K.QUANT_GROUPS, K.Q4_0: g}) for g in ((8,), (4, 4))},
                  "one block at a time": dict(QUANT_GROUPS={K.Q4_0: (1,) * 8, K.Q8_0: (1,) * 8})},
