@@ -9,10 +9,8 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
     os.environ["NUMBA_CACHE_DIR"] = str(Path.home() / ".cache" / "localmoe" / "numba")
 
 import numpy as np  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
 
 from .. import DenseFFN, Weight, plain, swiglu  # noqa: E402
-from ...gguf.format import GGMLType  # noqa: E402
 from ...models.moe import route_topk  # noqa: E402
 from ...models.rope import apply_rope  # noqa: E402
 from . import kernels  # noqa: E402
@@ -56,13 +54,6 @@ class CPUBackend:
         x = plain(self, x)
         g = self.linear(gate, x)
         return g / (1.0 + np.exp(-g)) * self.linear(up, x)
-
-    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
-        """Rows of the embedding table for token ids (only those rows are read)."""
-        rows = w.raw[np.asarray(ids, dtype=np.int64)]
-        if w.type == GGMLType.F32:
-            return rows.view(np.float32).reshape(len(ids), w.cols).copy()
-        return dequantize(rows, w.type).reshape(len(ids), w.cols).astype(np.float32)
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = x.astype(np.float32, copy=False)
