@@ -73,9 +73,8 @@ def hand_made_stats() -> Stats:
     stats = Stats(3, 4)
     stats.keep_routing = True
     layers, per_expert = np.array([0, 1]), np.array([100, 100])
-    stats.record_routes(layers, np.array([[[0, 1], [1, 2], [2, 3]], [[0, 1]] * 3]), per_expert)
-    stats.forward_calls += 1
-    stats.record_routes(layers, np.array([[[1, 0]], [[0, 1]]]), per_expert)
+    stats.record_routes(0, layers, np.array([[[0, 1], [1, 2], [2, 3]], [[0, 1]] * 3]), per_expert)
+    stats.record_routes(1, layers, np.array([[[1, 0]], [[0, 1]]]), per_expert)
     return stats
 
 

@@ -116,18 +116,18 @@ class Stats:
         self.expert_bytes = 0
         self.routing: list[tuple[int, int, np.ndarray]] = []   # (forward call, layer, ids [n, k]) if keep_routing
 
-    def record_routes(self, layers: np.ndarray, ids: np.ndarray, bytes_per_expert: np.ndarray) -> None:
-        """One forward call's routing: ids [M, n, k], the experts MoE layer layers[m] ran for each of its n rows
-        (bytes_per_expert [M]: what one expert of that layer reads). Whole arrays at once: a decode step
-        waits for this on the host (36 calls of np.unique + np.add.at took ~0.2 ms a token)."""
-        flat = ids.reshape(len(layers), -1)
-        np.add.at(self.expert_counts.reshape(-1), (layers[:, None] * self.expert_counts.shape[1] + flat).ravel(), 1)
-        s = np.sort(flat, axis=1)
-        distinct = 1 + np.count_nonzero(s[:, 1:] != s[:, :-1], axis=1)
-        self.expert_reads += int(distinct.sum())
-        self.expert_bytes += int(distinct @ bytes_per_expert)
+    def record_routes(self, call: int, layers: np.ndarray, ids: np.ndarray, bytes_per_expert: np.ndarray) -> None:
+        """Forward call `call`'s routing: ids [M, n, k], the experts MoE layer layers[m] ran for each of its n
+        rows (bytes_per_expert [M]: what one expert of that layer reads), in whole arrays."""
+        E = self.expert_counts.shape[1]
+        keys = (layers[:, None] * E + ids.reshape(len(layers), -1)).ravel()
+        self.expert_counts.reshape(-1)[:] += np.bincount(keys, minlength=self.expert_counts.size)
+        keys.sort()
+        distinct = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]      # (layer, expert) pairs read
+        self.expert_reads += len(distinct)
+        self.expert_bytes += int(bytes_per_expert[np.searchsorted(layers, distinct // E)].sum())
         if self.keep_routing:
-            self.routing += [(self.forward_calls, int(layer), a.copy()) for layer, a in zip(layers, ids)]
+            self.routing += [(call, int(layer), a.copy()) for layer, a in zip(layers, ids)]
 
     def as_dict(self) -> dict:
         d = {"tokens": self.tokens, "forward_calls": self.forward_calls, "expert_reads": self.expert_reads,
@@ -168,7 +168,8 @@ class Decoder:
         L = cfg.num_hidden_layers
         self.attn_norm = [f.array(f"blk.{i}.attn_norm.weight") for i in range(L)]
         self.ffn_norm = [f.array(f"blk.{i}.ffn_norm.weight") for i in range(L)]
-        self.stats = Stats(L, cfg.n_experts)
+        self._stats = Stats(L, cfg.n_experts)
+        self._unrecorded = None          # (forward call, routes [layers, n, k]) not counted yet
 
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False, embeds=None) -> np.ndarray:
         """Logits [n or 1, vocab] as a host numpy array; activations and the cache stay in `be.xp`.
@@ -186,14 +187,29 @@ class Decoder:
         if embeds is not None:
             x[embeds[0]] = be.to_host(embeds[1])
         key = ("decode", cache.generation) if n == 1 and embeds is None else None
-        logits, routes = be.replay(key, lambda x, pos: self.step(x, pos, cache, last_only), x, positions)
+        logits, routes = be.replay(key, lambda x, pos: self.step(x, pos, cache, last_only), x, positions,
+                                   meanwhile=self._record_routes)
         cache.length += n
-        self.stats.tokens += n
-        self.stats.forward_calls += 1
+        self._stats.tokens += n
+        self._stats.forward_calls += 1
+        self._unrecorded = (self._stats.forward_calls, routes)
+        return logits
+
+    @property
+    def stats(self) -> Stats:
+        """The counters. forward() leaves its routing to be counted while the next call's step runs on the
+        device (`be.replay`'s meanwhile: the host's ~0.1 ms a token off the GPU's critical path); reading
+        the counters counts it first."""
+        self._record_routes()
+        return self._stats
+
+    def _record_routes(self) -> None:
+        if self._unrecorded is None:
+            return
+        (call, routes), self._unrecorded = self._unrecorded, None
         moe, per_expert = self._moe_layers
         if len(moe):
-            self.stats.record_routes(moe, routes[moe], per_expert)
-        return logits
+            self._stats.record_routes(call, moe, routes[moe], per_expert)
 
     @functools.cached_property
     def _moe_layers(self) -> tuple[np.ndarray, np.ndarray]:

@@ -88,8 +88,10 @@ class CPUBackend:
         return out, w
 
     @staticmethod
-    def replay(key, step, *inputs):
-        """Run step(*inputs). (The CUDA backend captures keyed steps into graphs; here nothing to gain.)"""
+    def replay(key, step, *inputs, meanwhile=lambda: None):
+        """meanwhile(), then step(*inputs). (The CUDA backend captures keyed steps into graphs and does the
+        host's meanwhile() while one runs; here nothing to gain.)"""
+        meanwhile()
         return step(*inputs)
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids: np.ndarray, weights: np.ndarray,

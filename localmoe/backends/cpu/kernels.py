@@ -315,12 +315,14 @@ def _quantize_rows(x, xq, xd):
 
 
 @njit(**_JIT)
-def _dequantize_rows(buf, offs, qt, out):
+def _dequantize_rows(buf, offs, row_bytes, qt, out):
     """out[r] = the row of type qt at byte offs[r] of int8 `buf`, as float32 (d * q per quantized value, as
     gguf's dequantize computes it)."""
     cols = out.shape[1]
     for r in range(out.shape[0]):
         off = offs[r]
+        if off < 0 or off + row_bytes > buf.shape[0]:
+            raise IndexError("row id out of range")
         if qt == F32:
             for j in range(cols):
                 out[r, j] = _ld_f32(buf, off + 4 * j)
@@ -688,14 +690,12 @@ def _cols_of(qt: int, row_bytes: int) -> int:
 def dequantize_rows(raw: np.ndarray, qtype: int, ids) -> np.ndarray:
     """float32 [n, cols]: rows `ids` of W stored as GGUF blocks `raw` (uint8 (rows, row_bytes)), only those
     rows read: the token embedding's lookup (a decode step waits for it: ~2 us a row, gguf's dequantize ~60)."""
-    qt = int(qtype)
-    _check_type(qt, _cols_of(qt, raw.shape[-1]), raw.shape[-1])
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if len(ids) and (ids.min() < 0 or ids.max() >= raw.shape[0]):
-        raise IndexError(f"row ids must be in [0, {raw.shape[0]})")
+    qt, row_bytes = int(qtype), raw.shape[-1]
+    _check_type(qt, _cols_of(qt, row_bytes), row_bytes)
     flat, _, row_stride = flat_view(raw)
-    out = np.empty((len(ids), _cols_of(qt, raw.shape[-1])), np.float32)
-    _dequantize_rows(flat, ids * row_stride, qt, out)
+    offs = np.asarray(ids, dtype=np.int64).reshape(-1) * row_stride
+    out = np.empty((len(offs), _cols_of(qt, row_bytes)), np.float32)
+    _dequantize_rows(flat, offs, row_bytes, qt, out)
     return out
 
 

@@ -539,7 +539,7 @@ class CUDABackend:
         return out
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def replay(self, key, step, *inputs):
+    def replay(self, key, step, *inputs, meanwhile=lambda: None):
         """step(*inputs) on device copies of the host arrays `inputs`; returns step's outputs (device arrays) as
         host arrays. With a key, the first call runs the step eagerly, runs it once more into a private memory
         pool, then captures it with the inputs' copies in (from pinned buffers) at its start and the outputs'
@@ -547,10 +547,12 @@ class CUDABackend:
         buffers, launches the graph and waits for it: the host adds no copy, allocation or launch of its own
         (it cost ~0.4 ms of a 3.3 ms step, `bench/host_gap.py`). The step must be idempotent (a decode step
         rewrites the same cache rows) and read nothing back — except, with streamed experts, the ids each MoE
-        layer's fetch reads between graph segments."""
+        layer's fetch reads between graph segments. meanwhile(): host work that goes while the graph runs (before
+        the step, when it runs eagerly)."""
         key = key if self.use_graphs else None
         g = self._graphs.get(key) if key is not None else None
         if g is None:
+            meanwhile()
             static = [self.xp.array(a) for a in inputs]
             out = tuple(self.to_host(o) for o in step(*static))
             if key is not None:
@@ -564,6 +566,7 @@ class CUDABackend:
                 self.launches += 1
             else:
                 self._run_segments(segments)
+            meanwhile()
             self.stream.synchronize()
             out = tuple(p.copy() for p in pins_out)
         if self.streamer is not None:
