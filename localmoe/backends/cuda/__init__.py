@@ -545,7 +545,7 @@ class CUDABackend:
         pool, then captures it with the inputs' copies in (from pinned buffers) at its start and the outputs'
         copies out (to pinned buffers) at its end. A later call with the key writes the inputs into their pinned
         buffers, launches the graph and waits for it: the host adds no copy, allocation or launch of its own
-        (it cost ~0.4 ms of a 3.3 ms step, `bench/host_gap.py`). The step must be idempotent (a decode step
+        (it cost ~0.5 ms of a 3.3 ms step, `bench/host_gap.py`). The step must be idempotent (a decode step
         rewrites the same cache rows) and read nothing back — except, with streamed experts, the ids each MoE
         layer's fetch reads between graph segments. meanwhile(): host work that goes while the graph runs (before
         the step, when it runs eagerly)."""
