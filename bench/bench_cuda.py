@@ -351,7 +351,7 @@ def model_bench(args, copy_bw) -> None:
           f"GPU memory free {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB", flush=True)
 
     calls = {}                                          # backend calls by method (each: upload + copy back)
-    for meth in ("linear", "linear_heads", "rmsnorm", "expert_ffn", "attention", "embed"):
+    for meth in ("linear", "linear_heads", "rmsnorm", "expert_ffn", "attention"):
         def counted(*a, _f=getattr(be, meth), _n=meth, **kw):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*a, **kw)
@@ -385,7 +385,7 @@ def model_bench(args, copy_bw) -> None:
               f"roofline; launches from Python per token {launches:.0f}; weight bytes uploaded meanwhile "
               f"{be.bytes_uploaded - u0}", flush=True)
         if mode == "eager":
-            n_calls = sum(v for k, v in per_call.items() if k != "embed")
+            n_calls = sum(per_call.values())
             eager_launches = launches
             print(f"  backend calls per token {n_calls:.0f} (" + ", ".join(f"{k} {v:.0f}" for k, v in per_call.items())
                   + f"); numba kernel launches per token {launches:.0f}")
@@ -694,7 +694,7 @@ def profile_decode(m, cache, rng, steps: int) -> None:
             "device->host copies (copy_to_host)": ("", ("copy_to_host",)),
             "device allocations (device_array, device_array_like)": ("", ("device_array", "device_array_like")),
             "CUDA backend methods, total": ("backends/cuda/__init__", ("linear", "linear_heads", "rmsnorm",
-                                                                        "expert_ffn", "attention", "embed"))}
+                                                                        "expert_ffn", "attention"))}
     print(f"\nprofile of {steps} decode steps (cProfile inflates Python-heavy code): {wall / steps * 1e3:.1f} ms/token")
     for label, (where, names) in cats.items():
         tot = 0.0
@@ -821,7 +821,7 @@ def graph_nodes(be) -> str:
     try:
         from cuda.bindings import runtime as rt
         total = 0
-        for graph, _ in next(reversed(be._graphs.values()))[0]:      # segments (one unless experts stream)
+        for graph, *_ in next(reversed(be._graphs.values()))[0]:     # segments (one unless experts stream)
             err, _, n = rt.cudaGraphGetNodes(graph.graph, 0)
             if int(err) != 0:
                 return f"? ({err})"

@@ -72,12 +72,18 @@ def hand_made_stats() -> Stats:
     """3 layers of 4 experts, k = 2; layer 2 is dense (never routed). A 3-token prompt, then one decode step."""
     stats = Stats(3, 4)
     stats.keep_routing = True
-    for layer, ids in ((0, [[0, 1], [1, 2], [2, 3]]), (1, [[0, 1]] * 3)):
-        stats.record_experts(layer, np.array(ids), 100)
-    stats.forward_calls += 1
-    for layer, ids in ((0, [[1, 0]]), (1, [[0, 1]])):
-        stats.record_experts(layer, np.array(ids), 100)
+    layers, per_expert = np.array([0, 1]), np.array([100, 100])
+    stats.record_routes(0, layers, np.array([[[0, 1], [1, 2], [2, 3]], [[0, 1]] * 3]), per_expert)
+    stats.record_routes(1, layers, np.array([[[1, 0]], [[0, 1]]]), per_expert)
     return stats
+
+
+def test_record_routes_counts_by_hand():
+    stats = hand_made_stats()
+    assert stats.expert_counts.tolist() == [[2, 3, 2, 1], [4, 4, 0, 0], [0, 0, 0, 0]]
+    assert stats.expert_reads == 4 + 2 + 2 + 2          # distinct experts per layer and forward call
+    assert stats.expert_bytes == 100 * stats.expert_reads
+    assert [(call, layer) for call, layer, _ in stats.routing] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
 
 def test_routing_summary_by_hand():

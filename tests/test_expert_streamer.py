@@ -593,9 +593,9 @@ def test_device_mode_expert_ffn_matches_resident(t, tmp_path):
         if step % 3 == 0:
             _ = busy @ busy                                           # delays what follows
         if graph:                                                     # one key per layer: captured, then replayed
-            y = streamed.replay(("ffn", layer), lambda x, ids, g=g, u=u, d=d, w=w, sh=sh:
-                                streamed.expert_ffn(g, u, d, x, ids, w, shared=sh), x, ids)
-            got.append(y.copy())
+            y, = streamed.replay(("ffn", layer), lambda x, ids, g=g, u=u, d=d, w=w, sh=sh:
+                                 (streamed.expert_ffn(g, u, d, x, ids, w, shared=sh),), cp.asnumpy(x), cp.asnumpy(ids))
+            got.append(y)
         else:
             got.append(streamed.expert_ffn(g, u, d, x, ids, w, shared=sh))
     for i, (a, b) in enumerate(zip(got, want)):

@@ -112,6 +112,23 @@ def test_matmul_rejects_bad_shapes():
         K.matmul(raw, T.Q4_K, np.ones(64, np.float32))
 
 
+@pytest.mark.parametrize("qt", TYPES, ids=lambda t: t.name)
+def test_dequantize_rows_equals_gguf(qt):
+    """The embedding lookup: the chosen rows, bit for bit what gguf's dequantize makes of them (random bytes:
+    every scale and value pattern, inf included; a NaN stays NaN, its payload quietened), only valid ids."""
+    rng = np.random.default_rng(int(qt))
+    cols = 96 if qt == T.BF16 or int(qt) in K.QUANTIZED else 45
+    row_bytes = cols // 32 * K._BLOCK_BYTES[int(qt)] if int(qt) in K.QUANTIZED else cols * (4 if qt == T.F32 else 2)
+    raw = rng.integers(0, 256, (50, row_bytes), dtype=np.uint8)
+    ids = rng.integers(0, 50, 7)
+    ref = raw[ids].view(np.float32) if qt == T.F32 else quants.dequantize(raw[ids], qt).astype(np.float32)
+    got, ref = K.dequantize_rows(raw, qt, ids), ref.reshape(7, cols)
+    assert got.shape == (7, cols)
+    assert ((got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))).all()  # NaNs: quiet
+    with pytest.raises(IndexError):
+        K.dequantize_rows(raw, qt, [50])
+
+
 @settings(max_examples=25, deadline=None)
 @given(qt=st.sampled_from(TYPES), rows=st.integers(1, 70), nbk=st.integers(1, 9),
        n=st.integers(1, 5), seed=st.integers(0, 2**31))

@@ -38,6 +38,11 @@ class Weight:
     def expert_nbytes(self) -> int:
         return self.raw[0].nbytes
 
+    def dequantize_rows(self, ids) -> np.ndarray:
+        """float32 rows ids [n, cols], only those rows read (the token embedding, looked up on the host)."""
+        from .cpu.kernels import dequantize_rows
+        return dequantize_rows(self.raw, int(self.type), ids)
+
 
 @dataclass
 class DenseFFN:

@@ -8,6 +8,7 @@ An architecture file supplies `attention` and `ffn` for one layer.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -115,13 +116,18 @@ class Stats:
         self.expert_bytes = 0
         self.routing: list[tuple[int, int, np.ndarray]] = []   # (forward call, layer, ids [n, k]) if keep_routing
 
-    def record_experts(self, layer: int, ids: np.ndarray, bytes_per_expert: int) -> None:
-        unique = np.unique(ids)
-        np.add.at(self.expert_counts[layer], ids.ravel(), 1)
-        self.expert_reads += len(unique)
-        self.expert_bytes += len(unique) * bytes_per_expert
+    def record_routes(self, call: int, layers: np.ndarray, ids: np.ndarray, bytes_per_expert: np.ndarray) -> None:
+        """Forward call `call`'s routing: ids [M, n, k], the experts MoE layer layers[m] ran for each of its n
+        rows (bytes_per_expert [M]: what one expert of that layer reads), in whole arrays."""
+        E = self.expert_counts.shape[1]
+        keys = (layers[:, None] * E + ids.reshape(len(layers), -1)).ravel()
+        self.expert_counts.reshape(-1)[:] += np.bincount(keys, minlength=self.expert_counts.size)
+        keys.sort()
+        distinct = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]      # (layer, expert) pairs read
+        self.expert_reads += len(distinct)
+        self.expert_bytes += int(bytes_per_expert[np.searchsorted(layers, distinct // E)].sum())
         if self.keep_routing:
-            self.routing.append((self.forward_calls, layer, ids.copy()))
+            self.routing += [(call, int(layer), a.copy()) for layer, a in zip(layers, ids)]
 
     def as_dict(self) -> dict:
         d = {"tokens": self.tokens, "forward_calls": self.forward_calls, "expert_reads": self.expert_reads,
@@ -162,7 +168,8 @@ class Decoder:
         L = cfg.num_hidden_layers
         self.attn_norm = [f.array(f"blk.{i}.attn_norm.weight") for i in range(L)]
         self.ffn_norm = [f.array(f"blk.{i}.ffn_norm.weight") for i in range(L)]
-        self.stats = Stats(L, cfg.n_experts)
+        self._stats = Stats(L, cfg.n_experts)
+        self._unrecorded = None          # (forward call, routes [layers, n, k]) not counted yet
 
     def forward(self, ids: np.ndarray, cache: KVCache, last_only: bool = False, embeds=None) -> np.ndarray:
         """Logits [n or 1, vocab] as a host numpy array; activations and the cache stay in `be.xp`.
@@ -171,23 +178,44 @@ class Decoder:
 
         The host work (embedding rows, positions, cache growth, counters) happens here; `step` is
         the device-only part, which the backend may capture once and replay (`be.replay`): decode
-        steps of one token are keyed by the cache buffers they write, so each replay is one launch."""
+        steps of one token are keyed by the cache buffers they write, so each replay is one launch
+        (the embedded token and its position copied in, the logits and routes copied out, in the graph)."""
         be, n = self.be, len(ids)
         cache.reserve(cache.length + n)
         positions = np.arange(cache.length, cache.length + n, dtype=np.int32)
-        x = be.embed(self.embed_tokens, ids)
+        x = self.embed_tokens.dequantize_rows(ids)       # the embedding stays on the host: one row a token
         if embeds is not None:
-            x[be.xp.asarray(embeds[0])] = be.xp.asarray(embeds[1])
+            x[embeds[0]] = be.to_host(embeds[1])
         key = ("decode", cache.generation) if n == 1 and embeds is None else None
-        logits, routes = be.replay(key, lambda x, pos: self.step(x, pos, cache, last_only), x, positions)
+        logits, routes = be.replay(key, lambda x, pos: self.step(x, pos, cache, last_only), x, positions,
+                                   meanwhile=self._record_routes)
         cache.length += n
-        self.stats.tokens += n
-        self.stats.forward_calls += 1
-        routes = be.to_host(routes)
-        for i, layer in enumerate(self.layers):
-            if layer.experts is not None:
-                self.stats.record_experts(i, routes[i], layer.experts.bytes_per_expert)
-        return be.to_host(logits)                          # logits on the host, for sampling
+        self._stats.tokens += n
+        self._stats.forward_calls += 1
+        self._unrecorded = (self._stats.forward_calls, routes)
+        return logits
+
+    @property
+    def stats(self) -> Stats:
+        """The counters. forward() leaves its routing to be counted while the next call's step runs on the
+        device (`be.replay`'s meanwhile: the host's ~0.1 ms a token off the GPU's critical path); reading
+        the counters counts it first."""
+        self._record_routes()
+        return self._stats
+
+    def _record_routes(self) -> None:
+        if self._unrecorded is None:
+            return
+        (call, routes), self._unrecorded = self._unrecorded, None
+        moe, per_expert = self._moe_layers
+        if len(moe):
+            self._stats.record_routes(call, moe, routes[moe], per_expert)
+
+    @functools.cached_property
+    def _moe_layers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The layers with routed experts, and the bytes one expert of each reads (for Stats.record_routes)."""
+        moe = [(i, L.experts.bytes_per_expert) for i, L in enumerate(self.layers) if L.experts is not None]
+        return np.array([i for i, _ in moe], np.intp), np.array([b for _, b in moe], np.int64)
 
     def step(self, x, positions, cache: KVCache, last_only: bool):
         """layers -> norm -> head on device arrays (x: the embedded tokens); reads nothing back from the device.

@@ -9,10 +9,8 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(Path(__file__).parent, 
     os.environ["NUMBA_CACHE_DIR"] = str(Path.home() / ".cache" / "localmoe" / "numba")
 
 import numpy as np  # noqa: E402
-from gguf.quants import dequantize  # noqa: E402
 
 from .. import DenseFFN, Weight, plain, swiglu  # noqa: E402
-from ...gguf.format import GGMLType  # noqa: E402
 from ...models.moe import route_topk  # noqa: E402
 from ...models.rope import apply_rope  # noqa: E402
 from . import kernels  # noqa: E402
@@ -57,13 +55,6 @@ class CPUBackend:
         g = self.linear(gate, x)
         return g / (1.0 + np.exp(-g)) * self.linear(up, x)
 
-    def embed(self, w: Weight, ids: np.ndarray) -> np.ndarray:
-        """Rows of the embedding table for token ids (only those rows are read)."""
-        rows = w.raw[np.asarray(ids, dtype=np.int64)]
-        if w.type == GGMLType.F32:
-            return rows.view(np.float32).reshape(len(ids), w.cols).copy()
-        return dequantize(rows, w.type).reshape(len(ids), w.cols).astype(np.float32)
-
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         x = x.astype(np.float32, copy=False)
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
@@ -97,8 +88,10 @@ class CPUBackend:
         return out, w
 
     @staticmethod
-    def replay(key, step, *inputs):
-        """Run step(*inputs). (The CUDA backend captures keyed steps into graphs; here nothing to gain.)"""
+    def replay(key, step, *inputs, meanwhile=lambda: None):
+        """meanwhile(), then step(*inputs). (The CUDA backend captures keyed steps into graphs and does the
+        host's meanwhile() while one runs; here nothing to gain.)"""
+        meanwhile()
         return step(*inputs)
 
     def expert_ffn(self, gate: Weight, up: Weight, down: Weight, x, ids: np.ndarray, weights: np.ndarray,

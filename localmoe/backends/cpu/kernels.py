@@ -16,6 +16,7 @@ portable (no x86 intrinsics); LLVM picks the instructions for the host CPU.
 Public functions (all pure: inputs -> new output array):
     matmul(raw, qtype, x) -> y                       y[n, rows] = x[n, cols] @ W.T
     expert_ffn(x, ids, weights, gate, gate_type, down, down_type, up=None, up_type=None) -> y
+    dequantize_rows(raw, qtype, ids) -> rows       rows ids of W as float32 (the token embedding)
     silu(x), rmsnorm(x, w, eps), quantize_activation(x)
     compile_all() -> seconds spent compiling / loading the cache
 """
@@ -311,6 +312,40 @@ def _quantize_rows(x, xq, xd):
             for i in range(32):
                 xq[base + i] = np.int16(np.rint(x[t, o + i] * inv))
             xd[t * nbk + b] = d
+
+
+@njit(**_JIT)
+def _dequantize_rows(buf, offs, row_bytes, qt, out):
+    """out[r] = the row of type qt at byte offs[r] of int8 `buf`, as float32 (d * q per quantized value, as
+    gguf's dequantize computes it)."""
+    cols = out.shape[1]
+    for r in range(out.shape[0]):
+        off = offs[r]
+        if off < 0 or off + row_bytes > buf.shape[0]:
+            raise IndexError("row id out of range")
+        if qt == F32:
+            for j in range(cols):
+                out[r, j] = _ld_f32(buf, off + 4 * j)
+        elif qt == F16:
+            for j in range(cols):
+                out[r, j] = _ld_f16(buf, off + 2 * j)
+        elif qt == BF16:
+            for j in range(cols):
+                out[r, j] = _ld_bf16(buf, off + 2 * j)
+        elif qt == Q4_0:
+            for b in range(cols // 32):
+                o = off + 18 * b
+                d = _ld_f16(buf, o)
+                for i in range(16):
+                    q = np.int32(buf[o + 2 + i]) & 255
+                    out[r, 32 * b + i] = d * np.float32((q & 15) - 8)
+                    out[r, 32 * b + 16 + i] = d * np.float32((q >> 4) - 8)
+        else:
+            for b in range(cols // 32):
+                o = off + 34 * b
+                d = _ld_f16(buf, o)
+                for i in range(32):
+                    out[r, 32 * b + i] = d * np.float32(buf[o + 2 + i])
 
 
 @njit(**_JIT)
@@ -652,6 +687,18 @@ def _cols_of(qt: int, row_bytes: int) -> int:
     return row_bytes // (4 if qt == F32 else 2)
 
 
+def dequantize_rows(raw: np.ndarray, qtype: int, ids) -> np.ndarray:
+    """float32 [n, cols]: rows `ids` of W stored as GGUF blocks `raw` (uint8 (rows, row_bytes)), only those
+    rows read: the token embedding's lookup (a decode step waits for it: ~2 us a row, gguf's dequantize ~60)."""
+    qt, row_bytes = int(qtype), raw.shape[-1]
+    _check_type(qt, _cols_of(qt, row_bytes), row_bytes)
+    flat, _, row_stride = flat_view(raw)
+    offs = np.asarray(ids, dtype=np.int64).reshape(-1) * row_stride
+    out = np.empty((len(offs), _cols_of(qt, row_bytes)), np.float32)
+    _dequantize_rows(flat, offs, row_bytes, qt, out)
+    return out
+
+
 def matmul(raw: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
     """y = x @ W.T for W stored as GGUF blocks `raw` (uint8 (rows, row_bytes)) of type `qtype`.
 
@@ -780,6 +827,7 @@ def compile_all() -> float:
         matmul(raws[qt], qt, x1)
         matmul(raws[qt], qt, x3)
         matmul_heads(np.stack([raws[qt]] * 2), qt, np.stack([x3, x3], axis=1))
+        dequantize_rows(raws[qt], qt, [1])
     matmul(np.zeros((SERIAL_BYTES // 64 + 1, 68), np.uint8), Q8_0, x1)  # the parallel matvec
     g = np.zeros((e, 2 * inter, cols // 32 * 34), np.uint8)
     d = np.zeros((e, cols, inter // 32 * 34), np.uint8)

@@ -72,7 +72,7 @@ class CUDABackend:
         self.K, self.cuda, self.xp = K, cuda, cp
         self.stream = _stream()
         self.S = K.STREAM                 # launch config's stream slot: kernel[grid, block, self.S[0]]
-        self._graphs: dict = {}           # replay key -> (graph, input buffers, outputs, memory pool)
+        self._graphs: dict = {}           # replay key -> (segments, pinned inputs, pinned outputs, what they use)
         self.graph_kernels = 0            # numba kernel launches inside the last captured step
         self.use_graphs = True            # False: every step launched from Python (the bench compares)
         self.streamer = None              # ExpertStreamer when the routed experts live in a VRAM cache
@@ -305,12 +305,6 @@ class CUDABackend:
         x2 = self._dev(plain(self, x), (-1, gate.cols))
         g = self.linear(gate, x2)
         return g / (1.0 + self.xp.exp(-g)) * self.linear(up, x2)
-
-    def embed(self, w: Weight, ids: np.ndarray):
-        """Rows of the embedding table for token ids, dequantised on the host from the mapped file
-        (only those rows are read), then uploaded (one row per decoded token)."""
-        from ..cpu import CPUBackend
-        return self.xp.asarray(CPUBackend.embed(None, w, ids))
 
     def rmsnorm(self, x, weight: np.ndarray, eps: float):
         x2 = self._rows(x, x.shape[-1])
@@ -545,33 +539,36 @@ class CUDABackend:
         return out
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def replay(self, key, step, *inputs):
-        """step(*inputs) on device copies of the inputs. With a key, the first call runs the step
-        eagerly (its result is returned), runs it once more into a private memory pool, then
-        captures it; later calls with the key copy the inputs into the captured buffers and launch
-        the graph (the outputs are the graph's own buffers, valid until the next replay). The step
-        must be idempotent (a decode step rewrites the same cache rows) and read nothing back — except,
-        with streamed experts, the ids each MoE layer's fetch reads between graph segments."""
-        xp = self.xp
+    def replay(self, key, step, *inputs, meanwhile=lambda: None):
+        """step(*inputs) on device copies of the host arrays `inputs`; returns step's outputs (device arrays) as
+        host arrays. With a key, the first call runs the step eagerly, runs it once more into a private memory
+        pool, then captures it with the inputs' copies in (from pinned buffers) at its start and the outputs'
+        copies out (to pinned buffers) at its end. A later call with the key writes the inputs into their pinned
+        buffers, launches the graph and waits for it: the host adds no copy, allocation or launch of its own
+        (it cost ~0.5 ms of a 3.3 ms step, `bench/host_gap.py`). The step must be idempotent (a decode step
+        rewrites the same cache rows) and read nothing back — except, with streamed experts, the ids each MoE
+        layer's fetch reads between graph segments. meanwhile(): host work that goes while the graph runs (before
+        the step, when it runs eagerly)."""
         key = key if self.use_graphs else None
         g = self._graphs.get(key) if key is not None else None
         if g is None:
-            static = [xp.array(a) for a in inputs]
-            out = step(*static)
+            meanwhile()
+            static = [self.xp.array(a) for a in inputs]
+            out = tuple(self.to_host(o) for o in step(*static))
             if key is not None:
                 self._capture(key, step, static)
         else:
-            segments, static, out, _ = g
-            for buf, a in zip(static, inputs):
-                if isinstance(a, np.ndarray):
-                    buf.set(a)
-                else:
-                    buf[...] = a
+            segments, pins_in, pins_out, _ = g
+            for pin, a in zip(pins_in, inputs):
+                pin[...] = a                            # the last replay has ended: nothing reads them now
             if len(segments) == 1:
                 segments[0][0].launch(self.stream)
                 self.launches += 1
             else:
                 self._run_segments(segments)
+            meanwhile()
+            self.stream.synchronize()
+            out = tuple(p.copy() for p in pins_out)
         if self.streamer is not None:
             self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
         return out
@@ -611,16 +608,25 @@ class CUDABackend:
         """Capture step(*static) as graphs: one, or with streamed experts segments (graph, host action, gate):
         cut at each MoE layer's ids, with the host's action after that segment (fetch the experts, hand their
         slots over), and again after the shared expert; the segment with the routed experts carries the gate,
-        the flag it waits on when pipelined (`_cut`, `_gate`)."""
+        the flag it waits on when pipelined (`_cut`, `_gate`). The first segment starts with static's copies
+        from pinned input buffers, the last ends with the outputs' copies to pinned output buffers (`replay`)."""
         import cupy as cp
+        import cupyx
+        rt = cp.cuda.runtime
         pool = cp.cuda.MemoryPool()                 # the graph's temporaries: never handed to anyone else
         with cp.cuda.using_allocator(pool.malloc):
-            step(*static)                           # warm the pool with exactly this step's allocations
+            out = step(*static)                     # warm the pool with exactly this step's allocations
+            pins_in = [cupyx.empty_pinned(a.shape, a.dtype) for a in static]
+            pins_out = [cupyx.empty_pinned(o.shape, o.dtype) for o in out]
             n0 = self.launches
             self._segments = []
             self.stream.begin_capture(self._CAPTURE_MODE)
             try:
-                out = step(*static)
+                for pin, a in zip(pins_in, static):
+                    rt.memcpyAsync(a.data.ptr, pin.ctypes.data, a.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
+                out = [self.xp.ascontiguousarray(o) for o in step(*static)]
+                for pin, o in zip(pins_out, out):
+                    rt.memcpyAsync(pin.ctypes.data, o.data.ptr, o.nbytes, rt.memcpyDeviceToHost, self.stream.ptr)
             finally:
                 self._segments.append((self.stream.end_capture(), None, self._gated))
                 self._gated = None
@@ -629,7 +635,7 @@ class CUDABackend:
         self.launches = n0
         while len(self._graphs) >= 2:                # a chat keeps one cache; drop the oldest graph
             self._graphs.pop(next(iter(self._graphs)))
-        self._graphs[key] = (segments, static, out, pool)
+        self._graphs[key] = (segments, pins_in, pins_out, (static, out, pool))
 
     _CAPTURE_MODE = 2                                # cudaStreamCaptureModeRelaxed
 
