@@ -313,24 +313,38 @@ class CUDABackend:
         self.launches += 1
         return out.reshape(x.shape)
 
-    def mla_rope(self, q, kv, positions, cos, sin, kv_norm: np.ndarray, eps: float, cache, beta: float = 0.0,
-                 length: int = 1):
-        """MLA's elementwise work between its projections and the attention in one kernel
-        (`mla_rope_kernel`; the arithmetic and shapes of CPUBackend.mla_rope): the cache row
-        [rmsnorm(c), rope(k_rope)] is written at each position; returns (q_nope * s, query)."""
+    def mla_rope(self, q, kv, positions, cos, sin, kv_norm: np.ndarray, eps: float, cache, k_b: Weight,
+                 beta: float = 0.0, length: int = 1):
+        """MLA's work between its projections and the attention in one kernel (`mla_rope_kernel`; the
+        arithmetic and shapes of CPUBackend.mla_rope): the cache row [rmsnorm(c), rope(k_rope)] is written at
+        each position; returns the query, W_kb q_nope folded in by the same kernel where its type and shape
+        allow (`kernels.heads_fused_ok`), else by a gemv of its own."""
         xp = self.xp
         n, heads, _ = q.shape
         r = 2 * cos.shape[1]
+        kvr = kv.shape[1] - r
         if max(r, q.shape[2] - r) > self.K.THREADS:
             raise ValueError(f"MLA heads of {q.shape[2] - r} + {r} columns: the GPU kernel handles <= "
                              f"{self.K.THREADS} of each")
-        q_nope = xp.empty((n, heads, q.shape[2] - r), np.float32)
+        proj = self._heads_proj(k_b, heads, q.shape[2] - r)
         query = xp.empty((n, heads, kv.shape[1]), np.float32)
-        self.K.mla_rope_kernel[(n, heads + 1), self.K.THREADS, self.S[0]](
+        q_nope = query if proj else xp.empty((n, heads, q.shape[2] - r), np.float32)
+        self.K.mla_rope_kernel(proj)[(n, heads + 1), self.K.THREADS, self.S[0]](
             self._dev(q), self._rows(kv, kv.shape[-1]), xp.asarray(positions, dtype=np.int32), cos, sin, self._vector(kv_norm),
-            np.float32(eps), np.float64(beta), int(length), cache, q_nope, query)
+            np.float32(eps), np.float64(beta), int(length), cache, q_nope, query,
+            self.upload(k_b) if proj else query)
         self.launches += 1
-        return q_nope, query
+        if not proj:
+            self.linear_heads(k_b, q_nope, out=query[..., :kvr])
+        return query
+
+    def _heads_proj(self, w: Weight | None, heads: int, cols: int):
+        """(qt, rows, cols, interleaved) for the kernels that apply per-head w [heads, rows, cols] to their own
+        output (`kernels.heads_fused_ok`), or None: w is applied by a gemv of its own."""
+        if w is None or w.raw.ndim != 3 or w.raw.shape[0] != heads or w.cols != cols:
+            return None
+        qt = int(w.type)
+        return (qt, w.rows, cols, self.interleaved(w)) if self.K.heads_fused_ok(qt, w.rows, cols) else None
 
     def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
               out=None):
@@ -521,21 +535,26 @@ class CUDABackend:
         publish.flag = flag
         return publish
 
-    def attention(self, q, k, v, positions, scale: float):
+    def attention(self, q, k, v, positions, scale: float, heads_out: Weight | None = None):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
         v [:, Hkv, dv] at positions 0..positions[j] (a device int array; Hq a multiple of Hkv)
-        -> [n, Hq, dv]. k and v may be strided views of the cache (no copy)."""
+        -> [n, Hq, dv], or with heads_out [Hq, rows, dv] each head's output times its matrix -> [n, Hq, rows]
+        (in the same kernel where `kernels.heads_fused_ok`). k and v may be strided views of the cache."""
         n, hq, dk = q.shape
         hkv, dv = v.shape[1:]
         if dv > self.K.MAX_DV:
             raise ValueError(f"attention values {dv} wide: the GPU kernel handles <= {self.K.MAX_DV}")
         xp = self.xp
-        out = xp.empty((n, hq, dv), np.float32)
+        proj = self._heads_proj(heads_out, hq, dv)
+        out = xp.empty((n, hq, heads_out.rows if proj else dv), np.float32)
         s = xp.empty((n, hq, len(k)), np.float32)
         pos = xp.asarray(positions, dtype=np.int32)
-        self.K.attention_kernel(dk)[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out,
-                                                                       s, pos, np.float32(scale), hq // hkv)
+        self.K.attention_kernel(dk, proj)[(n, hq), self.K.THREADS, self.S[0]](
+            self._dev(q), xp.asarray(k), xp.asarray(v), out, s, pos, np.float32(scale), hq // hkv,
+            self.upload(heads_out) if proj else out)
         self.launches += 1
+        if heads_out is not None and not proj:
+            return self.linear_heads(heads_out, out)
         return out
 
     # -- CUDA graphs ------------------------------------------------------------------------------
