@@ -271,7 +271,7 @@ def test_rmsnorm_attention(backends):
 def test_attention_heads_out(backends):
     """Attention followed by per-head matrices (MLA's W_vb) equals the CPU backend's: applied inside the
     attention kernel (Q4_0 / Q8_0, interleaved and in the file's order, rows shared by 1 to 8 threads) or by a
-    gemv of its own (F16; a Q4_0 matrix 32 wide)."""
+    gemv of its own (F16; a Q4_0 matrix 32 wide; more query heads than the GPU has SMs)."""
     import cupy
     gpu, cpu = backends
     rng = np.random.default_rng(5)
@@ -283,7 +283,7 @@ def test_attention_heads_out(backends):
         assert (gpu._heads_proj(w, hq, dv) is not None) == fused
         k = rng.standard_normal((T, 1, dk)).astype(np.float32)
         v = rng.standard_normal((T, 1, dv)).astype(np.float32)
-        for pos in (np.array([T - 1], np.int32), np.array([5, 17, 39], np.int32)):
+        for pos in (np.array([T - 1], np.int32), np.array([5, 17, 39], np.int32), np.arange(T, dtype=np.int32)):
             q = rng.standard_normal((len(pos), hq, dk)).astype(np.float32)
             ours = gpu.attention(q, cupy.asarray(k), cupy.asarray(v), cupy.asarray(pos), 0.1, heads_out=w)
             assert ours.shape == (len(pos), hq, rows)

@@ -539,13 +539,17 @@ class CUDABackend:
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
         v [:, Hkv, dv] at positions 0..positions[j] (a device int array; Hq a multiple of Hkv)
         -> [n, Hq, dv], or with heads_out [Hq, rows, dv] each head's output times its matrix -> [n, Hq, rows]
-        (in the same kernel where `kernels.heads_fused_ok`). k and v may be strided views of the cache."""
+        (in the same kernel where `kernels.heads_fused_ok` and n * Hq blocks fit one wave). k and v may be
+        strided views of the cache."""
         n, hq, dk = q.shape
         hkv, dv = v.shape[1:]
         if dv > self.K.MAX_DV:
             raise ValueError(f"attention values {dv} wide: the GPU kernel handles <= {self.K.MAX_DV}")
         xp = self.xp
-        proj = self._heads_proj(heads_out, hq, dv)
+        # W_vb in the kernel takes its registers past two blocks per SM (bench/kernel_registers.py): only where
+        # the blocks are one wave anyway (decode); a prompt's many blocks keep two per SM (prefill 2048: 515 vs
+        # 690 tok/s, docs/PERFORMANCE.md session 19)
+        proj = self._heads_proj(heads_out, hq, dv) if n * hq <= self.sms else None
         out = xp.empty((n, hq, heads_out.rows if proj else dv), np.float32)
         s = xp.empty((n, hq, len(k)), np.float32)
         pos = xp.asarray(positions, dtype=np.int32)
