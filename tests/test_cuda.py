@@ -268,29 +268,6 @@ def test_rmsnorm_attention(backends):
 
 
 @needs_gpu
-def test_attention_heads_out(backends):
-    """Attention followed by per-head matrices (MLA's W_vb) equals the CPU backend's: applied inside the
-    attention kernel (Q4_0 / Q8_0, interleaved and in the file's order, rows shared by 1 to 8 threads) or by a
-    gemv of its own (F16; a Q4_0 matrix 32 wide; more query heads than the GPU has SMs)."""
-    import cupy
-    gpu, cpu = backends
-    rng = np.random.default_rng(5)
-    hq, dk, T = 4, 96, 40
-    cases = [(GGMLType.Q4_0, 128, 256, True), (GGMLType.Q8_0, 32, 512, True), (GGMLType.Q4_0, 96, 64, True),
-             (GGMLType.Q8_0, 256, 128, True), (GGMLType.F16, 16, 64, False), (GGMLType.Q4_0, 16, 32, False)]
-    for t, rows, dv, fused in cases:
-        w = make_weight(rng, (hq, rows, dv), t)
-        assert (gpu._heads_proj(w, hq, dv) is not None) == fused
-        k = rng.standard_normal((T, 1, dk)).astype(np.float32)
-        v = rng.standard_normal((T, 1, dv)).astype(np.float32)
-        for pos in (np.array([T - 1], np.int32), np.array([5, 17, 39], np.int32), np.arange(T, dtype=np.int32)):
-            q = rng.standard_normal((len(pos), hq, dk)).astype(np.float32)
-            ours = gpu.attention(q, cupy.asarray(k), cupy.asarray(v), cupy.asarray(pos), 0.1, heads_out=w)
-            assert ours.shape == (len(pos), hq, rows)
-            assert rel(ours, cpu.attention(q, k, v, pos, 0.1, heads_out=w)) < 1e-4
-
-
-@needs_gpu
 @pytest.mark.parametrize("E,k,n_group,topk_group", [(8, 2, 1, 1), (128, 4, 1, 1), (64, 6, 8, 3)])
 @pytest.mark.parametrize("norm", [True, False])
 def test_route(backends, E, k, n_group, topk_group, norm):

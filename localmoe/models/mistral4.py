@@ -144,7 +144,8 @@ class Model(Decoder):
         query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm, c.rms_norm_eps,
                             cache.buffer(i, "latent"), L.k_b, c.llama_4_scaling_beta, c.llama_4_scaling_length)
         kvc = cache.buffer(i, "latent")[:, None, :]
-        o = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale, heads_out=L.v_b)  # W_vb after
+        o_latent = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale)
+        o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending
         return be.linear(L.o, o.reshape(n, heads * c.v_head_dim), residual=residual)
 
     def ffn(self, i: int, h: Normed, routes, residual) -> np.ndarray:

@@ -108,11 +108,10 @@ class CPUBackend:
         return y if residual is None else y + residual
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                  scale: float, heads_out: Weight | None = None) -> np.ndarray:
+                  scale: float) -> np.ndarray:
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
         v [:, Hkv, dv] at positions 0..positions[j] (Hq a multiple of Hkv; rows past the largest
-        position are not read) -> [n, Hq, dv]; with heads_out [Hq, rows, dv] (MLA's W_vb), each head's
-        output times its matrix -> [n, Hq, rows] (one kernel on a GPU)."""
+        position are not read) -> [n, Hq, dv]."""
         n, hq, dk = q.shape
         T = int(positions.max()) + 1
         k, v = k[:T], v[:T]
@@ -126,5 +125,4 @@ class CPUBackend:
         p = np.exp(s)
         p /= p.sum(axis=-1, keepdims=True)
         o = np.matmul(p, v.transpose(1, 0, 2))                                         # [hkv, n*g, dv]
-        o = o.reshape(hkv, n, g, dv).transpose(1, 0, 2, 3).reshape(n, hq, dv).astype(np.float32)
-        return o if heads_out is None else self.linear_heads(heads_out, o)
+        return o.reshape(hkv, n, g, dv).transpose(1, 0, 2, 3).reshape(n, hq, dv).astype(np.float32)

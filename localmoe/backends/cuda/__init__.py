@@ -338,10 +338,10 @@ class CUDABackend:
             self.linear_heads(k_b, q_nope, out=query[..., :kvr])
         return query
 
-    def _heads_proj(self, w: Weight | None, heads: int, cols: int):
-        """(qt, rows, cols, interleaved) for the kernels that apply per-head w [heads, rows, cols] to their own
-        output (`kernels.heads_fused_ok`), or None: w is applied by a gemv of its own."""
-        if w is None or w.raw.ndim != 3 or w.raw.shape[0] != heads or w.cols != cols:
+    def _heads_proj(self, w: Weight, heads: int, cols: int):
+        """(qt, rows, cols, interleaved) for mla_rope to apply per-head w [heads, rows, cols] to its own output
+        (`kernels.heads_fused_ok`), or None: w is applied by a gemv of its own."""
+        if w.raw.ndim != 3 or w.raw.shape[0] != heads or w.cols != cols:
             return None
         qt = int(w.type)
         return (qt, w.rows, cols, self.interleaved(w)) if self.K.heads_fused_ok(qt, w.rows, cols) else None
@@ -535,30 +535,21 @@ class CUDABackend:
         publish.flag = flag
         return publish
 
-    def attention(self, q, k, v, positions, scale: float, heads_out: Weight | None = None):
+    def attention(self, q, k, v, positions, scale: float):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
         v [:, Hkv, dv] at positions 0..positions[j] (a device int array; Hq a multiple of Hkv)
-        -> [n, Hq, dv], or with heads_out [Hq, rows, dv] each head's output times its matrix -> [n, Hq, rows]
-        (in the same kernel where `kernels.heads_fused_ok` and n * Hq blocks fit one wave). k and v may be
-        strided views of the cache."""
+        -> [n, Hq, dv]. k and v may be strided views of the cache (no copy)."""
         n, hq, dk = q.shape
         hkv, dv = v.shape[1:]
         if dv > self.K.MAX_DV:
             raise ValueError(f"attention values {dv} wide: the GPU kernel handles <= {self.K.MAX_DV}")
         xp = self.xp
-        # W_vb in the kernel takes its registers past two blocks per SM (bench/kernel_registers.py): only where
-        # the blocks are one wave anyway (decode); a prompt's many blocks keep two per SM (prefill 2048: 515 vs
-        # 690 tok/s, docs/PERFORMANCE.md session 19)
-        proj = self._heads_proj(heads_out, hq, dv) if n * hq <= self.sms else None
-        out = xp.empty((n, hq, heads_out.rows if proj else dv), np.float32)
+        out = xp.empty((n, hq, dv), np.float32)
         s = xp.empty((n, hq, len(k)), np.float32)
         pos = xp.asarray(positions, dtype=np.int32)
-        self.K.attention_kernel(dk, proj)[(n, hq), self.K.THREADS, self.S[0]](
-            self._dev(q), xp.asarray(k), xp.asarray(v), out, s, pos, np.float32(scale), hq // hkv,
-            self.upload(heads_out) if proj else out)
+        self.K.attention_kernel(dk)[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out,
+                                                                       s, pos, np.float32(scale), hq // hkv)
         self.launches += 1
-        if heads_out is not None and not proj:
-            return self.linear_heads(heads_out, out)
         return out
 
     # -- CUDA graphs ------------------------------------------------------------------------------

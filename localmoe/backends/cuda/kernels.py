@@ -328,15 +328,15 @@ def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload=Fals
         W, W, mats, xidx, x, y, rows, cols, mat_bytes // 4)
 
 
-# -- a head's matrix inside the kernel that makes its input (MLA's W_kb and W_vb) -------------------------
-# MLA applies small per-head matrices between its kernels: W_kb [heads, kv_lora, nope] to q_nope and W_vb
-# [heads, v_head, kv_lora] to the attended latent. As gemv launches of their own they cost ~3.0 and ~5.6 us a
-# layer for 0.3 and 0.6 MB (docs/PERFORMANCE.md, session 17's launch_costs). Instead the block that makes head
-# h's input (mla_rope, attention) keeps it in shared memory and applies W[h] there, the lanes way: a thread's
-# share of a row in named registers, loaded before the kernel's wait (weights no kernel writes).
+# -- W_kb inside mla_rope -------------------------------------------------------------------------------
+# MLA applies W_kb [heads, kv_lora, nope] to q_nope between mla_rope and the attention. As a gemv launch of its own
+# it cost ~3.0 us a layer for 0.3 MB (docs/PERFORMANCE.md, session 17's launch_costs); instead mla_rope's block for
+# head h keeps q_nope in shared memory and applies W_kb[h] there, the lanes way: a thread's share of a row in
+# named registers, loaded before the kernel's wait (a weight no kernel writes). (W_vb inside the attention kernel,
+# the same way, measured no faster: session 19.)
 
 def heads_fused_ok(qt: int, rows: int, cols: int) -> bool:
-    """A head's [rows, cols] matrix of this type can be applied inside mla_rope / attention (`_head_rows_code`)."""
+    """A head's [rows, cols] matrix of this type can be applied inside mla_rope (`_head_rows_code`)."""
     return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= MAX_DV and rows <= THREADS
 
 
@@ -1267,29 +1267,22 @@ KEYS_AT_ONCE = 4           # attention: keys a warp scores per pass, their loads
 VALUE_KEYS_AT_ONCE = 2     # ... and keys whose value rows it loads per pass (registers: 2 blocks per SM still fit)
 
 
-def _make_attention(nj: int, proj=None):
+def _make_attention(nj: int):
     """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
     0..positions[i] of kv head h // group; for heads up to 32 * nj wide. Scores go to the scratch
     s[i, h, :]. The positions come from device memory, so one captured launch serves every decode step.
     Scores: a warp takes KEYS_AT_ONCE keys per pass, its lanes across the head dimension (coalesced reads of
     each key row; MLA's is 576 wide), the query row held in registers, every key load issued before the pass's
     stores of its scores (a store keeps later loads waiting: numba cannot tell the arrays apart). Same sums in
-    the same order as one key at a time.
-    proj: W_vb's (qt, rows, cols, interleaved) (`heads_fused_ok`, cols = dv): the block applies W_vb[h] to its
-    output in shared memory, out[i, h, :rows] = W_vb[h] @ o (Wv: its words, loaded before the wait)."""
+    the same order as one key at a time."""
     B = KEYS_AT_ONCE
     src = [
-        "def kern(q, k, v, out, s, positions, scale, group, Wv):",
+        "def kern(q, k, v, out, s, positions, scale, group):",
         "    red = cuda.shared.array(THREADS, float32)",
         "    i = cuda.blockIdx.x",
         "    h = cuda.blockIdx.y",
         "    kh = h // group",
         "    tid = cuda.threadIdx.x",
-    ]
-    if proj:
-        preload, product = _head_rows_code(*proj, "Wv", "h", "    ")
-        src += preload + ["    grid_dependency()", f"    xs = cuda.shared.array({proj[2]}, float32)"]
-    src += [
         "    lane = tid & 31",
         "    end = positions[i] + 1",
         "    dk = q.shape[2]",
@@ -1341,18 +1334,14 @@ def _make_attention(nj: int, proj=None):
         "        a = float32(0.0)",
         "        for w in range(WARPS):",
         "            a += part[w, d]",
-        "        xs[d] = a * inv" if proj else "        out[i, h, d] = a * inv",
+        "        out[i, h, d] = a * inv",
     ]
-    if proj:
-        src += ["    cuda.syncthreads()"] + product + ["    if hy_ok:", "        out[i, h, hr] = hy"]
-    return _jit_source(src, f"attention nj={nj} proj={proj}", MAX_DV=MAX_DV, _block_reduce=_block_reduce,
-                       _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
+    return _jit_source(src, f"attention nj={nj}", MAX_DV=MAX_DV, _block_reduce=_block_reduce)
 
 
-def attention_kernel(dk: int, proj=None):
-    """The attention kernel for heads dk wide (one compile per 32 columns of width), W_vb folded in for
-    proj = (qt, rows, cols, interleaved) (`heads_fused_ok`), else not."""
-    return _compiled(_make_attention, (dk + 31) // 32, proj)
+def attention_kernel(dk: int):
+    """The attention kernel for heads dk wide (one compile per 32 columns of width)."""
+    return _compiled(_make_attention, (dk + 31) // 32)
 
 
 MAX_EXPERTS = 512
