@@ -78,6 +78,11 @@ def main() -> None:
     for dk in (128, 576):
         rows.append((f"attention dk={dk}", K.THREADS, registers(
             K.attention_kernel(dk).py_func, (f3, a3, a3, f3, f3, i32, t.float32, t.int64), exe)))
+    # mla_rope alone and with Small 4's W_kb [32, 256, 64] folded in
+    for proj in (None, (K.Q4_0, 256, 64, False), (K.Q8_0, 256, 64, False)):
+        sig = (f3, f2, i32, f2, f2, f1, t.float32, t.float64, t.int64, f2, f3, f3, f3 if proj is None else u32)
+        rows.append(("mla_rope" + (f" + W_kb {proj[:3]}" if proj else ""), K.THREADS,
+                     registers(K.mla_rope_kernel(proj).py_func, sig, exe)))
     print(f"{'kernel':44s} {'threads':>7s}  ptxas -v (sm_90)                       blocks/SM by registers")
     for name, threads, used in rows:
         n = int(used.split()[0])

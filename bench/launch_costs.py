@@ -66,7 +66,7 @@ def main(path: str, rounds: int, only: list[str]) -> None:
     def configure(kinds: set) -> None:
         skip.clear()
         skip.update(kinds)
-        K.mla_rope_kernel = _Nothing() if "mla_rope" in kinds else real["mla_rope_kernel"]
+        K.mla_rope_kernel = (lambda proj=None: _Nothing()) if "mla_rope" in kinds else real["mla_rope_kernel"]
         K.combine_kernel = (lambda k: _Nothing()) if "combine" in kinds else real["combine_kernel"]
         K.attention_kernel = (lambda dk: _Nothing()) if "attention" in kinds else real["attention_kernel"]
         be.route = fixed_route if "route" in kinds else route
@@ -89,7 +89,7 @@ def main(path: str, rounds: int, only: list[str]) -> None:
     chain = {"mla_rope", "attention"} | {k for k in per_step if k.endswith((" P=1", f" P={m.config.num_attention_heads}"))
                                          and not k.startswith((f"gemv {E}x", f"gemv {V}x"))}
     small = {"mla_rope", "attention", "route", "combine"} | {k for k in per_step if "256x64" in k or "128x256" in k}
-    groups = {"the six small kernels (mla_rope, k_b, attention, v_b, route, combine)": small,
+    groups = {"the small kernels (mla_rope with k_b inside, attention, v_b, route, combine)": small,
               "the attention chain (q_a+kv_a .. attn_output)": chain}
     print(f"kinds per decode step (layers {layers}): " + "; ".join(f"{k}: {per_step.get(k, layers):.0f}" for k in kinds),
           flush=True)

@@ -7,7 +7,8 @@
 Kernels that only reorder their loads must give the same bits; where the float differs (a compiler may fuse
 another multiply into an FMA), the comparison prints how far, in ulps and absolutely. Both runs use one seed,
 so they see the same inputs. (Either tree's API: route_warp_kernel and combine_kernel were kernels before
-session 16, and are functions returning one per expert count and k since.)"""
+session 16, and are functions returning one per expert count and k since; mla_rope_kernel one per W_kb
+folded in, since session 19.)"""
 import sys
 import types
 
@@ -44,8 +45,10 @@ def run(path: str) -> None:
         cache = np.full((512, kvr + 2 * half), np.nan, np.float32)
         qn = np.full((n, heads, nope), np.nan, np.float32)
         query = np.full((n, heads, kvr + 2 * half), np.nan, np.float32)
-        K.mla_rope_kernel[(n, heads + 1), K.THREADS](q, kv, pos, np.cos(ang), np.sin(ang), w, np.float32(1e-6),
-                                                     np.float64(beta), 7, cache, qn, query)
+        args = (q, kv, pos, np.cos(ang), np.sin(ang), w, np.float32(1e-6), np.float64(beta), 7, cache, qn, query)
+        if isinstance(K.mla_rope_kernel, types.FunctionType):     # session 19: W_kb's words (here unused) last
+            args += (query,)
+        kern(K.mla_rope_kernel, None)[(n, heads + 1), K.THREADS](*args)
         out[f"mla_rope beta={beta}"] = np.concatenate([cache[pos].ravel(), qn.ravel(), query[..., kvr:].ravel()]).view(np.uint32)
     np.savez(path, **out)
     print(f"{K.__file__}: {len(out)} cases -> {path}")

@@ -22,7 +22,7 @@ PROMPT = 8
 
 CASES = {
     "mistral4": ("make_mistral4", dict(vocab=8192, hidden=128, layers=2, heads=4, q_lora=64, kv_lora=64,
-                                       nope=32, rope=32, v_dim=32, experts=8, top_k=4, moe_inter=64,
+                                       nope=64, rope=32, v_dim=32, experts=8, top_k=4, moe_inter=64,
                                        inter=128, router_std=0.2)),
     "mixtral": ("make_mixtral", dict(vocab=32000, hidden=64, heads=4, kv_heads=2, experts=8, top_k=2,
                                      inter=128, layers=2, router_std=0.2)),

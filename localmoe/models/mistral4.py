@@ -140,11 +140,9 @@ class Model(Decoder):
         if L.q_b is not None:                                                          # q LoRA
             q = be.linear(L.q_b, Normed(q, L.q_a_norm, c.rms_norm_eps))
         q = q.reshape(n, heads, nope + c.qk_rope_head_dim)
-        # cache row = [rmsnorm(c), rope(k_rope)]; query[..., kvr:] = rope(q_rope) (both llama-4 scaled)
-        q_nope, query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm,
-                                    c.rms_norm_eps, cache.buffer(i, "latent"), c.llama_4_scaling_beta,
-                                    c.llama_4_scaling_length)
-        be.linear_heads(L.k_b, q_nope, out=query[..., :kvr])                          # W_kb folded into q
+        # cache row = [rmsnorm(c), rope(k_rope)]; query = [W_kb q_nope, rope(q_rope)] (both llama-4 scaled)
+        query = be.mla_rope(q, kv, positions, *rope_table(be, c.rope, cache.n_ctx), L.kv_a_norm, c.rms_norm_eps,
+                            cache.buffer(i, "latent"), L.k_b, c.llama_4_scaling_beta, c.llama_4_scaling_length)
         kvc = cache.buffer(i, "latent")[:, None, :]
         o_latent = be.attention(query, kvc, kvc[..., :kvr], positions, c.attention_scale)
         o = be.linear_heads(L.v_b, o_latent)                                           # W_vb after attending

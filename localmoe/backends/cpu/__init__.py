@@ -60,12 +60,13 @@ class CPUBackend:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
     def mla_rope(self, q: np.ndarray, kv: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                 kv_norm: np.ndarray, eps: float, cache: np.ndarray, beta: float = 0.0, length: int = 1):
-        """MLA's elementwise work between its projections and the attention (one kernel on a GPU).
-        q [n, heads, nope + r], kv [n, kvr + r], cos/sin [n_ctx, r/2] whole tables, cache [capacity, kvr + r].
-        Writes cache[positions[j]] = [rmsnorm(kv[j, :kvr]) * kv_norm, rope(kv[j, kvr:])]; returns
-        (q_nope * s [n, heads, nope], query [n, heads, kvr + r] holding rope(q_rope) * s in [..., kvr:],
-        [..., :kvr] left for W_kb q_nope), s = 1 + beta * log1p(position // length) (llama-4 scaling)."""
+                 kv_norm: np.ndarray, eps: float, cache: np.ndarray, k_b: Weight, beta: float = 0.0,
+                 length: int = 1) -> np.ndarray:
+        """MLA's work between its projections and the attention (one kernel on a GPU).
+        q [n, heads, nope + r], kv [n, kvr + r], cos/sin [n_ctx, r/2] whole tables, cache [capacity, kvr + r],
+        k_b [heads, kvr, nope]. Writes cache[positions[j]] = [rmsnorm(kv[j, :kvr]) * kv_norm, rope(kv[j, kvr:])];
+        returns the query [n, heads, kvr + r] = [W_kb (q_nope * s), rope(q_rope) * s] (W_kb folded into the
+        query), s = 1 + beta * log1p(position // length) (llama-4 scaling)."""
         r = 2 * cos.shape[1]
         nope, kvr = q.shape[2] - r, kv.shape[1] - r
         c, s = cos[positions], sin[positions]
@@ -74,7 +75,8 @@ class CPUBackend:
         query[..., kvr:] = apply_rope(q[..., nope:], c, s) * scale
         cache[positions] = np.concatenate([self.rmsnorm(kv[:, :kvr], kv_norm, eps),
                                            apply_rope(kv[:, None, kvr:], c, s)[:, 0]], axis=-1)
-        return np.ascontiguousarray(q[..., :nope] * scale, dtype=np.float32), query
+        self.linear_heads(k_b, np.ascontiguousarray(q[..., :nope] * scale, dtype=np.float32), out=query[..., :kvr])
+        return query
 
     @staticmethod
     def route(logits: np.ndarray, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1,

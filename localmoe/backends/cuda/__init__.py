@@ -313,24 +313,38 @@ class CUDABackend:
         self.launches += 1
         return out.reshape(x.shape)
 
-    def mla_rope(self, q, kv, positions, cos, sin, kv_norm: np.ndarray, eps: float, cache, beta: float = 0.0,
-                 length: int = 1):
-        """MLA's elementwise work between its projections and the attention in one kernel
-        (`mla_rope_kernel`; the arithmetic and shapes of CPUBackend.mla_rope): the cache row
-        [rmsnorm(c), rope(k_rope)] is written at each position; returns (q_nope * s, query)."""
+    def mla_rope(self, q, kv, positions, cos, sin, kv_norm: np.ndarray, eps: float, cache, k_b: Weight,
+                 beta: float = 0.0, length: int = 1):
+        """MLA's work between its projections and the attention in one kernel (`mla_rope_kernel`; the
+        arithmetic and shapes of CPUBackend.mla_rope): the cache row [rmsnorm(c), rope(k_rope)] is written at
+        each position; returns the query, W_kb q_nope folded in by the same kernel where its type and shape
+        allow (`kernels.heads_fused_ok`), else by a gemv of its own."""
         xp = self.xp
         n, heads, _ = q.shape
         r = 2 * cos.shape[1]
+        kvr = kv.shape[1] - r
         if max(r, q.shape[2] - r) > self.K.THREADS:
             raise ValueError(f"MLA heads of {q.shape[2] - r} + {r} columns: the GPU kernel handles <= "
                              f"{self.K.THREADS} of each")
-        q_nope = xp.empty((n, heads, q.shape[2] - r), np.float32)
+        proj = self._heads_proj(k_b, heads, q.shape[2] - r)
         query = xp.empty((n, heads, kv.shape[1]), np.float32)
-        self.K.mla_rope_kernel[(n, heads + 1), self.K.THREADS, self.S[0]](
+        q_nope = query if proj else xp.empty((n, heads, q.shape[2] - r), np.float32)
+        self.K.mla_rope_kernel(proj)[(n, heads + 1), self.K.THREADS, self.S[0]](
             self._dev(q), self._rows(kv, kv.shape[-1]), xp.asarray(positions, dtype=np.int32), cos, sin, self._vector(kv_norm),
-            np.float32(eps), np.float64(beta), int(length), cache, q_nope, query)
+            np.float32(eps), np.float64(beta), int(length), cache, q_nope, query,
+            self.upload(k_b) if proj else query)
         self.launches += 1
-        return q_nope, query
+        if not proj:
+            self.linear_heads(k_b, q_nope, out=query[..., :kvr])
+        return query
+
+    def _heads_proj(self, w: Weight, heads: int, cols: int):
+        """(qt, rows, cols, interleaved) for mla_rope to apply per-head w [heads, rows, cols] to its own output
+        (`kernels.heads_fused_ok`), or None: w is applied by a gemv of its own."""
+        if w.raw.ndim != 3 or w.raw.shape[0] != heads or w.cols != cols:
+            return None
+        qt = int(w.type)
+        return (qt, w.rows, cols, self.interleaved(w)) if self.K.heads_fused_ok(qt, w.rows, cols) else None
 
     def route(self, logits, k: int, norm: bool = True, scale: float = 1.0, n_group: int = 1, topk_group: int = 1,
               out=None):

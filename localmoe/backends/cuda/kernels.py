@@ -328,6 +328,59 @@ def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload=Fals
         W, W, mats, xidx, x, y, rows, cols, mat_bytes // 4)
 
 
+# -- W_kb inside mla_rope -------------------------------------------------------------------------------
+# MLA applies W_kb [heads, kv_lora, nope] to q_nope between mla_rope and the attention. As a gemv launch of its own
+# it cost ~3.0 us a layer for 0.3 MB (docs/PERFORMANCE.md, session 17's launch_costs); instead mla_rope's block for
+# head h keeps q_nope in shared memory and applies W_kb[h] there, the lanes way: a thread's share of a row in
+# named registers, loaded before the kernel's wait (a weight no kernel writes). (W_vb inside the attention kernel,
+# the same way, measured no faster: session 19.)
+
+def heads_fused_ok(qt: int, rows: int, cols: int) -> bool:
+    """A head's [rows, cols] matrix of this type can be applied inside mla_rope (`_head_rows_code`)."""
+    return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= MAX_DV and rows <= THREADS
+
+
+def _head_rows_code(qt: int, rows: int, cols: int, interleaved: bool, W: str, head: str, ind: str):
+    """Source lines (preload, product) for y[r] = W[head, r, :] @ xs[:cols], r < rows, in one block: W the
+    uint32 words of [heads, rows, cols] blocks, in the file's order or `interleave`d (as the backend uploads
+    them); xs float32 shared memory. S threads share a row (a power of two: as many as fit THREADS and divide its
+    pairs of blocks), each PPT pairs. preload (4-space indent, before the kernel's wait): the thread's words
+    pw*. product (indent `ind`; after xs is written and the block synced; every thread of the block runs it):
+    the row's sum hy, on the thread where hy_ok, of row hr."""
+    PW = 9 if qt == Q4_0 else 17                  # words per pair of blocks
+    NP = cols // 64
+    S = 1
+    while 2 * S * rows <= THREADS and NP % (2 * S) == 0 and 2 * S <= 32:
+        S *= 2
+    PPT = NP // S
+    TW = PPT * PW                                 # words per thread
+    pre = [f"    hr = min(int32(tid // {S}), {rows - 1})",
+           f"    ps = int32(tid & {S - 1})",
+           f"    hm = int64({head})"]
+    if interleaved:     # word jr of the row: unit jr // UW, its 16-byte vector (jr % UW) // 4, word jr % 4
+        UV = UNIT_VECTORS[qt]
+        UW = 4 * UV
+        pre.append(f"    hu = (hm * {rows} + hr) * {cols // 256}")
+        for j in range(TW):
+            pre += [f"    jr = int32(ps * {TW} + {j})",
+                    f"    u = hu + jr // {UW}",
+                    f"    pw{j} = {W}[(u >> 5) * {128 * UV} + ((jr % {UW}) >> 2) * 128 + (u & 31) * 4 + (jr & 3)]"]
+    else:
+        pre.append(f"    hb = (hm * {rows} + hr) * {NP * PW} + ps * {TW}")
+        pre += [f"    pw{j} = {W}[hb + {j}]" for j in range(TW)]
+    pair = "_q4_pair_w" if qt == Q4_0 else "_q8_pair_w"
+    prod = ["hy = float32(0.0)", f"if tid < {rows * S}:"]
+    for k in range(PPT):
+        ws = ", ".join(f"pw{k * PW + i}" for i in range(PW))
+        prod.append(f"    hy += {pair}({ws}, xs, ps * {64 * PPT} + {64 * k})")
+    o = S // 2
+    while o:
+        prod.append(f"hy += cuda.shfl_xor_sync(0xffffffff, hy, {o})")
+        o //= 2
+    prod.append(f"hy_ok = tid < {rows * S} and ps == 0")
+    return pre, [ind + line for line in prod]
+
+
 F32_LOADS = 4              # f32rows: 16-byte weight loads per thread, all issued first (4096 columns at 256 threads)
 
 
@@ -1149,46 +1202,61 @@ def rmsnorm_kernel(x, w, out, eps):
     _rmsnorm_row(x, t, x.shape[1], w, out, t, eps, red, cuda.threadIdx.x)
 
 
-@cuda.jit
-def mla_rope_kernel(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_nope, query):
+def _make_mla_rope(proj):
     """MLA between its projections and the attention (CPUBackend.mla_rope's arithmetic), one launch.
-    Block (j, h < heads): q_nope[j, h] = q[j, h, :nope] * s and query[j, h, kvr:] = rope(q[j, h, nope:]) * s,
+    Block (j, h < heads): q_nope = q[j, h, :nope] * s and query[j, h, kvr:] = rope(q[j, h, nope:]) * s,
     s = 1 + beta * log1p(position // length) (llama-4 query scaling; 1 when beta is 0). Block (j, heads):
     cache[position] = [rmsnorm(kv[j, :kvr]) * w, rope(kv[j, kvr:])]. cos/sin: whole tables, rows read
     at the positions from device memory (so one captured launch serves every decode step). A thread's rotation
     pair (its position, cos and sin: inputs no kernel writes) is loaded before the wait, and its q or kv values
-    all before its first store. One rotation pair and one q_nope value per thread: 2 * half and nope <= THREADS."""
-    red = cuda.shared.array(THREADS, float32)
-    j = cuda.blockIdx.x
-    h = cuda.blockIdx.y
-    tid = cuda.threadIdx.x
-    pos = positions[j]
-    half = cos.shape[1]
-    i = min(tid, half - 1)
-    c = cos[pos, i]
-    sn = sin[pos, i]
-    kvr = cache.shape[1] - 2 * half
-    grid_dependency()
-    if h < q.shape[1]:
-        nope = q.shape[2] - 2 * half
-        qn = q[j, h, min(tid, nope - 1)]
-        a = q[j, h, nope + 2 * i]
-        b = q[j, h, nope + 2 * i + 1]
-        s = float32(1.0)
-        if beta != 0.0:
-            s = float32(1.0 + beta * math.log1p(float64(pos // length)))
-        if tid < nope:
-            q_nope[j, h, tid] = qn * s
-        if tid < half:
-            query[j, h, kvr + 2 * i] = (a * c - b * sn) * s
-            query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s
-    else:
-        a = kv[j, kvr + 2 * i]
-        b = kv[j, kvr + 2 * i + 1]
-        _rmsnorm_row(kv, j, kvr, w, cache, pos, eps, red, tid)
-        if tid < half:
-            cache[pos, kvr + 2 * i] = a * c - b * sn
-            cache[pos, kvr + 2 * i + 1] = b * c + a * sn
+    all before its first store. One rotation pair and one q_nope value per thread: 2 * half and nope <= THREADS.
+    proj: W_kb's (qt, rows, cols, interleaved) (`heads_fused_ok`): the block also folds W_kb[h] into the query,
+    query[j, h, :kvr] = W_kb[h] @ q_nope (Wk: its words, loaded before the wait), from shared memory; None:
+    q_nope is written out for a gemv launch of its own."""
+    src = ["def kern(q, kv, positions, cos, sin, w, eps, beta, length, cache, q_nope, query, Wk):",
+           "    red = cuda.shared.array(THREADS, float32)",
+           "    j = cuda.blockIdx.x",
+           "    h = cuda.blockIdx.y",
+           "    tid = cuda.threadIdx.x",
+           "    pos = positions[j]",
+           "    half = cos.shape[1]",
+           "    i = min(tid, half - 1)",
+           "    c = cos[pos, i]",
+           "    sn = sin[pos, i]",
+           "    kvr = cache.shape[1] - 2 * half"]
+    if proj:
+        preload, product = _head_rows_code(*proj, "Wk", "min(h, q.shape[1] - 1)", "        ")
+        src += preload + [f"    xs = cuda.shared.array({proj[2]}, float32)"]
+    src += ["    grid_dependency()",
+            "    if h < q.shape[1]:",
+            "        nope = q.shape[2] - 2 * half",
+            "        qn = q[j, h, min(tid, nope - 1)]",
+            "        a = q[j, h, nope + 2 * i]",
+            "        b = q[j, h, nope + 2 * i + 1]",
+            "        s = float32(1.0)",
+            "        if beta != 0.0:",
+            "            s = float32(1.0 + beta * math.log1p(float64(pos // length)))",
+            "        if tid < nope:",
+            "            xs[tid] = qn * s" if proj else "            q_nope[j, h, tid] = qn * s",
+            "        if tid < half:",
+            "            query[j, h, kvr + 2 * i] = (a * c - b * sn) * s",
+            "            query[j, h, kvr + 2 * i + 1] = (b * c + a * sn) * s"]
+    if proj:
+        src += ["        cuda.syncthreads()"] + product + ["        if hy_ok:", "            query[j, h, hr] = hy"]
+    src += ["    else:",
+            "        a = kv[j, kvr + 2 * i]",
+            "        b = kv[j, kvr + 2 * i + 1]",
+            "        _rmsnorm_row(kv, j, kvr, w, cache, pos, eps, red, tid)",
+            "        if tid < half:",
+            "            cache[pos, kvr + 2 * i] = a * c - b * sn",
+            "            cache[pos, kvr + 2 * i + 1] = b * c + a * sn"]
+    return _jit_source(src, f"mla_rope proj={proj}", float64=float64, _rmsnorm_row=_rmsnorm_row,
+                       _q4_pair_w=_q4_pair_w, _q8_pair_w=_q8_pair_w)
+
+
+def mla_rope_kernel(proj=None):
+    """The MLA kernel, W_kb folded in for proj = (qt, rows, cols, interleaved) (`heads_fused_ok`), else not."""
+    return _compiled(_make_mla_rope, proj)
 
 
 MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 512 for Small 4)
