@@ -75,9 +75,9 @@ def main() -> None:
             rows.append((f"f32rows (router){' preload' if preload else ''}{' norm' if norm else ''}", K.THREADS,
                          registers(K._make_f32rows(preload, norm).py_func, sig, exe)))
     f3, a3 = t.float32[:, :, ::1], t.float32[:, :, :]
-    for dk in (128, 576):
-        rows.append((f"attention dk={dk}", K.THREADS, registers(
-            K.attention_kernel(dk).py_func, (f3, a3, a3, f3, f3, i32, t.float32, t.int64), exe)))
+    for dk, dv, v_is_k in ((128, 128, False), (320, 256, True), (320, 256, False)):
+        rows.append((f"attention dk={dk} dv={dv}{' v_is_k' if v_is_k else ''}", K.THREADS, registers(
+            K.attention_kernel(dk, dv, v_is_k).py_func, (f3, a3, a3, f3, i32, t.float32, t.int64), exe)))
     # mla_rope alone and with Small 4's W_kb [32, 256, 64] folded in
     for proj in (None, (K.Q4_0, 256, 64, False), (K.Q8_0, 256, 64, False)):
         sig = (f3, f2, i32, f2, f2, f1, t.float32, t.float64, t.int64, f2, f3, f3, f3 if proj is None else u32)

@@ -68,7 +68,7 @@ def main(path: str, rounds: int, only: list[str]) -> None:
         skip.update(kinds)
         K.mla_rope_kernel = (lambda proj=None: _Nothing()) if "mla_rope" in kinds else real["mla_rope_kernel"]
         K.combine_kernel = (lambda k: _Nothing()) if "combine" in kinds else real["combine_kernel"]
-        K.attention_kernel = (lambda dk: _Nothing()) if "attention" in kinds else real["attention_kernel"]
+        K.attention_kernel = (lambda *a: _Nothing()) if "attention" in kinds else real["attention_kernel"]
         be.route = fixed_route if "route" in kinds else route
         seen.clear()
 

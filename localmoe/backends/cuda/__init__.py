@@ -538,17 +538,19 @@ class CUDABackend:
     def attention(self, q, k, v, positions, scale: float):
         """Causal attention: query j of q [n, Hq, dk] sees the keys k [:, Hkv, dk] and values
         v [:, Hkv, dv] at positions 0..positions[j] (a device int array; Hq a multiple of Hkv)
-        -> [n, Hq, dv]. k and v may be strided views of the cache (no copy)."""
+        -> [n, Hq, dv]. k and v may be strided views of the cache (no copy); where v is k's first dv columns
+        (MLA's latent cache) the kernel reads each row once."""
         n, hq, dk = q.shape
         hkv, dv = v.shape[1:]
         if dv > self.K.MAX_DV:
             raise ValueError(f"attention values {dv} wide: the GPU kernel handles <= {self.K.MAX_DV}")
         xp = self.xp
+        k, v = xp.asarray(k), xp.asarray(v)
+        v_is_k = v.data.ptr == k.data.ptr and v.strides == k.strides and v.shape[:2] == k.shape[:2] and dv <= dk
         out = xp.empty((n, hq, dv), np.float32)
-        s = xp.empty((n, hq, len(k)), np.float32)
         pos = xp.asarray(positions, dtype=np.int32)
-        self.K.attention_kernel(dk)[(n, hq), self.K.THREADS, self.S[0]](self._dev(q), xp.asarray(k), xp.asarray(v), out,
-                                                                       s, pos, np.float32(scale), hq // hkv)
+        self.K.attention_kernel(dk, dv, v_is_k)[(n, hq), self.K.THREADS, self.S[0]](
+            self._dev(q), k, v, out, pos, np.float32(scale), hq // hkv)
         self.launches += 1
         return out
 

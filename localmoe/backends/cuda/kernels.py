@@ -337,7 +337,7 @@ def launch_lanes(qt, cols, rows, W, mats, xidx, x, y, P, mat_bytes, preload=Fals
 
 def heads_fused_ok(qt: int, rows: int, cols: int) -> bool:
     """A head's [rows, cols] matrix of this type can be applied inside mla_rope (`_head_rows_code`)."""
-    return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= MAX_DV and rows <= THREADS
+    return qt in (Q4_0, Q8_0) and cols % 64 == 0 and cols <= THREADS and rows <= THREADS
 
 
 def _head_rows_code(qt: int, rows: int, cols: int, interleaved: bool, W: str, head: str, ind: str):
@@ -1259,31 +1259,29 @@ def mla_rope_kernel(proj=None):
     return _compiled(_make_mla_rope, proj)
 
 
-MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 512 for Small 4)
-DV_PER_LANE = MAX_DV // 32  # attention: value columns per lane (lane + 32 j), a named register each
+MAX_DV = 512               # attention_kernel's largest value width (MLA's latent: 256 for Small 4)
 
 
-KEYS_AT_ONCE = 4           # attention: keys a warp scores per pass, their loads issued before any store
-VALUE_KEYS_AT_ONCE = 2     # ... and keys whose value rows it loads per pass (registers: 2 blocks per SM still fit)
-
-
-def _make_attention(nj: int):
+def _make_attention(nj: int, nv: int, v_is_k: bool):
     """Block (i, h): causal softmax attention of query i (at positions[i]), head h, over keys
-    0..positions[i] of kv head h // group; for heads up to 32 * nj wide. Scores go to the scratch
-    s[i, h, :]. The positions come from device memory, so one captured launch serves every decode step.
-    Scores: a warp takes KEYS_AT_ONCE keys per pass, its lanes across the head dimension (coalesced reads of
-    each key row; MLA's is 576 wide), the query row held in registers, every key load issued before the pass's
-    stores of its scores (a store keeps later loads waiting: numba cannot tell the arrays apart). Same sums in
-    the same order as one key at a time."""
-    B = KEYS_AT_ONCE
+    0..positions[i] of kv head h // group; heads up to 32 * nj wide, values up to 32 * nv. The positions come
+    from device memory, so one captured launch serves every decode step.
+    One pass over the keys, softmax online (flash-decoding within a block): warp w takes keys w * B, w * B +
+    WARPS * B, ..., B at a time, its lanes across the head dimension (coalesced rows; the query row in
+    registers; every load of the pass issued before its arithmetic), and keeps its own running max m, sum l and
+    value sums (lane: columns lane + 32 j); the WARPS partial results meet once in shared memory, rescaled to
+    the largest max. Two block barriers in all (the three-phase form had six, and the scores' round trip through
+    global memory: 6.5 us a Small 4 layer at decode, session 19).
+    v_is_k: the values are the keys' first columns (MLA's latent cache: v = k[..., :kv_lora]), so the key loads
+    are the value loads; B = 4 keys a pass then, else 2 (registers for both rows)."""
+    B = 4 if v_is_k else 2
     src = [
-        "def kern(q, k, v, out, s, positions, scale, group):",
-        "    red = cuda.shared.array(THREADS, float32)",
+        "def kern(q, k, v, out, positions, scale, group):",
+        "    lane = cuda.threadIdx.x & 31",
+        "    warp = cuda.threadIdx.x >> 5",
         "    i = cuda.blockIdx.x",
         "    h = cuda.blockIdx.y",
         "    kh = h // group",
-        "    tid = cuda.threadIdx.x",
-        "    lane = tid & 31",
         "    end = positions[i] + 1",
         "    dk = q.shape[2]",
         "    dv = v.shape[2]",
@@ -1291,57 +1289,62 @@ def _make_attention(nj: int):
     for j in range(nj):     # lane's part of the query row; past dk a zero times a clamped (real) key value
         src += [f"    c{j} = min(lane + {32 * j}, dk - 1)",
                 f"    q{j} = q[i, h, c{j}] if lane + {32 * j} < dk else float32(0.0)"]
+    if not v_is_k:
+        src += [f"    d{j} = min(lane + {32 * j}, dv - 1)" for j in range(nv)]
+    src += [f"    acc{j} = float32(0.0)" for j in range(nv)]
     src += ["    m = float32(-3.0e38)",
-            f"    for t0 in range((tid >> 5) * {B}, end, WARPS * {B}):"]
+            "    l = float32(0.0)",
+            f"    for t0 in range(warp * {B}, end, WARPS * {B}):"]
     src += [f"        t{b} = min(t0 + {b}, end - 1)" for b in range(B)]
-    src += [f"        a{b} = q0 * k[t{b}, kh, c0]" for b in range(B)]
-    src += [f"        a{b} += q{j} * k[t{b}, kh, c{j}]" for j in range(1, nj) for b in range(B)]
+    src += [f"        k{b}_{j} = k[t{b}, kh, c{j}]" for b in range(B) for j in range(nj)]
+    if not v_is_k:
+        src += [f"        v{b}_{j} = v[t{b}, kh, d{j}]" for b in range(B) for j in range(nv)]
+    src += [f"        a{b} = q0 * k{b}_0" for b in range(B)]
+    src += [f"        a{b} += q{j} * k{b}_{j}" for j in range(1, nj) for b in range(B)]
     src += ["        for o in (16, 8, 4, 2, 1):"]
     src += [f"            a{b} += cuda.shfl_xor_sync(0xffffffff, a{b}, o)" for b in range(B)]
-    for b in range(B):
-        src += [f"        if t0 + {b} < end:",
-                f"            a{b} *= scale",
-                "            if lane == 0:",
-                f"                s[i, h, t0 + {b}] = a{b}",
-                f"            m = max(m, a{b})"]
+    src += [f"        a{b} = a{b} * scale if t0 + {b} < end else float32(-3.0e38)" for b in range(B)]
+    src += ["        mn = max(m, " + ", ".join(f"a{b}" for b in range(B)) + ")",
+            "        cr = math.exp(m - mn)"]
+    src += [f"        e{b} = math.exp(a{b} - mn)" for b in range(B)]
+    src += ["        l = l * cr + " + " + ".join(f"e{b}" for b in range(B)),
+            "        m = mn"]
+    val = (lambda b, j: f"k{b}_{j}") if v_is_k else (lambda b, j: f"v{b}_{j}")
+    src += [f"        acc{j} = acc{j} * cr + " + " + ".join(f"e{b} * {val(b, j)}" for b in range(B)) for j in range(nv)]
     src += [
-        "    m = _block_reduce(red, m, tid, True)    # its barriers also publish s to the whole block",
-        "    l = float32(0.0)",
-        "    for t in range(tid, end, THREADS):",
-        "        e = math.exp(s[i, h, t] - m)",
-        "        s[i, h, t] = e",
-        "        l += e",
-        "    l = _block_reduce(red, l, tid, False)   # its barriers also publish s to the whole block",
-        "    inv = float32(1.0) / l",
-        "    # values: warp w sums keys w, w + WARPS, ... (VALUE_KEYS_AT_ONCE of them per pass, every load of the pass",
-        "    # issued first); lane holds d = lane + 32 j; partials meet in shared memory",
-        "    part = cuda.shared.array((WARPS, MAX_DV), float32)",
+        "    ms = cuda.shared.array(WARPS, float32)",
+        "    ls = cuda.shared.array(WARPS, float32)",
+        f"    part = cuda.shared.array((WARPS, {32 * nv}), float32)",
+        "    if lane == 0:",
+        "        ms[warp] = m",
+        "    cuda.syncthreads()",
+        "    big = ms[0]",
+        "    for w in range(1, WARPS):",
+        "        big = max(big, ms[w])",
+        "    sc = math.exp(m - big)             # a warp with no keys: exp(-3e38 - big) = 0",
+        "    if lane == 0:",
+        "        ls[warp] = l * sc",
     ]
-    J, B = DV_PER_LANE, VALUE_KEYS_AT_ONCE
-    src += [f"    acc{j} = float32(0.0)" for j in range(J)]
-    src += [f"    d{j} = min(lane + {32 * j}, dv - 1)" for j in range(J)]
-    src += [f"    for t0 in range(tid >> 5, end, WARPS * {B}):"]
-    src += [f"        t{b} = min(t0 + {b} * WARPS, end - 1)" for b in range(B)]
-    src += [f"        e{b} = s[i, h, t{b}]" for b in range(B)]
-    src += [f"        v{b}_{j} = v[t{b}, kh, d{j}]" for b in range(B) for j in range(J)]
-    for b in range(B):
-        src.append(f"        if t0 + {b} * WARPS < end:")
-        src += [f"            acc{j} += e{b} * v{b}_{j}" for j in range(J)]
-    src += [f"    part[tid >> 5, lane + {32 * j}] = acc{j}" for j in range(J)]
+    src += [f"    part[warp, lane + {32 * j}] = acc{j} * sc" for j in range(nv)]
     src += [
         "    cuda.syncthreads()",
-        "    for d in range(tid, dv, THREADS):",
-        "        a = float32(0.0)",
-        "        for w in range(WARPS):",
+        "    tot = ls[0]",
+        "    for w in range(1, WARPS):",
+        "        tot += ls[w]",
+        "    inv = float32(1.0) / tot",
+        "    for d in range(cuda.threadIdx.x, dv, THREADS):",
+        "        a = part[0, d]",
+        "        for w in range(1, WARPS):",
         "            a += part[w, d]",
         "        out[i, h, d] = a * inv",
     ]
-    return _jit_source(src, f"attention nj={nj}", MAX_DV=MAX_DV, _block_reduce=_block_reduce)
+    return _jit_source(src, f"attention nj={nj} nv={nv} v_is_k={v_is_k}")
 
 
-def attention_kernel(dk: int):
-    """The attention kernel for heads dk wide (one compile per 32 columns of width)."""
-    return _compiled(_make_attention, (dk + 31) // 32)
+def attention_kernel(dk: int, dv: int, v_is_k: bool = False):
+    """The attention kernel for heads dk wide and values dv wide (one compile per 32 columns of each);
+    v_is_k: v is a view of k's first dv columns (MLA)."""
+    return _compiled(_make_attention, (dk + 31) // 32, (dv + 31) // 32, v_is_k)
 
 
 MAX_EXPERTS = 512
