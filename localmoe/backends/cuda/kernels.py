@@ -1270,7 +1270,7 @@ def _make_attention(nj: int, nv: int, v_is_k: bool):
     WARPS * B, ..., B at a time, its lanes across the head dimension (coalesced rows; the query row in
     registers; every load of the pass issued before its arithmetic), and keeps its own running max m, sum l and
     value sums (lane: columns lane + 32 j); the WARPS partial results meet once in shared memory, rescaled to
-    the largest max. Two block barriers in all (the three-phase form had six, and the scores' round trip through
+    the largest max. Two block barriers in all (the three-phase form had five, and the scores' round trip through
     global memory: 6.5 us a Small 4 layer at decode, session 19).
     v_is_k: the values are the keys' first columns (MLA's latent cache: v = k[..., :kv_lora]), so the key loads
     are the value loads; B = 4 keys a pass then, else 2 (registers for both rows)."""
