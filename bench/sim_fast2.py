@@ -4,7 +4,7 @@ Each generated kernel's source text (`_jit_source` is patched: nothing is compil
 generator per thread: warp shuffles, warp sums (redux), syncwarp and syncthreads become `yield`s, and a
 scheduler runs the block's warps lane by lane between them (shuffles exchange the lanes' values, the barrier
 waits for every warp). The inline-asm intrinsics (ldg4, lds4, sts4, smem_word_skew, and the address forms
-ldg4a, ldgf, ldgf_if, stgf, gaddr, lds4a, lds1a, sts1a, sts4a, smem_base16, sar32; q4dot, q8dot, hi16lo16,
+ldg4a, ldg4a_if, ldgf, ldgf_if, stgf, gaddr, lds4a, lds1a, sts1a, sts4a, smem_base16, sar32; q4dot, q8dot, hi16lo16,
 lo_f16, hi_f16) get Python versions of their PTX:
 global "addresses" are a registry base per array (bits 40+) plus a byte offset, shared ones a byte offset from
 a fake window address that is 4 mod 16 (so the 16-byte skew is 3 words, as numba's 4-byte aligned dynamic
@@ -225,6 +225,11 @@ def ldg4a(addr):
     return ldg4(arr, off // 4)
 
 
+def ldg4a_if(addr, ok):
+    """Where not ok the GPU leaves the words undefined: junk here, so that a use of them shows."""
+    return ldg4a(addr) if ok else (0xDEADBEEF,) * 4
+
+
 def sar32(a, n):
     return i32(a) >> (int(n) & 31)
 
@@ -285,7 +290,7 @@ def _no(*a):
 
 
 SIM = dict(ldg4=ldg4, lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, smem_base16=smem_base16, lds4a=lds4a,
-           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=_no, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
+           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=_no, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldg4a_if=ldg4a_if, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
            hi16lo16=hi16lo16, lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 _SHFL = re.compile(r"cuda\.shfl_(xor|down)_sync\(0xffffffff, ([A-Za-z_0-9]+), ([A-Za-z_0-9]+)\)")
