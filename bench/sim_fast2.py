@@ -16,7 +16,6 @@ compared bit for bit; each is also checked against a float64 numpy reference (lo
     python bench/sim_fast2.py --ref 5ad01a0 --cases 60 --seed 1
     python bench/sim_fast2.py --quick         # a dozen cases
 
-Then this revision's combine launches (launch_fast2(combine=...)) against its own products apart.
 Cases: Q4_0 / Q8_0; plain / fused (silu(W x) * (W2 x)); preload; x_ready (every other case); norm; residual; cols 1024..4096 (and 256,
 512, 8192 some of the time), rows 64..300 (not multiples of a task), P 1..5 products picking matrices of a
 pool, x rows picked by xidx (x a strided view some of the time), sms 1..3 (1 block looping over every task, or a
@@ -475,33 +474,6 @@ def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, 
     return outs, err
 
 
-def combine_case(rng, qt, cols, rows, n, kp, residual, preload, interleaved):
-    """This revision's combine launch (each token's kp products weighted and summed in the kernel) against its
-    own launch of the same products apart, summed in float64 (the order of the sums differs: not bitwise),
-    and against the float64 reference. Returns (rel. error vs apart, vs float64)."""
-    nmat, P = 7, n * kp
-    W, mat_bytes, deq = make_weights(rng, qt, nmat, rows, cols, 0)
-    xs = rng.standard_normal((P + 1, cols)).astype(np.float32)
-    mats = rng.integers(0, nmat, P).astype(np.int32)
-    xidx = rng.permutation(P + 1)[:P].astype(np.int32)
-    wts = rng.uniform(0.05, 1.0, P).astype(np.float32)
-    res = rng.standard_normal((n, rows)).astype(np.float32) if residual else None
-    args, kw = (W, W, mat_bytes), {}
-    if interleaved and KNEW.interleaved_ok(qt, rows, cols):
-        mb = rows * cols // 32 * (18 if qt == KNEW.Q4_0 else 34)
-        w = np.concatenate([KNEW.interleave(m[:mb], qt) for m in W.view(np.uint8).reshape(nmat, -1)]).view(np.uint32)
-        args, kw = (w, w, mb), dict(interleaved=True)
-    y, yp = np.full((n, rows), np.nan, np.float32), np.full((P, rows), np.nan, np.float32)
-    KNEW.launch_fast2(qt, cols, rows, args[0], args[1], mats, xidx, xs, y, P, args[2], 3, preload=preload,
-                      residual=res, combine=(wts, kp), **kw)
-    KNEW.launch_fast2(qt, cols, rows, args[0], args[1], mats, xidx, xs, yp, P, args[2], 3, preload=preload, **kw)
-    add = 0 if res is None else res
-    apart = (wts[:, None].astype(np.float64) * yp).reshape(n, kp, rows).sum(1) + add
-    exact = (wts[:, None] * np.einsum("prc,pc->pr", deq[mats], xs[xidx].astype(np.float64))).reshape(n, kp, rows).sum(1) + add
-    rel = [np.abs(y - r).max() / np.abs(r).max() for r in (apart, exact)]
-    return [np.nan] * 2 if np.isnan(y).any() else rel
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ref", default="main", help="git revision whose kernels.py is the reference")
@@ -568,16 +540,6 @@ def main() -> None:
         print(f"{i:3d} {name:40s} cols {cols:5d} rows {rows:3d} P {P} sms {sms}: "
               f"{'bitwise equal' if same else 'DIFFERENT'}{' NaN' if nan else ''}, rel err vs f64 {err:.1e}"
               f"  ({time.time() - t:.0f} s)", flush=True)
-    combined = [(KNEW.Q4_0, 2048, 128, 1, 5, True, True, True), (KNEW.Q4_0, 1024, 96, 2, 3, False, False, False),
-                (KNEW.Q8_0, 2048, 64, 1, 5, True, False, True), (KNEW.Q4_0, 4096, 72, 1, 4, True, True, False)]
-    for c in combined[:2] if a.quick else combined:    # (the weighted sum in the down projection's launch)
-        t = time.time()
-        e_apart, e64 = combine_case(rng, *c)
-        ok = e_apart < 1e-5 and e64 < 2e-3            # (a NaN fails both)
-        bad += not ok
-        cases.append(c)
-        print(f"    combine {'Q4_0' if c[0] == KNEW.Q4_0 else 'Q8_0'} cols {c[1]} rows {c[2]} tokens {c[3]} x {c[4]} "
-              f"products: vs apart {e_apart:.1e}, vs f64 {e64:.1e}: {'ok' if ok else 'BAD'}  ({time.time() - t:.0f} s)")
     print(f"{len(cases) - bad}/{len(cases)} cases ok ({time.time() - t0:.0f} s)")
     sys.exit(1 if bad else 0)
 

@@ -212,7 +212,7 @@ class CUDABackend:
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
              preload: bool = True, norm=None, residual=None, skip: bool = False, interleaved: bool = False,
-             spread: bool = False, x_ready: bool = False, combine=None):
+             spread: bool = False, x_ready: bool = False):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
@@ -221,8 +221,7 @@ class CUDABackend:
         (their rows of y are not written; fast2 shapes). interleaved: `pools` hold interleaved matrices where
         `self.interleaved(w)` (as the uploads do). spread: a skip launch whose products are few, each gets
         a warp per task (kernels.launch_fast2). x_ready: x_dev was written two or more kernels back (or
-        never), as the routed experts' input is (the router and its top-k ran since). combine: (wts [P], kp):
-        y [P / kp, rows], each token's kp products weighted and summed (kernels.combine_ok shapes)."""
+        never), as the routed experts' input is (the router and its top-k ran since)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)
@@ -231,14 +230,14 @@ class CUDABackend:
         else:
             dev, dev2 = pools[0], pools[-1]
             interleaved = interleaved and self.interleaved(w)
-        y = out if out is not None else self.xp.empty((P if combine is None else P // combine[1], rows), np.float32)
+        y = out if out is not None else self.xp.empty((P, rows), np.float32)
         row_bytes = w.raw.shape[-1]
         fused = w2 is not None
         own = residual is not None and self.K.residual_ok(qt, cols, fused)
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows,
                            self.sms - self._sms_beside,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip,
-                           interleaved=interleaved, spread=spread, x_ready=x_ready, combine=combine)
+                           interleaved=interleaved, spread=spread, x_ready=x_ready)
         self.launches += 1
         if residual is not None and not own:
             y += residual
@@ -464,10 +463,6 @@ class CUDABackend:
             g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False, interleaved=il)
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,), interleaved=il)
             h = xp.ascontiguousarray(g / (1.0 + xp.exp(-g)) * u, dtype=np.float32)
-        if copied is None and self.K.combine_ok(int(down.type), down.cols, k):   # down and the weighted sum at once
-            y = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,), interleaved=il,
-                          residual=plus, combine=(wd.reshape(-1), k))
-            return y[0] if squeeze else y
         if copied is None:
             yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,), interleaved=il)
         y = xp.empty((n, down.rows), np.float32)

@@ -543,7 +543,7 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None, residual=None, skip=False, interleaved=False, spread=False, x_ready=False, combine=None):
+                norm=None, residual=None, skip=False, interleaved=False, spread=False, x_ready=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
@@ -551,9 +551,7 @@ def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes
     first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only; skip: the
     products with mats[p] < 0 are left out (fast2 shapes only); interleaved: W (and W2) are stored as
     `interleave` writes them (`interleaved_ok` shapes only); spread: see launch_fast2 (skip launches); x_ready: x
-    (and xidx) were written two or more kernels back, so fast2 may quantize x before the wait; combine: (wts,
-    kp), y [P / kp, rows] = each token's kp products weighted by wts (+ residual), on `combine_ok` shapes only."""
-    assert combine is None or combine_ok(qt, cols, combine[1])
+    (and xidx) were written two or more kernels back, so fast2 may quantize x before the wait."""
     assert norm is None or norm_ok(qt, cols, fused)
     assert not skip or fast2_ok(qt, cols)
     assert not interleaved or interleaved_ok(qt, rows, cols)
@@ -561,7 +559,7 @@ def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
                             norm=norm, residual=residual, skip=skip, interleaved=interleaved, spread=spread,
-                            x_ready=x_ready, combine=combine)
+                            x_ready=x_ready)
     if f32rows_ok(qt, cols, fused):
         return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
@@ -896,17 +894,12 @@ PIPELINED = {Q4_0: 9, Q8_0: 0}
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False,
-                combine: bool = False):
+                residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
     x_ready (not preload, not skip): likewise for x and xidx: the quantize prologue (and norm) runs before the
     wait, and only `mats` is read after it (the routed experts' gate/up: their x is three kernels back).
-    combine (plain, direct, cols <= 8192, not skip): y[p] = sum_j wts[p kp + j] W[mats[p kp + j]] x[xidx[p kp + j]]
-    (+ res[p]): a block's row p of y is a token, whose kp products are one gemv over kp times the columns (a
-    task's chunks are its rows' units in each product in turn, the weight folded into each x block's scale):
-    the routed experts' down projection and their weighted sum in one launch, no [P, rows] scratch.
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
     residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
@@ -920,7 +913,6 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit."""
     assert not preload or (direct and not fused)
     assert not (x_ready and (preload or skip))
-    assert not combine or (direct and not fused and not skip and not norm)
     assert not interleaved or direct
     assert not (residual and fused)
     UV = UNIT_VECTORS[qt]                  # 16-byte vectors per unit
@@ -929,15 +921,14 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     mats = ["W"] + (["W2"] if fused else [])
     accs = ["acc"] + (["acc2"] if fused else [])
     src = ["def kern(W, W2, mats, xidx, x, y, rows, cols, mat_words, log2u" + (", nw, eps" if norm else "")
-           + (", res" if residual else "") + (", wts, kp):" if combine else "):"),
+           + (", res):" if residual else "):"),
            "    p = cuda.blockIdx.y"]
-    src += ["    p0 = int32(p * kp)"] if combine else []       # the block's first product
     src += ["    if mats[p] < 0:", "        return"] if skip else []
     src += ["    lane = int32(cuda.threadIdx.x & 31)",
             "    warp = int32(cuda.threadIdx.x >> 5)",
             "    U = int32(cols >> 8)",
             "    total = int32(rows * U)"]              # units in a matrix (< 2^31: its words are < 2^32 * 4)
-    offset = [f"    mp = int64(mats[{'p0' if combine else 'p'}]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
+    offset = ["    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
     src += [] if x_ready else offset
     tasks = ["    CPT = int32(max(int32(1), int32(U >> 5)))",
              "    tsh = int32(max(int32(5), int32(log2u)))",         # 32 CPT = max(32, U) = 1 << tsh
@@ -973,11 +964,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
         # quantize x row xr: a warp takes 32-blocks warp, warp + warps, ... (lane = element), X_LOADS at a
         # time, all loaded before the first is quantized (stores to shared memory would hold back later loads)
         "    nblk = int32(cols >> 5)",
+        "    xa = gaddr(x, xidx[p]) + 4 * lane",
     ]
-    n_pro = len(src)    # (combine: the quantize loop runs for each product j, into its own part of shared memory)
-    src += ["    jo = int32(j * U * 600)", "    XB = int32(XA0 + jo)", "    DB = int32(DA0 + jo)", "    wj = wts[p0 + j]",
-            "    xa = gaddr(x, xidx[p0 + j]) + 4 * lane"] if combine else [
-            "    XB = XA0", "    DB = DA0", "    xa = gaddr(x, xidx[p]) + 4 * lane"]
     if norm:
         src += [f"    red = cuda.shared.array({warps}, float32)",
                 "    na = gaddr(nw, 0) + 4 * lane"]
@@ -1003,8 +991,8 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
                 "        inv = float32(1.0) / math.sqrt(ss / float32(cols) + eps)"]
         src += [f"        v{i} = v{i} * inv * n{i}" for i in range(X_LOADS)]
     # block r + i warps: unit (r >> 3) + (i warps >> 3), block (r & 7) when warps % 8 == 0 (constant offsets)
-    src += ["        qa = int32(XB + (r >> 3) * 528 + (r & 7) * 64 + ((lane >> 1) << 2))",
-            "        da = int32(DB + (r >> 3) * 36 + (r & 7) * 4)"]
+    src += ["        qa = int32(XA0 + (r >> 3) * 528 + (r & 7) * 64 + ((lane >> 1) << 2))",
+            "        da = int32(DA0 + (r >> 3) * 36 + (r & 7) * 4)"]
     # QUANT_GROUPS[qt]: each step of a group's reductions issued for all its blocks together; a block past the row
     # quantizes its zeros and stores nothing
     assert sum(QUANT_GROUPS[qt]) == X_LOADS
@@ -1030,21 +1018,19 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             if warps % 8 == 0:
                 qa, da = f"qa + {528 * (i * warps // 8)}", f"da + {36 * (i * warps // 8)}"
             else:
-                qa = f"XB + ((r + {i * warps}) >> 3) * 528 + ((r + {i * warps}) & 7) * 64 + ((lane >> 1) << 2)"
-                da = f"DB + ((r + {i * warps}) >> 3) * 36 + ((r + {i * warps}) & 7) * 4"
+                qa = f"XA0 + ((r + {i * warps}) >> 3) * 528 + ((r + {i * warps}) & 7) * 64 + ((lane >> 1) << 2)"
+                da = f"DA0 + ((r + {i * warps}) >> 3) * 36 + ((r + {i * warps}) & 7) * 4"
             src += [
                 f"        if int32(r + {i * warps}) < nblk:",
                 "            if (lane & 1) == 0:",
                 f"                sts1a({qa}, (q{i} & 0xffff) | (qn{i} << 16))",
                 "            if lane == 0:",
                 f"                di = int32({da})",
-                f"                sts1a(di, libdevice.float_as_int(d{i}{' * wj' if combine else ''}))",
+                f"                sts1a(di, libdevice.float_as_int(d{i}))",
                 f"                sts1a(di + (SA0 - DA0), qs{i})",
             ]
         src[n0:] = ["    " + line for line in src[n0:]]
     src.append(f"        r = int32(r + {warps * X_LOADS})")
-    if combine:
-        src[n_pro:] = ["    for j in range(kp):"] + ["    " + line for line in src[n_pro:]]
     src += ["    cuda.syncthreads()", "    SEG = int32(min(U, int32(32)))"] + ([] if direct and preload else tasks)
     src += (["    grid_dependency()"] + offset) if x_ready else []
     src += [f"    g{m} = gaddr({m}, 0) + mp" for m in mats]
@@ -1064,30 +1050,25 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             free.update(words)
             ready = [i for i in AHEAD if i not in done and free >= {4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3}]
             done.update(ready)
-            nxt = ("gn", "int32(tn * 32)") if combine else (f"g{m}", "int32((tn * CPT + cn) * 32)")
-            return chunk_words(m, *nxt, "okn", ready) if ready else []
+            return chunk_words(m, f"g{m}", "int32((tn * CPT + cn) * 32)", "okn", ready) if ready else []
         return after
 
     def task(ind: str) -> list[str]:
         """One warp task t (CPT chunks of 32 units): dot products, segmented sums, stores. direct: each chunk's
         words were loaded by the chunk before it (or before the loop), and it loads the next one's."""
         L = [f"{a} = float32(0.0)" for a in accs]
-        if combine:      # chunk c: the task's 32 units (CPT is 1) in product c, whose x is at c * U * 600
-            L += ["for c in range(kp):", "    u0 = int32(t * 32)", "    jo = int32(c * U * 600)"]
-        else:
-            L += ["for c in range(CPT):", "    u0 = int32((t * CPT + c) * 32)", "    jo = zero"]
-        L += ["    cu = int32((u0 + lane) & (U - 1))",
-              "    xu = int32(XA0 + jo + cu * 528)",
-              "    sb = int32(DA0 + jo + cu * 36)"]
+        L += ["for c in range(CPT):",
+              "    u0 = int32((t * CPT + c) * 32)",
+              "    cu = int32((u0 + lane) & (U - 1))",
+              "    xu = int32(XA0 + cu * 528)",
+              "    sb = int32(DA0 + cu * 36)"]
         if qt == Q4_0:
-            L.append("    sq = int32(SA0 + jo + cu * 36)")
+            L.append("    sq = int32(SA0 + cu * 36)")
         if direct:       # the chunk after this one: the task's next, else the warp's next task's first
-            L += [f"    last = c + 1 == {'kp' if combine else 'CPT'}",
+            L += ["    last = c + 1 == CPT",
                   "    tn = int32(t + step) if last else t",
                   "    cn = int32(0) if last else int32(c + 1)",
                   "    okn = int32(tn < ntask)"]
-            L += ["    gn = gaddr(W, 0) + int64(mats[p0 + cn]) * (mat_words * 4)",     # the next chunk's matrix
-                  "    gW = gaddr(W, 0) + int64(mats[p0 + c]) * (mat_words * 4)"] if combine else []  # this one's
         else:
             L.append(f"    nv = int32(min(32, total - u0) * {UV})")
             L.append(f"    uo = int64(uint32(u0)) * {4 * UW}")
@@ -1126,7 +1107,7 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src.append("    while t < ntask:")        # (a range() would divide for its trip count)
     src += task("        ") + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual} interleaved={interleaved} x_ready={x_ready} combine={combine}", max_registers=65536 // (32 * warps) & ~7,
+                       f"residual={residual} interleaved={interleaved} x_ready={x_ready}", max_registers=65536 // (32 * warps) & ~7,
                        ldg4a=ldg4a, ldg4a_if=ldg4a_if, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
                        stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
@@ -1187,19 +1168,8 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                 residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False,
-                 combine: bool = False):
-    return _compiled(_make_fast2, qt, fused, warps, direct, preload, norm, residual, skip, interleaved, x_ready,
-                     combine)
-
-
-COMBINE_WARPS = 8          # fast2's combine launch: a decode token's grid is its tasks / warps blocks, 128 of 8 warps
-
-
-def combine_ok(qt: int, cols: int, kp: int) -> bool:
-    """launch_gemv can take combine= for kp products a token: a chunk a task (cols <= 8192) and the kp quantized
-    x rows within the 48 KiB of shared memory a launch gets without opting in."""
-    return fast2_ok(qt, cols) and qt in FAST2 and cols <= 8192 and kp * (cols // 256) * 600 + 32 <= 48 * 1024
+                 residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False):
+    return _compiled(_make_fast2, qt, fused, warps, direct, preload, norm, residual, skip, interleaved, x_ready)
 
 
 def fast2_norm_ok(qt: int, cols: int) -> bool:
@@ -1220,34 +1190,30 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
                  bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False, spread=False,
-                 x_ready=False, combine=None):
+                 x_ready=False):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
     the kernel has that variant (plain, direct, cols <= 8192); x_ready: so were x and xidx (taken where no
-    preload or skip is); combine: (wts [P], kp), y [P / kp, rows] the tokens' weighted sums of their kp
-    products (`combine_ok`; plain, no skip; COMBINE_WARPS warps a block). norm: (weight, eps) to rmsnorm x rows with first
+    preload or skip is). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); skip: products with mats[p] < 0
     are left out; spread: a block for every `warps` tasks of each product (every warp one task, in waves if
     the products are many), not the SMs shared by P: for a skip launch whose few products run alone."""
     if x.strides[-1] != 4 or y.strides[-1] != 4 or (residual is not None and residual.strides[-1] != 4):
         raise ValueError("fast2 addresses x, y and residual by rows: each row must be contiguous")
     cfg = FAST2[qt]
-    direct = cfg["direct"] if direct is None else direct
-    if combine is not None:            # a block per tokens' row slice, its warps kp chunks a task: 2 blocks per SM
-        warps, bps, P = warps or COMBINE_WARPS, bps or 2, P // combine[1]
     warps = warps or cfg["warps"]
+    direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
     U = cols // 256
     preload = preload and cfg.get("preload", False) and direct and not fused and U <= 32
     kern = fast2_kernel(qt, fused, warps, direct, preload, norm is not None, residual is not None, skip, interleaved,
-                        x_ready and not (preload or skip), combine is not None)
+                        x_ready and not (preload or skip))
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = (ntask + warps - 1) // warps
     if not spread:
         gx = max(1, min(gx, max(1, bps * sms // P)))
-    rows_x = 1 if combine is None else combine[1]      # x rows quantized into shared memory
-    shared = 4 * (rows_x * (U * 132 + 18 * U) + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
+    shared = 4 * (U * 132 + 18 * U + 8 + (0 if direct else warps * 32 * (36 if qt == Q4_0 else 68)))
     args = ((W, W2, mats, xidx, x, y, rows, cols, mat_bytes // 4, U.bit_length() - 1) + (() if norm is None else tuple(norm))
-            + (() if residual is None else (residual,)) + (() if combine is None else tuple(combine)))
+            + (() if residual is None else (residual,)))
     kern[(gx, P), 32 * warps, STREAM[0], shared](*args)
 
 
