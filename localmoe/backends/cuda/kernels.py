@@ -910,7 +910,9 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
     shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses).
     interleaved (direct): the weights are stored as `interleave` writes them, so a task's loads are 512
-    contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit."""
+    contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit.
+    direct: a warp's chunks are pipelined: each loads (the first PIPELINED[qt] vectors of) the next one's words
+    as it reads its own (`reload`), so the next loads are in flight while it sums and stores."""
     assert not preload or (direct and not fused)
     assert not (x_ready and (preload or skip))
     assert not interleaved or direct
