@@ -10,6 +10,8 @@ of a set is the shipped one; ratios are against it. Sets:
               B 8 warps, cap 128 (two blocks fit an SM: the next kernel's can be resident and waiting, PDL),
               X_LOADS 16 so the norm prologue still holds a row (quantized in groups 2, 2, 4, 8; session 17
               measured it with one block at a time); C 8 warps, cap 256 (B's shape, one per SM)
+  pipelined   fast2's loads one chunk ahead (PIPELINED): Q4_0's whole unit as shipped, against none (each chunk's
+              words loaded at its start, as before session 20)
   quantize    fast2's x quantization: Q4_0's groups of blocks quantized together (QUANT_GROUPS) as shipped,
               other groupings, and one block at a time (session 16's order; the same bits in every case)
 (the file: bench_cuda.py --full-scale writes it.)"""
@@ -38,11 +40,12 @@ SETS = {
     "coresident": {"A 16 warps cap 128": {},
                    "B 8 warps cap 128": dict(EIGHT_WARPS, cap=128),
                    "C 8 warps cap 256": dict(EIGHT_WARPS, cap=256)},
+    "pipelined": {"Q4_0 unit ahead": {}, "none ahead": dict(PIPELINED={K.Q4_0: 0, K.Q8_0: 0})},
     "quantize": {f"groups {K.QUANT_GROUPS[K.Q4_0]}": {},
                  **{f"groups {g}": dict(QUANT_GROUPS={**K.QUANT_GROUPS, K.Q4_0: g}) for g in ((8,), (4, 4))},
                  "one block at a time": dict(QUANT_GROUPS={K.Q4_0: (1,) * 8, K.Q8_0: (1,) * 8})},
 }
-SHIPPED = {n: getattr(K, n) for n in ("FAST2", "X_LOADS", "QUANT_GROUPS")}
+SHIPPED = {n: getattr(K, n) for n in ("FAST2", "X_LOADS", "QUANT_GROUPS", "PIPELINED")}
 CACHES: dict = {}
 
 

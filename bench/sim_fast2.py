@@ -4,7 +4,7 @@ Each generated kernel's source text (`_jit_source` is patched: nothing is compil
 generator per thread: warp shuffles, warp sums (redux), syncwarp and syncthreads become `yield`s, and a
 scheduler runs the block's warps lane by lane between them (shuffles exchange the lanes' values, the barrier
 waits for every warp). The inline-asm intrinsics (ldg4, lds4, sts4, smem_word_skew, and the address forms
-ldg4a, ldgf, ldgf_if, stgf, gaddr, lds4a, lds1a, sts1a, sts4a, smem_base16, sar32; q4dot, q8dot, hi16lo16,
+ldg4a, ldg4a_if, ldgf, ldgf_if, stgf, gaddr, lds4a, lds1a, sts1a, sts4a, smem_base16, sar32; q4dot, q8dot, hi16lo16,
 lo_f16, hi_f16) get Python versions of their PTX:
 global "addresses" are a registry base per array (bits 40+) plus a byte offset, shared ones a byte offset from
 a fake window address that is 4 mod 16 (so the 16-byte skew is 3 words, as numba's 4-byte aligned dynamic
@@ -16,7 +16,7 @@ compared bit for bit; each is also checked against a float64 numpy reference (lo
     python bench/sim_fast2.py --ref 5ad01a0 --cases 60 --seed 1
     python bench/sim_fast2.py --quick         # a dozen cases
 
-Cases: Q4_0 / Q8_0; plain / fused (silu(W x) * (W2 x)); preload; norm; residual; cols 1024..4096 (and 256,
+Cases: Q4_0 / Q8_0; plain / fused (silu(W x) * (W2 x)); preload; x_ready (every other case); norm; residual; cols 1024..4096 (and 256,
 512, 8192 some of the time), rows 64..300 (not multiples of a task), P 1..5 products picking matrices of a
 pool, x rows picked by xidx (x a strided view some of the time), sms 1..3 (1 block looping over every task, or a
 few); the staged variant (direct=False) and a warps count that is not a multiple of 8 some of the time.
@@ -225,6 +225,11 @@ def ldg4a(addr):
     return ldg4(arr, off // 4)
 
 
+def ldg4a_if(addr, ok):
+    """Where not ok the GPU leaves the words undefined: junk here, so that a use of them shows."""
+    return ldg4a(addr) if ok else (0xDEADBEEF,) * 4
+
+
 def sar32(a, n):
     return i32(a) >> (int(n) & 31)
 
@@ -285,7 +290,7 @@ def _no(*a):
 
 
 SIM = dict(ldg4=ldg4, lds4=lds4, sts4=sts4, smem_word_skew=smem_word_skew, smem_base16=smem_base16, lds4a=lds4a,
-           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=_no, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
+           lds1a=lds1a, sts1a=sts1a, stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=_no, sts4a=sts4a, gaddr=gaddr, ldg4a=ldg4a, ldg4a_if=ldg4a_if, ldgf=ldgf, q4dot=q4dot, q8dot=q8dot,
            hi16lo16=hi16lo16, lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
 
 _SHFL = re.compile(r"cuda\.shfl_(xor|down)_sync\(0xffffffff, ([A-Za-z_0-9]+), ([A-Za-z_0-9]+)\)")
@@ -427,7 +432,7 @@ def make_weights(rng, qt, nmat, rows, cols, pad):
 
 
 def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct=None, warps=None,
-             interleaved=False):
+             interleaved=False, x_ready=False):
     nmat, nx = 3, 4
     pad = int(rng.integers(0, 3))
     W, mat_bytes, deq = make_weights(rng, qt, nmat, rows, cols, pad)
@@ -444,11 +449,13 @@ def run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, 
     for mod in mods:
         y = np.full((P, rows), np.nan, np.float32)
         kw, args = {}, (W, W2, mat_bytes)
+        if mod is KNEW and x_ready:
+            kw["x_ready"] = True
         if interleaved and mod is KNEW and direct is not False and KNEW.interleaved_ok(qt, rows, cols):
             mb = rows * cols // 32 * (18 if qt == KNEW.Q4_0 else 34)     # the other layout, the same products
             il = [np.concatenate([KNEW.interleave(m[:mb], qt) for m in w.view(np.uint8).reshape(nmat, -1)])
                   for w in (W, W2)]
-            kw, args = dict(interleaved=True), (il[0].view(np.uint32), il[1].view(np.uint32), mb)
+            kw, args = dict(kw, interleaved=True), (il[0].view(np.uint32), il[1].view(np.uint32), mb)
         mod.launch_fast2(qt, cols, rows, args[0], args[1], mats, xidx, x, y, P, args[2], sms, fused=fused,
                          warps=warps, direct=direct, preload=preload,
                          norm=None if nw is None else (nw, np.float32(1e-6)), residual=res, **kw)
@@ -515,16 +522,18 @@ def main() -> None:
     t0 = time.time()
     for i, (qt, fused, preload, norm, residual, cols, rows, P, sms, direct, warps) in enumerate(cases):
         t = time.time()
+        x_ready = i % 2 == 1                # this revision's kernel quantizes x before its wait (where it can)
         outs, err = run_case(mods, rng, qt, fused, preload, norm, residual, cols, rows, P, sms, direct, warps,
-                             a.interleaved)
+                             a.interleaved, x_ready)
         same = np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
         nan = np.isnan(outs[1]).any()
         ok = same and not nan and err < 2e-3
         bad += not ok
         preload = (preload and KNEW.FAST2[qt].get("preload", False) and direct is not False and not fused
                    and cols <= 8192)        # what launch_fast2 gives the kernel
+        x_ready = x_ready and not preload
         name = " ".join(["Q4_0" if qt == KNEW.Q4_0 else "Q8_0", "fused" if fused else "plain"]
-                        + [k for k, on in (("preload", preload), ("norm", norm), ("residual", residual),
+                        + [k for k, on in (("preload", preload), ("x_ready", x_ready), ("norm", norm), ("residual", residual),
                                            ("staged", direct is False), (f"warps={warps}", warps),
                                            ("interleaved", a.interleaved and direct is not False
                                             and KNEW.interleaved_ok(qt, rows, cols))) if on])

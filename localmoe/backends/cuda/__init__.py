@@ -212,7 +212,7 @@ class CUDABackend:
     # -- the batched gemv -------------------------------------------------------------------------
     def gemv(self, w: Weight, mats, xidx, x_dev, P: int, w2: Weight | None = None, out=None, pools=None,
              preload: bool = True, norm=None, residual=None, skip: bool = False, interleaved: bool = False,
-             spread: bool = False):
+             spread: bool = False, x_ready: bool = False):
         """Device y [P, rows]: y[p] = W[mats[p]] @ x[xidx[p]] (or silu(gate) * up with w2). `pools`:
         device arrays laid out like w (and w2) to read instead of their uploads (the expert slots).
         preload=False when the kernel just before this one wrote `mats`; norm: (weight, eps) to rmsnorm the
@@ -220,7 +220,8 @@ class CUDABackend:
         the kernel can (kernels.residual_ok), else by one more; skip: leave out the products with mats[p] < 0
         (their rows of y are not written; fast2 shapes). interleaved: `pools` hold interleaved matrices where
         `self.interleaved(w)` (as the uploads do). spread: a skip launch whose products are few, each gets
-        a warp per task (kernels.launch_fast2)."""
+        a warp per task (kernels.launch_fast2). x_ready: x_dev was written two or more kernels back (or
+        never), as the routed experts' input is (the router and its top-k ran since)."""
         qt, cols, rows = int(w.type), w.cols, w.rows
         if pools is None:
             dev = self.upload(w)
@@ -236,7 +237,7 @@ class CUDABackend:
         self.K.launch_gemv(qt, cols, rows, dev, dev2, mats, xidx, x_dev, y, P, row_bytes, row_bytes * rows,
                            self.sms - self._sms_beside,
                            fused=fused, preload=preload, norm=norm, residual=residual if own else None, skip=skip,
-                           interleaved=interleaved, spread=spread)
+                           interleaved=interleaved, spread=spread, x_ready=x_ready)
         self.launches += 1
         if residual is not None and not own:
             y += residual
@@ -374,7 +375,9 @@ class CUDABackend:
         shared expert's swiglu(x) when given: resident, and stored like the routed experts, it is matrix E of
         the layer's uploads (`_with_shared`) and runs in the same launches with weight 1 (else its own, added
         in the combine), plus residual (in the combine). ids [n, k] and weights [n, k]: the router's device
-        arrays (host arrays are uploaded). x: an array, or a `Normed` the gate/up launch normalises."""
+        arrays (host arrays are uploaded). x: an array, or a `Normed` the gate/up launch normalises; a device
+        x must have been written before the kernels that wrote ids (moe(): the router reads x first), so the
+        gate/up launch quantizes it before it waits for them (kernels._make_fast2's x_ready)."""
         xp = self.xp
         squeeze = (x.x if isinstance(x, Normed) else x).ndim == 1
         if int(gate.type) == int(up.type):
@@ -382,6 +385,8 @@ class CUDABackend:
         else:
             x2, norm = self._dev(plain(self, x), (-1, gate.cols)), None
         xn = x2 if norm is None else Normed(x2, x.weight, x.eps)          # x2 as the other readers need it
+        src = x.x if isinstance(x, Normed) else x     # read in place, x2 is the caller's: the router read it since
+        x_ready = isinstance(src, xp.ndarray) and x2.data.ptr == src.data.ptr
         n = len(x2)
         if isinstance(ids, np.ndarray) and (ids.min() < 0 or ids.max() >= gate.n_experts):
             raise ValueError("expert id out of range")
@@ -453,7 +458,7 @@ class CUDABackend:
                           spread=spread)
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
-                          preload=False, norm=norm, interleaved=il)                    # silu(g) * u, fused
+                          preload=False, norm=norm, interleaved=il, x_ready=x_ready)   # silu(g) * u, fused
         else:
             g = self.gemv(gate, mats, tok, x2, P, pools=None if pg is None else (pg,), preload=False, interleaved=il)
             u = self.gemv(up, mats, tok, x2, P, pools=None if pu is None else (pu,), interleaved=il)

@@ -27,6 +27,7 @@ cache_tick_kernel (LFU's aging), at the end.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from numba import float32, float64, int32, int64, uint32
@@ -542,21 +543,23 @@ def gemv_kernel(qt: int, cols: int, fused: bool):
 
 
 def launch_gemv(qt, cols, rows, W, W2, mats, xidx, x, y, P, row_bytes, mat_bytes, sms, fused=False, preload=False,
-                norm=None, residual=None, skip=False, interleaved=False, spread=False):
+                norm=None, residual=None, skip=False, interleaved=False, spread=False, x_ready=False):
     """Launch the batched gemv (see the module doc) on device arrays; W, W2 uint32 words for the fast
     kernels (`fast_ok`), else uint8 bytes. Grid: BLOCKS_PER_SM blocks per SM, rows split over warps.
     preload: `mats` is constant or was written two or more kernels back, so the kernels that can start
     loading weights before the previous kernel ends (_make_fast2) do. norm: (weight, eps), x rows rmsnorm'ed
     first, on `norm_ok` shapes only; residual: [P, rows] added to y, on `residual_ok` shapes only; skip: the
     products with mats[p] < 0 are left out (fast2 shapes only); interleaved: W (and W2) are stored as
-    `interleave` writes them (`interleaved_ok` shapes only); spread: see launch_fast2 (skip launches)."""
+    `interleave` writes them (`interleaved_ok` shapes only); spread: see launch_fast2 (skip launches); x_ready: x
+    (and xidx) were written two or more kernels back, so fast2 may quantize x before the wait."""
     assert norm is None or norm_ok(qt, cols, fused)
     assert not skip or fast2_ok(qt, cols)
     assert not interleaved or interleaved_ok(qt, rows, cols)
     assert residual is None or residual_ok(qt, cols, fused)
     if fast2_ok(qt, cols):
         return launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused, preload=preload,
-                            norm=norm, residual=residual, skip=skip, interleaved=interleaved, spread=spread)
+                            norm=norm, residual=residual, skip=skip, interleaved=interleaved, spread=spread,
+                            x_ready=x_ready)
     if f32rows_ok(qt, cols, fused):
         return launch_f32rows(cols, rows, W, mats, xidx, x, y, P, mat_bytes, sms, preload, norm)
     assert norm is None
@@ -705,6 +708,22 @@ def ldg4a(typingctx, addr):
 
 
 @_intrinsic
+def ldg4a_if(typingctx, addr, ok):
+    """ldg4a(addr) where ok (an int), else no load and the 4 words undefined: a predicated ld.global.nc.v4,
+    for a load that is wasted when it is past the end (fast2's next chunk)."""
+    rt = _t.UniTuple(_t.uint32, 4)
+
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        k = context.cast(builder, args[1], sig.args[1], _t.int32)
+        r = _asm(builder, _ir.LiteralStructType([_I32] * 4), [_I64, _I32],
+                 "{.reg .pred p; setp.ne.s32 p, $5, 0; @p ld.global.nc.v4.u32 {$0,$1,$2,$3}, [$4];}",
+                 "=r,=r,=r,=r,l,r", [a, k])
+        return context.make_tuple(builder, rt, [builder.extract_value(r, j) for j in range(4)])
+    return rt(addr, ok), codegen
+
+
+@_intrinsic
 def ldgf(typingctx, addr):
     """The float32 at global byte address addr (int64): ld.global, kept in program order (after
     grid_dependency(): the kernel before may have written it)."""
@@ -821,10 +840,11 @@ lo_f16 = _half_f32(False)   # float32 of the fp16 in the low 16 bits of a word
 hi_f16 = _half_f32(True)
 
 
-def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
+def _unit_code(qt: int, W: str, acc: str, ind: str, after=None) -> list[str]:
     """Source lines: acc += this lane's unit (words {W}0..) against x unit cu: its int16 pairs at shared byte
-    address xu, its blocks' d_x at sb (+ 4 b) and (Q4_0) int16 sums at sq (+ 4 b)."""
-    L = []
+    address xu, its blocks' d_x at sb (+ 4 b) and (Q4_0) int16 sums at sq (+ 4 b). after(b, words): lines
+    to place after block b, given the words no later block reads (fast2 reloads them for the next task)."""
+    L, blocks, start = [], [], 0
     PW = 9 if qt == Q4_0 else 17          # words per pair of blocks
     NQ = 4 if qt == Q4_0 else 8           # quant words per block
     for b in range(8):
@@ -850,6 +870,13 @@ def _unit_code(qt: int, W: str, acc: str, ind: str) -> list[str]:
             for j in range(1, 8):
                 L.append(f"s = q8dot({qs[j]}, a{2 * j}, a{2 * j + 1}, s)")
         L.append(f"{acc} += float32(s) * dw * libdevice.int_as_float(lds1a(sb + {4 * b}))")
+        if after is not None:
+            blocks.append(L[start:])
+            start = len(L)
+    if after is not None:     # a word is free after the last block that names it
+        last = {int(w): b for b, lines in enumerate(blocks) for w in re.findall(rf"\b{W}(\d+)\b", " ".join(lines))}
+        L = [line for b, lines in enumerate(blocks)
+             for line in lines + after(b, sorted(w for w, lb in last.items() if lb == b))]
     return [ind + s for s in L]
 
 
@@ -859,13 +886,20 @@ X_LOADS = 8                # fast2: x values a lane loads before quantizing them
 # rows (1024 columns: 2 blocks a warp, 2048: 4) skip the rest. Q8_0's plain kernel keeps 62 registers (2 blocks
 # per SM) with groups of 2, 74 with 4 (`bench/kernel_registers.py`). Chosen by `bench/ab_configs.py $F quantize`.
 QUANT_GROUPS = {Q4_0: (2, 2, 4), Q8_0: (2, 2, 2, 2)}
+# fast2 (direct): the first PIPELINED[qt] of a unit's 16-byte vectors are loaded one chunk ahead, each as soon as the
+# chunk before has read its old words, so a warp's next loads are in flight while it sums and stores; the rest at
+# the chunk's start. The words loaded ahead stay live across the loop: Q4_0's whole unit (9 vectors) keeps 72-125
+# registers (`bench/kernel_registers.py`); Q8_0's (17) would need 128-253.
+PIPELINED = {Q4_0: 9, Q8_0: 0}
 
 
 def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                residual: bool = False, skip: bool = False, interleaved: bool = False):
+                residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False):
     """preload (plain, direct, cols <= 8192): the warp's first task's weight words are loaded before
     grid_dependency(), i.e. while the kernel before this one still runs; for launches whose `mats` were
     written two or more kernels back (or never: dense weights), which that kernel's start has waited for.
+    x_ready (not preload, not skip): likewise for x and xidx: the quantize prologue (and norm) runs before the
+    wait, and only `mats` is read after it (the routed experts' gate/up: their x is three kernels back).
     norm (`fast2_norm_ok` columns): x row xr is rmsnorm'ed (weight nw, eps) before it is quantized, so the
     norm costs no launch of its own (every layer's two norms, the output norm, MLA's q_a norm).
     residual (plain): y = W x + res, res [P, rows]: the residual stream's add in the store (attn_output).
@@ -876,8 +910,11 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     per task (the matrix's global address, mats[p] * mat_words words in: can pass 2^31 in a streamed pool);
     shared memory is addressed by 32-bit byte addresses (lds4a/lds1a/sts1a: no 64-bit generic addresses).
     interleaved (direct): the weights are stored as `interleave` writes them, so a task's loads are 512
-    contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit."""
+    contiguous bytes per instruction; the arithmetic is the same, so are the results, bit for bit.
+    direct: a warp's chunks are pipelined: each loads (the first PIPELINED[qt] vectors of) the next one's words
+    as it reads its own (`reload`), so the next loads are in flight while it sums and stores."""
     assert not preload or (direct and not fused)
+    assert not (x_ready and (preload or skip))
     assert not interleaved or direct
     assert not (residual and fused)
     UV = UNIT_VECTORS[qt]                  # 16-byte vectors per unit
@@ -892,19 +929,31 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
     src += ["    lane = int32(cuda.threadIdx.x & 31)",
             "    warp = int32(cuda.threadIdx.x >> 5)",
             "    U = int32(cols >> 8)",
-            "    total = int32(rows * U)",              # units in a matrix (< 2^31: its words are < 2^32 * 4)
-            "    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
-    if preload:
-        src.append(f"    t0 = int32(cuda.blockIdx.x * {warps} + warp)")
-        if interleaved:      # the task's chunk (past the last task: the last chunk, loaded for nothing)
-            src.append(f"    ga = gaddr(W, 0) + mp + int64(uint32(min(t0, int32(int32(total + 31) >> 5) - 1))) * "
-                       f"{128 * UW} + 16 * lane")
-        else:
-            src.append(f"    ga = gaddr(W, 0) + mp + int64(uint32(min(int32(t0 * 32 + lane), int32(total - 1)))) * "
-                       f"{4 * UW}")
-        VS = 512 if interleaved else 16    # bytes between a lane's vectors
-        src += [f"    Pw{4 * i}, Pw{4 * i + 1}, Pw{4 * i + 2}, Pw{4 * i + 3} = ldg4a(ga + {VS * i})" for i in range(UV)]
-        src.append("    grid_dependency()")
+            "    total = int32(rows * U)"]              # units in a matrix (< 2^31: its words are < 2^32 * 4)
+    offset = ["    mp = int64(mats[p]) * (mat_words * 4)"]  # the matrix's byte offset in W (64-bit)
+    src += [] if x_ready else offset
+    tasks = ["    CPT = int32(max(int32(1), int32(U >> 5)))",
+             "    tsh = int32(max(int32(5), int32(log2u)))",         # 32 CPT = max(32, U) = 1 << tsh
+             "    ntask = int32(int32(total + int32(1 << tsh) - 1) >> tsh)",
+             "    step = int32(cuda.gridDim.x * " + str(warps) + ")",
+             f"    t = int32(cuda.blockIdx.x * {warps} + warp)"]
+    VS = 512 if interleaved else 16    # bytes between a lane's vectors (direct)
+
+    AHEAD = range(PIPELINED[qt])        # direct: the vectors a chunk loads for the next one (see PIPELINED)
+
+    def chunk_words(m: str, base: str, u0: str, ok: str | None, vectors) -> list[str]:
+        """direct: load this lane's unit of the chunk of 32 units from unit u0 (interleaved, the chunk's vectors
+        lie 512 bytes apart) of matrix m at byte address base into words {m}w*: the vectors given, where ok."""
+        at = (f"{base} + int64(uint32({u0})) * {4 * UW} + 16 * lane" if interleaved else
+              f"{base} + int64(uint32(min(int32({u0} + lane), int32(total - 1)))) * {4 * UW}")
+        load = (lambda i: f"ldg4a(a{m} + {VS * i})") if ok is None else (lambda i: f"ldg4a_if(a{m} + {VS * i}, {ok})")
+        return [f"a{m} = {at}"] + [f"{m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = {load(i)}"
+                                   for i in vectors]
+
+    if direct:   # the warp's first chunk: before the wait where preload (weights no kernel writes), else after it
+        first = [f"    {line}" for m in mats for line in chunk_words(m, f"gaddr({m}, 0) + mp", "int32(t * CPT * 32)",
+                                                                      "int32(t < ntask)", AHEAD)] if AHEAD else []
+        src += (tasks + first + ["    grid_dependency()"]) if preload else []
     # shared memory, in bytes from XA0 (16-byte aligned; word sk of the dynamic array, see the layout above):
     # x unit cu at XA0 + 528 cu, d_x of block b of unit cu at DA0 + 36 cu + 4 b, its int16 sum at SA0 + 36 cu +
     # 4 b, the warps' stages (direct=False) from STA
@@ -984,23 +1033,31 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
             ]
         src[n0:] = ["    " + line for line in src[n0:]]
     src.append(f"        r = int32(r + {warps * X_LOADS})")
-    src += [
-        "    cuda.syncthreads()",
-        "    SEG = int32(min(U, int32(32)))",
-        "    CPT = int32(max(int32(1), int32(U >> 5)))",
-        "    tsh = int32(max(int32(5), int32(log2u)))",         # 32 CPT = max(32, U) = 1 << tsh
-        "    ntask = int32(int32(total + int32(1 << tsh) - 1) >> tsh)",
-        "    step = int32(cuda.gridDim.x * " + str(warps) + ")",
-    ]
+    src += ["    cuda.syncthreads()", "    SEG = int32(min(U, int32(32)))"] + ([] if direct and preload else tasks)
+    src += (["    grid_dependency()"] + offset) if x_ready else []
     src += [f"    g{m} = gaddr({m}, 0) + mp" for m in mats]
     src += ["    ya = gaddr(y, p)", "    nrows = int32(rows)", "    l2u = int32(log2u)"]
     src += ["    ra = gaddr(res, p)"] if residual else []
     if not direct:   # the warp's stage: word ST + warp * 32 UW of the layout above
         src.append(f"    STW = int32(SA0 + 4 * (9 * U + ((4 - ((18 * U) & 3)) & 3)) + warp * {128 * UW})")
 
-    def task(ind: str, first: bool) -> list[str]:
-        """One warp task t (CPT chunks of 32 units): dot products, segmented sums, stores. first: the
-        preloaded task (CPT is 1), its words already in Pw*."""
+    def reload(m: str):
+        """_unit_code's `after` for direct kernels: each 16-byte vector of m's words, once no later block of
+        this unit reads it, is loaded again from the warp's next chunk (a register's load issued as early as
+        its old value allows: the next chunk's bytes are in flight while this one is summed and stored)."""
+        free: set[int] = set()
+        done: set[int] = set()
+
+        def after(b: int, words: list[int]) -> list[str]:
+            free.update(words)
+            ready = [i for i in AHEAD if i not in done and free >= {4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3}]
+            done.update(ready)
+            return chunk_words(m, f"g{m}", "int32((tn * CPT + cn) * 32)", "okn", ready) if ready else []
+        return after
+
+    def task(ind: str) -> list[str]:
+        """One warp task t (CPT chunks of 32 units): dot products, segmented sums, stores. direct: each chunk's
+        words were loaded by the chunk before it (or before the loop), and it loads the next one's."""
         L = [f"{a} = float32(0.0)" for a in accs]
         L += ["for c in range(CPT):",
               "    u0 = int32((t * CPT + c) * 32)",
@@ -1009,32 +1066,30 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
               "    sb = int32(DA0 + cu * 36)"]
         if qt == Q4_0:
             L.append("    sq = int32(SA0 + cu * 36)")
-        if not first and interleaved:
-            L.append(f"    uo = int64(uint32(u0)) * {4 * UW} + 16 * lane")
-        elif not first and direct:
-            L.append(f"    uo = int64(uint32(min(int32(u0 + lane), int32(total - 1)))) * {4 * UW}")
-        elif not first:
+        if direct:       # the chunk after this one: the task's next, else the warp's next task's first
+            L += ["    last = c + 1 == CPT",
+                  "    tn = int32(t + step) if last else t",
+                  "    cn = int32(0) if last else int32(c + 1)",
+                  "    okn = int32(tn < ntask)"]
+        else:
             L.append(f"    nv = int32(min(32, total - u0) * {UV})")
             L.append(f"    uo = int64(uint32(u0)) * {4 * UW}")
         for m, a in zip(mats, accs):
-            if first:
-                L += [f"    {m}w{j} = Pw{j}" for j in range(UW)]
-            elif direct:
-                L.append(f"    ga = g{m} + uo")
-                for i in range(UV):
-                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
-                             f"ldg4a(ga + {(512 if interleaved else 16) * i})")
-            else:
-                L.append(f"    ga = g{m} + uo")
-                for i in range(UV):
-                    L.append(f"    vi = int32(min(int32(lane + {32 * i}), int32(nv - 1)))")
-                    L.append("    r0, r1, r2, r3 = ldg4a(ga + int64(uint32(vi)) * 16)")
-                    L.append(f"    sts4a(STW + {512 * i} + 16 * lane, r0, r1, r2, r3)")
-                L.append("    cuda.syncwarp()")
-                for i in range(UV):
-                    L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
-                             f"lds4a(STW + lane * {4 * UW} + {16 * i})")
-                L.append("    cuda.syncwarp()")
+            if direct:
+                rest = range(len(AHEAD), UV)
+                L += [f"    {line}" for line in chunk_words(m, f"g{m}", "u0", None, rest)] if rest else []
+                L += _unit_code(qt, f"{m}w", a, "    ", after=reload(m))
+                continue
+            L.append(f"    ga = g{m} + uo")
+            for i in range(UV):
+                L.append(f"    vi = int32(min(int32(lane + {32 * i}), int32(nv - 1)))")
+                L.append("    r0, r1, r2, r3 = ldg4a(ga + int64(uint32(vi)) * 16)")
+                L.append(f"    sts4a(STW + {512 * i} + 16 * lane, r0, r1, r2, r3)")
+            L.append("    cuda.syncwarp()")
+            for i in range(UV):
+                L.append(f"    {m}w{4 * i}, {m}w{4 * i + 1}, {m}w{4 * i + 2}, {m}w{4 * i + 3} = "
+                         f"lds4a(STW + lane * {4 * UW} + {16 * i})")
+            L.append("    cuda.syncwarp()")
             L += _unit_code(qt, f"{m}w", a, "    ")
         # segmented: the sum of the row's SEG lanes. Unrolled (numba keeps a loop over a tuple with a test); every
         # shuffle is taken (no branch around it), its value added where the segment spans it
@@ -1049,14 +1104,13 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
               "        stgf(ya + int64(uint32(row)) * 4, acc)"]
         return [ind + line for line in L]
 
-    src.append(f"    t = int32(cuda.blockIdx.x * {warps} + warp)")
-    if preload:
-        src += ["    if t < ntask:"] + task("        ", True) + ["    t = int32(t + step)"]
+    if direct and not preload:
+        src += first
     src.append("    while t < ntask:")        # (a range() would divide for its trip count)
-    src += task("        ", False) + ["        t = int32(t + step)"]
+    src += task("        ") + ["        t = int32(t + step)"]
     return _jit_source(src, f"fast2 {qt} fused={fused} warps={warps} direct={direct} preload={preload} norm={norm} "
-                       f"residual={residual} interleaved={interleaved}", max_registers=65536 // (32 * warps) & ~7,
-                       ldg4a=ldg4a, ldgf=ldgf,
+                       f"residual={residual} interleaved={interleaved} x_ready={x_ready}", max_registers=65536 // (32 * warps) & ~7,
+                       ldg4a=ldg4a, ldg4a_if=ldg4a_if, ldgf=ldgf,
                        gaddr=gaddr, lds4a=lds4a, lds1a=lds1a, sts1a=sts1a, sts4a=sts4a, smem_base16=smem_base16,
                        stgf=stgf, ldgf_if=ldgf_if, sar32=sar32, warp_sum_i32=warp_sum_i32, q4dot=q4dot, q8dot=q8dot, hi16lo16=hi16lo16,
                        lo_f16=lo_f16, hi_f16=hi_f16, silu=silu)
@@ -1116,8 +1170,8 @@ FAST2 = {Q4_0: dict(warps=16, direct=True, bps=(1, 1), preload=True),
 
 
 def fast2_kernel(qt: int, fused: bool, warps: int, direct: bool, preload: bool = False, norm: bool = False,
-                 residual: bool = False, skip: bool = False, interleaved: bool = False):
-    return _compiled(_make_fast2, qt, fused, warps, direct, preload, norm, residual, skip, interleaved)
+                 residual: bool = False, skip: bool = False, interleaved: bool = False, x_ready: bool = False):
+    return _compiled(_make_fast2, qt, fused, warps, direct, preload, norm, residual, skip, interleaved, x_ready)
 
 
 def fast2_norm_ok(qt: int, cols: int) -> bool:
@@ -1137,9 +1191,11 @@ def residual_ok(qt: int, cols: int, fused: bool) -> bool:
 
 
 def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fused=False, warps=None, direct=None,
-                 bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False, spread=False):
+                 bps=None, preload=False, norm=None, residual=None, skip=False, interleaved=False, spread=False,
+                 x_ready=False):
     """preload: `mats` was written two or more kernels back, or is constant (see _make_fast2); taken where
-    the kernel has that variant (plain, direct, cols <= 8192). norm: (weight, eps) to rmsnorm x rows with first
+    the kernel has that variant (plain, direct, cols <= 8192); x_ready: so were x and xidx (taken where no
+    preload or skip is). norm: (weight, eps) to rmsnorm x rows with first
     (`fast2_norm_ok` shapes); residual: [P, rows] added to y (plain only); skip: products with mats[p] < 0
     are left out; spread: a block for every `warps` tasks of each product (every warp one task, in waves if
     the products are many), not the SMs shared by P: for a skip launch whose few products run alone."""
@@ -1150,8 +1206,9 @@ def launch_fast2(qt, cols, rows, W, W2, mats, xidx, x, y, P, mat_bytes, sms, fus
     direct = cfg["direct"] if direct is None else direct
     bps = bps or cfg["bps"][fused]
     U = cols // 256
-    kern = fast2_kernel(qt, fused, warps, direct, preload and cfg.get("preload", False) and direct and not fused and U <= 32,
-                        norm is not None, residual is not None, skip, interleaved)
+    preload = preload and cfg.get("preload", False) and direct and not fused and U <= 32
+    kern = fast2_kernel(qt, fused, warps, direct, preload, norm is not None, residual is not None, skip, interleaved,
+                        x_ready and not (preload or skip))
     ntask = (rows * U + 32 * max(1, U // 32) - 1) // (32 * max(1, U // 32))
     gx = (ntask + warps - 1) // warps
     if not spread:
