@@ -1159,8 +1159,8 @@ def fast2_ok(qt: int, cols: int) -> bool:
 
 # Chosen by `bench/bench_cuda.py --sweep` on an H100 (2026-11-23): best mean ratio over Small 4's four shapes.
 # The staged variants (direct=False) were slower, and their fused forms failed to launch (CUDA_ERROR_INVALID_VALUE).
-# bps: blocks per SM (plain, fused) = what fits an SM by registers (`bench/kernel_registers.py`: 72-88 per thread
-# x 512 threads), so a launch is one wave: a second wave waits for the first's slowest warp (H100, 2026-11-23:
+# bps: blocks per SM (plain, fused) = what fits an SM by registers (`bench/kernel_registers.py`, session 20: Q4_0
+# 70-125, Q8_0 62-78 per thread x 512 threads), so a launch is one wave: a second wave waits for the first's slowest warp (H100, 2026-11-23:
 # routed experts Q4_0 gate+up 30.0 -> 24.3 us, down 19.0 -> 14.9 us).
 # preload (_make_fast2): Q4_0 only; Q8_0's plain kernel would need 128 registers per thread, one block per SM, not 2.
 # Every fast2 kernel is compiled with at most 65536 / threads registers, so a block always launches (a variant past
