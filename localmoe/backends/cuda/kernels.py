@@ -1066,12 +1066,12 @@ def _make_fast2(qt: int, fused: bool, warps: int, direct: bool, preload: bool = 
               "    sb = int32(DA0 + cu * 36)"]
         if qt == Q4_0:
             L.append("    sq = int32(SA0 + cu * 36)")
-        if direct:       # the chunk after this one: the task's next, else the warp's next task's first
+        if direct and AHEAD:      # the chunk after this one: the task's next, else the warp's next task's first
             L += ["    last = c + 1 == CPT",
                   "    tn = int32(t + step) if last else t",
                   "    cn = int32(0) if last else int32(c + 1)",
                   "    okn = int32(tn < ntask)"]
-        else:
+        elif not direct:
             L.append(f"    nv = int32(min(32, total - u0) * {UV})")
             L.append(f"    uo = int64(uint32(u0)) * {4 * UW}")
         for m, a in zip(mats, accs):
