@@ -570,13 +570,21 @@ def stream_bench(args, m) -> None:
               f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
               f"pipelined={pipelined}:", flush=True)
         replayed = f"Zipf s={args.zipf}, locality {args.locality} (replayed)"
-        for name, recall in [("model's own routing", None)] + [(replayed, g) for g in args.guess.split(",")]:
+        for i, (name, recall) in enumerate([("model's own routing", None)] + [(replayed, g) for g in args.guess.split(",")]):
             be.route, be.next_experts = route0, dict(next0)
             be.__dict__.pop("guess_route", None)
+            if i:                                             # a fresh expert cache: the last run's would warm it
+                be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode, on_device=on_device,
+                                  copy_blocks=cb)
+                be.pipelined = bool(pipelined)
+                st0 = m.net.stats.expert_cache = m._streamer = be.streamer
             if recall is not None:
+                recall, _, free = recall.partition("/")
+                be.hold_copy_sms = free != "free"
                 table = None if recall == "off" else guess_table(zipf, float(recall), rng)
                 be.route = ReplayedRouting(be, zipf, table)
-                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right"
+                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right" + (
+                    "" if be.hold_copy_sms else ", copy SMs free between layers")
             cache = m.new_cache()
             t0 = time.perf_counter()
             m.prefill(np.array(ids), cache)
@@ -617,7 +625,8 @@ def stream_bench(args, m) -> None:
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
                   f"; misses {need / 1e6:.0f} MB/token, host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} "
-                  f"direct; prefetch targets {ahead:.1f}/token, {found:.1f} of them asked for); PCIe roofline at the "
+                  f"direct; prefetch targets {ahead:.1f}/token, {found:.1f} of them asked for, "
+                  f"{(s1['bytes_prefetch'] - s0['bytes_prefetch']) / args.tokens / 1e6:.0f} MB/token); PCIe roofline at the "
                   f"misses' traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
                   f"{s1['host_waits'] - s0['host_waits']}", flush=True)
     for i, what in ((1, "direct (on) / staged (off)"), (2, "pipelined (on) / in turn (off)")):

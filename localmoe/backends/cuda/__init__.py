@@ -87,6 +87,7 @@ class CUDABackend:
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
         self._sms_beside = 0              # SMs a streamed layer's copy kernel holds while its hits run
+        self.hold_copy_sms = True         # ... and a prefetch until the next layer's experts
         self._weights: dict = {}          # key -> (the host arrays it keeps alive..., device array)
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
@@ -404,7 +405,7 @@ class CUDABackend:
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
-            ahead = self._guess(layer, xn, ids2.shape[1]) if n == 1 and split else None
+            ahead = self._guess(layer, xn, ids2.shape[1]) if n == 1 and split and self.streamer.on_device else None
             got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared, overlap=split,
                                                  ahead=ahead)          # kernels decide, copy and prefetch
             host_decides = got is None
@@ -450,7 +451,7 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
-                    if ahead is None:              # (a prefetch holds the copy's SMs on)
+                    if ahead is None or not self.hold_copy_sms:   # (a prefetch may hold the copy's SMs on)
                         self._sms_beside = 0
                 # a decode layer's misses are 1-4 products: spread over every SM, not sized for all P
                 spread = bool(i) and n == 1
@@ -458,7 +459,7 @@ class CUDABackend:
                           skip=True, interleaved=il, spread=spread)
                 self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True, interleaved=il,
                           spread=spread)
-            self._sms_beside = 0
+            self._sms_beside = cb if ahead is not None and self.hold_copy_sms else 0
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
                           preload=False, norm=norm, interleaved=il, x_ready=x_ready)   # silu(g) * u, fused
