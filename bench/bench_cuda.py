@@ -579,12 +579,14 @@ def stream_bench(args, m) -> None:
                 be.pipelined = bool(pipelined)
                 st0 = m.net.stats.expert_cache = m._streamer = be.streamer
             if recall is not None:
-                recall, _, free = recall.partition("/")
-                be.hold_copy_sms = free != "free"
+                recall, *opts = recall.split("/")
+                be.hold_copy_sms = "free" not in opts
+                be.streamer.stop_late = "late" in opts
                 table = None if recall == "off" else guess_table(zipf, float(recall), rng)
                 be.route = ReplayedRouting(be, zipf, table)
                 name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right" + (
-                    "" if be.hold_copy_sms else ", copy SMs free between layers")
+                    "" if be.hold_copy_sms else ", copy SMs free between layers") + (
+                    ", stopped at the lookup's end" if be.streamer.stop_late else "")
             cache = m.new_cache()
             t0 = time.perf_counter()
             m.prefill(np.array(ids), cache)

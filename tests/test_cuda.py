@@ -430,7 +430,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
         K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
-                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1)
+                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1, False)
         assert np.array_equal(mats.get(), want), f"step {step}"
         assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
@@ -520,7 +520,7 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
             cp.asarray(np.array(ids, np.int32)), k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
             d["last"], d["pin"], d["state"], d["wt"], bufs["mats"][:len(ids)], bufs["split"][:2 * len(ids)],
             bufs["miss"], bufs["nmiss"], d["have"], full, d["pf"], layer, g, 0 if guess is None else len(guess),
-            (layer + 1) * E, -1 if guess is None else layer + 1)
+            (layer + 1) * E, -1 if guess is None else layer + 1, False)
         K.expert_copy_kernel[5, 64](bufs["miss"], bufs["nmiss"], *src(layer), *pools, words, uvs, d["state"], d["pf"],
                                     layer, d["key_of"], d["have"])
         return bufs["mats"][:len(ids)].get()

@@ -1591,7 +1591,7 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 @cuda.jit
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
-                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt):
+                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt, late):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
@@ -1625,7 +1625,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
     sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, -, targets
     lk = state[LOOKUP_NO] + 1
-    if tid == 0:
+    if tid == 0 and not late:
         cuda.atomic.max(pf, PF_STOP, lk)              # the prefetch the last lookup started stops after its item
     rc = 1 + cur * PF_WORDS
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
@@ -1810,6 +1810,8 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         state[EVICTIONS] += max(0, nn - free)
         state[PREFETCHED] += nt
         state[FOUND] += npart
+        if late:
+            cuda.atomic.max(pf, PF_STOP, lk)
 
 
 COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile

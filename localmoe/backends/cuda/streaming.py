@@ -194,6 +194,7 @@ class ExpertStreamer:
                  on_device: bool | None = None, copy_blocks: int | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
         self._copy_blocks = copy_blocks          # the device mode's copy kernel beside the hits (None: COPY_BLOCKS)
+        self.stop_late = False
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
         self.budget, self.n_layers, self.n_experts = int(budget_bytes), int(n_layers), int(n_experts)
@@ -292,7 +293,7 @@ class ExpertStreamer:
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
             d["have"], self._items, d["pf"], layer, guess, guess.size if nxt >= 0 else 0,
-            max(nxt, 0) * self.n_experts, nxt)
+            max(nxt, 0) * self.n_experts, nxt, self.stop_late)
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
