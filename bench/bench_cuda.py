@@ -579,14 +579,9 @@ def stream_bench(args, m) -> None:
                 be.pipelined = bool(pipelined)
                 st0 = m.net.stats.expert_cache = m._streamer = be.streamer
             if recall is not None:
-                recall, *opts = recall.split("/")
-                be.hold_copy_sms = "free" not in opts
-                be.streamer.stop_late = "late" in opts
                 table = None if recall == "off" else guess_table(zipf, float(recall), rng)
                 be.route = ReplayedRouting(be, zipf, table)
-                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right" + (
-                    "" if be.hold_copy_sms else ", copy SMs free between layers") + (
-                    ", stopped at the lookup's end" if be.streamer.stop_late else "")
+                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right"
             cache = m.new_cache()
             t0 = time.perf_counter()
             m.prefill(np.array(ids), cache)
@@ -676,8 +671,8 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
         r = lookup0(layer, *a, **kw)
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
-        if r is None or r[2] is None:                   # the host decides, or the copy is not beside the hits
-            return r
+        if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
+            return r                                    # or a prefetch follows it (no copy-done stamp)
         stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
         return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 

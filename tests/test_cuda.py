@@ -430,7 +430,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
         K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
-                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1, False)
+                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1)
         assert np.array_equal(mats.get(), want), f"step {step}"
         assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
@@ -472,7 +472,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     miss = cp.asarray(np.array([(e, s, 0) for e, s in pairs + [(2, 2)]], np.int32).reshape(-1))   # 4th: past the count
     d = device_cache_state(cp, K, 1, E, S)
     K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
-                                       *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"])
+                                       *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"], -1, 0, 0, 0)
     for h, p, b, w, q in zip(host, pools, before, words, qts):
         want = b.reshape(S, w).copy()
         for e, s in pairs:
@@ -483,21 +483,22 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
 
 
 @needs_gpu
-@pytest.mark.parametrize("stop_at", ["none", "start", "middle", "all"])
+@pytest.mark.parametrize("stop_at", ["start", "middle", "all"])
 def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
     """A lookup of layer 0 with a guess for layer 1 picks the guessed experts that are not resident as targets
-    (in the guess's order, at most PREFETCH_TARGETS, slots after the misses'); expert_prefetch_kernel copies
-    them item by item until stopped; layer 1's lookup stops it, finds the target it asks for as a miss that
-    keeps its slot (FOUND), and the copy kernel copies only the items the prefetch did not: every slot layer
-    1 uses then holds its expert's bytes (interleaved), and the unasked target keeps its prefix (have), so a
-    later lookup of it finishes it too. stop_at: how far the prefetch got (stopped before it ran, NEXT set
-    by hand to a point inside the second matrix, or run to the end)."""
+    (in the guess's order, at most PREFETCH_TARGETS, slots after the misses'); the copy kernel copies the
+    misses, raises PF_READY (await_ready_kernel's flag), then copies the targets item by item until stopped;
+    layer 1's lookup stops it, finds the target it asks for as a miss that keeps its slot (FOUND), and the
+    copy kernel copies only the items the prefetch did not: every slot layer 1 uses then holds its expert's
+    bytes (interleaved), and the unasked target keeps its prefix (have), so a later lookup of it finishes it.
+    stop_at: how far the prefetch got (stopped before its first item, NEXT set by hand to an item inside the
+    second matrix as if it had stopped there, or run to the end)."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda.streaming import device_cache_state
     rng = np.random.default_rng()
-    L, E, S, k = 3, 8, 12, 2
+    L, E, S, k, blocks = 3, 8, 12, 2, 5
     words = (36 * K.CHUNK * 3, 68 * K.CHUNK, 4 * 3000)      # Q4_0 and Q8_0 chunks (interleaved), then plain
     uvs = (K.UNIT_VECTORS[K.Q4_0], K.UNIT_VECTORS[K.Q8_0], 0)
     qts = (K.Q4_0, K.Q8_0, None)
@@ -514,15 +515,18 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
     def src(layer):
         return [h.ctypes.data + layer * E * w * 4 for h, w in zip(host, words)]
 
-    def lookup(layer, ids, guess=None):
+    def lookup(layer, ids, guess=None, meanwhile=None):
         g = cp.asarray(np.array(guess if guess is not None else [0], np.int32))
+        nxt = -1 if guess is None else layer + 1
         K.cache_lookup_kernel[1, K.THREADS](
             cp.asarray(np.array(ids, np.int32)), k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
             d["last"], d["pin"], d["state"], d["wt"], bufs["mats"][:len(ids)], bufs["split"][:2 * len(ids)],
             bufs["miss"], bufs["nmiss"], d["have"], full, d["pf"], layer, g, 0 if guess is None else len(guess),
-            (layer + 1) * E, -1 if guess is None else layer + 1, False)
-        K.expert_copy_kernel[5, 64](bufs["miss"], bufs["nmiss"], *src(layer), *pools, words, uvs, d["state"], d["pf"],
-                                    layer, d["key_of"], d["have"])
+            (layer + 1) * E, nxt)
+        if meanwhile is not None:
+            meanwhile()
+        K.expert_copy_kernel[blocks, 64](bufs["miss"], bufs["nmiss"], *src(layer), *pools, words, uvs, d["state"],
+                                         d["pf"], layer, d["key_of"], d["have"], nxt, *(src(nxt) if nxt >= 0 else (0, 0, 0)))
         return bufs["mats"][:len(ids)].get()
 
     def expected(layer, e, s, prefix=0, before=None):
@@ -549,25 +553,25 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
             b += -(-(w // 4) // K.ITEM_VECTORS)
         return n
 
-    slots0 = lookup(0, [3, 5], guess=[6, 2, 7, 1])            # layer 1: 6 and 2 are targets (7, 1 past the cap)
+    r = K.PF_HEAD + 1 * K.PF_WORDS
+    middle = -(-(words[0] // 4) // K.ITEM_VECTORS) + 1        # an item inside target 0's second matrix
+    before = [p.get() for p in pools]
+
+    def stop():                                               # between the lookup and its copy kernel
+        if stop_at in ("start", "middle"):                    # a newer lookup came before the prefetch ran
+            d["pf"][K.PF_STOP] = 2
+        if stop_at == "middle":                               # as if it had stopped there
+            d["pf"][r + K.PF_NEXT] = middle
+
+    slots0 = lookup(0, [3, 5], guess=[6, 2, 7, 1], meanwhile=stop)   # layer 1: 6 and 2 are targets, not 7 and 1
     assert holds(0, 3, slots0[0]) and holds(0, 5, slots0[1])
     pf = d["pf"].get()
-    r = 1 + 1 * K.PF_WORDS
-    assert pf[r + K.PF_NT] == 2 and pf[r + K.PF_GEN] == 1 and pf[K.PF_STOP] == 1
+    assert pf[r + K.PF_NT] == 2 and pf[r + K.PF_GEN] == 1 and pf[K.PF_READY] == 1 and pf[K.PF_DONE] == blocks
     t0, t1 = (pf[r + K.PF_TARGET + 4 * t:r + K.PF_TARGET + 4 * t + 4] for t in range(2))
     assert (t0[K.PF_EXPERT], t1[K.PF_EXPERT]) == (6, 2) and (t0[K.PF_KEY], t1[K.PF_KEY]) == (E + 6, E + 2)
     assert sorted([t0[K.PF_SLOT], t1[K.PF_SLOT], *slots0]) == [0, 1, 2, 3]
-    before = [p.get() for p in pools]
-    middle = -(-(words[0] // 4) // K.ITEM_VECTORS) + 1        # an item inside target 0's second matrix
-    if stop_at in ("start", "middle"):                        # a newer lookup came before the prefetch ran
-        d["pf"][K.PF_STOP] = 2
-    if stop_at == "middle":                                   # as if it had stopped there
-        d["pf"][r + K.PF_NEXT] = middle
-    if stop_at != "none":
-        K.expert_prefetch_kernel[3, K.COPY_THREADS](d["pf"], 1, *src(1), *pools, words, uvs)
-        cp.cuda.Device().synchronize()
-    got = int(d["pf"][r + K.PF_NEXT].get())
-    assert got == {"none": 0, "start": 0, "middle": middle, "all": 2 * full + 3}[stop_at]   # + 3 blocks' last take
+    got = int(pf[r + K.PF_NEXT])
+    assert got == {"start": 0, "middle": middle, "all": 2 * full + blocks}[stop_at]   # + each block's last take
     if stop_at == "all":
         assert holds(1, 6, t0[K.PF_SLOT]) and holds(1, 2, t1[K.PF_SLOT])
     slots1 = lookup(1, [6, 4])                                # asks for target 0, not target 1

@@ -87,7 +87,6 @@ class CUDABackend:
         self.device_name = why
         self.sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)
         self._sms_beside = 0              # SMs a streamed layer's copy kernel holds while its hits run
-        self.hold_copy_sms = True         # ... and a prefetch until the next layer's experts
         self._weights: dict = {}          # key -> (the host arrays it keeps alive..., device array)
         self._vectors: dict = {}          # norm weights and other float vectors
         self._ints: dict = {}             # cached index arrays
@@ -399,7 +398,7 @@ class CUDABackend:
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
         pg = pu = pd = None
-        host_decides, copied, folded, ahead = False, None, False, None
+        host_decides, copied, folded = False, None, False
         if self.streamer is not None:
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
@@ -451,15 +450,13 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
-                    if ahead is None or not self.hold_copy_sms:   # (a prefetch may hold the copy's SMs on)
-                        self._sms_beside = 0
+                    self._sms_beside = 0           # (measured: better than leaving them to a prefetch)
                 # a decode layer's misses are 1-4 products: spread over every SM, not sized for all P
                 spread = bool(i) and n == 1
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
                           skip=True, interleaved=il, spread=spread)
                 self.gemv(down, halves[i], self._arange(P), h, P, pools=(pd,), out=yp, skip=True, interleaved=il,
                           spread=spread)
-            self._sms_beside = cb if ahead is not None and self.hold_copy_sms else 0
         elif int(gate.type) == int(up.type):
             h = self.gemv(gate, mats, tok, x2, P, w2=up, pools=None if pg is None else (pg, pu),
                           preload=False, norm=norm, interleaved=il, x_ready=x_ready)   # silu(g) * u, fused

@@ -21,8 +21,8 @@ Three kernel families:
 fast2 quantizes activations to int16 per 32-block exactly as the CPU kernels do; fast and generic
 accumulate float32 activations.
 Streamed experts decided on the device (streaming.py): cache_lookup_kernel (localmoe/cache.py's choices,
-from the router's ids), expert_copy_kernel (the misses read from the mapped file by the SMs),
-expert_prefetch_kernel (the next layer's guessed experts, stopped when that layer's lookup comes) and
+from the router's ids), expert_copy_kernel (the misses read from the mapped file by the SMs, then the
+next layer's guessed experts until that layer's lookup stops it), await_ready_kernel (the join) and
 cache_tick_kernel (LFU's aging), at the end.
 """
 from __future__ import annotations
@@ -1569,12 +1569,15 @@ CLOCK, FILLED, LOOKUP_NO, LOOKUPS, HITS, MISSES, EVICTIONS = range(7)
 PREFETCHED, FOUND, DEMAND_VECS, PREFETCH_VECS = range(7, 11)   # targets; misses a prefetch had begun; vectors
 CACHE_STATE = 12           # int64 words of the state array (one spare)               copied on demand, ahead
 # The next-layer prefetch (the device mode's guess): have [S] int32, each slot's copied prefix in items (pieces
-# of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [1 + L * PF_WORDS]: PF_STOP (the
-# newest lookup number: a prefetch an older lookup picked stops), then per target layer a record: the lookup
-# number that picked it (GEN), its targets (NT), the next item to copy (NEXT), and per target t at
-# PF_TARGET + 4 t its key, slot, expert and whether that layer's lookup asked for it (REQ).
+# of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + L * PF_WORDS]:
+# PF_STOP (the newest lookup number: a prefetch an older lookup picked stops), PF_READY (the newest lookup
+# whose misses are all in: the join's flag when a prefetch follows them), PF_DONE (copy blocks past their
+# misses), then per target layer a record: the lookup number that picked it (GEN), its targets (NT), the next
+# item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's
+# lookup asked for it (REQ).
 PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
-PF_STOP, PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 0, 1, 2, 4
+PF_STOP, PF_READY, PF_DONE, PF_HEAD = 0, 1, 2, 3
+PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4
 PF_KEY, PF_SLOT, PF_EXPERT, PF_REQ = range(4)
 PF_WORDS = PF_TARGET + 4 * PREFETCH_TARGETS
 
@@ -1591,7 +1594,7 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 @cuda.jit
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
-                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt, late):
+                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
@@ -1601,12 +1604,12 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     others), and the misses as (expert, slot, start) triples in miss, their count in nmiss[0], for
     expert_copy_kernel. Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a
     time), so a victim costs a block-wide argmin, not a pass over memory.
-    The prefetch (the record above PREFETCH_TARGETS): first the prefetch in flight is told to stop (PF_STOP).
-    A hit whose slot is not whole (have < full items) is a miss that keeps its slot, copied from where it
+    The prefetch (the record above PREFETCH_TARGETS): the prefetch in flight is told to stop (PF_STOP) at the
+    end, when the misses are known (the copy kernel behind it waits for its last items). A hit whose slot is not whole (have < full items) is a miss that keeps its slot, copied from where it
     stopped (start: its have, or -2 - t for target t of record `cur`, this layer's, maybe still in flight:
     the copy kernel reads how far it got); it counts as a miss and as FOUND. Then the next layer's guess (ng
     ids in guess, keys from gbase) picks up to PREFETCH_TARGETS experts that are not resident, each given a
-    slot after the misses' (pinned, newest, empty), into record `nxt` (-1: none) for expert_prefetch_kernel.
+    slot after the misses' (pinned, newest, empty), into record `nxt` (-1: none) for expert_copy_kernel.
     Without a guess (ng 0) and with whole slots this is exactly ExpertCache.lookup."""
     grid_dependency()
     tid = cuda.threadIdx.x
@@ -1625,9 +1628,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
     sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, -, targets
     lk = state[LOOKUP_NO] + 1
-    if tid == 0 and not late:
-        cuda.atomic.max(pf, PF_STOP, lk)              # the prefetch the last lookup started stops after its item
-    rc = 1 + cur * PF_WORDS
+    rc = PF_HEAD + cur * PF_WORDS
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
     for e in range(tid, E, THREADS):
         mark[e] = 0
@@ -1770,7 +1771,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             pin[s] = lk
             have[s] = full
             miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
-    rn = 1 + nxt * PF_WORDS
+    rn = PF_HEAD + nxt * PF_WORDS
     for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
         j = nm + t
         s = slot[j]
@@ -1810,8 +1811,8 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         state[EVICTIONS] += max(0, nn - free)
         state[PREFETCHED] += nt
         state[FOUND] += npart
-        if late:
-            cuda.atomic.max(pf, PF_STOP, lk)
+        pf[PF_DONE] = 0
+        cuda.atomic.max(pf, PF_STOP, lk)              # the prefetch the last lookup started stops after its item
 
 
 COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile
@@ -1870,7 +1871,8 @@ def _copy_from_host(src, dst, v, nvec, step, uv):
 
 
 @cuda.jit
-def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs, state, pf, cur, key_of, have):
+def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs, state, pf, cur, key_of, have,
+                       nxt, nsrc0, nsrc1, nsrc2):
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
@@ -1878,7 +1880,11 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). A miss (e, s, start)
     copies its items from start on (-2 - t: target t of the prefetch record `cur`, from where that prefetch
     stopped). Then the targets of record cur that this layer did not ask for keep what got in (have), and
-    DEMAND_VECS / PREFETCH_VECS count the vectors each moved. Launched on COPY_BLOCKS blocks: a block of
+    DEMAND_VECS / PREFETCH_VECS count the vectors each moved.
+    nxt >= 0: then the blocks prefetch record nxt's targets (nsrc_j: that layer's sources; _prefetch), once
+    the last of them past its misses has raised PF_READY to this lookup's number: the compute stream's join
+    is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
+    launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
     the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on SMs it leaves
     free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
@@ -1886,8 +1892,9 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
     n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
     full = n01 + _items(nv2)
-    rc = 1 + cur * PF_WORDS
-    live = cur >= 0 and pf[rc + PF_GEN] == state[LOOKUP_NO] - 1
+    lk = state[LOOKUP_NO]
+    rc = PF_HEAD + cur * PF_WORDS
+    live = cur >= 0 and pf[rc + PF_GEN] == lk - 1
     nt = pf[rc + PF_NT] if live else int64(0)
     got = min(pf[rc + PF_NEXT], nt * full) if live else int64(0)   # every item the prefetch took is in
     moved = int64(0)
@@ -1909,22 +1916,25 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
                 have[pf[r + PF_SLOT]] = a
         state[DEMAND_VECS] += moved
         state[PREFETCH_VECS] += ahead
+    if nxt >= 0:
+        cuda.threadfence()                            # this block's copies are visible before it is counted
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0 and cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
+            cuda.threadfence()
+            cuda.atomic.max(pf, PF_READY, lk)
+        _prefetch(pf, nxt, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
 
 
-@cuda.jit
-def expert_prefetch_kernel(pf, r, src0, src1, src2, pool0, pool1, pool2, words, uvs):
-    """The targets cache_lookup_kernel picked into record r (the next layer's guessed experts, src_j and pools
-    as expert_copy_kernel's), copied item by item in their order, each block taking the next item with an
-    atomic, until all are in or a newer lookup raises PF_STOP (checked before each item). Every item taken
-    is finished, so the first min(NEXT, NT x items) are in when it ends. It runs on the copy stream behind
-    the layer's misses: the link's otherwise idle time while those compute and the next layer's attention
-    runs; a wrong guess costs no link time a demand copy needed."""
-    grid_dependency()
+@cuda.jit(device=True, inline=True)
+def _prefetch(pf, r, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01, full):
+    """Record r's targets (cache_lookup_kernel's guess for layer r; src_j that layer's), copied item by item in
+    their order, each block taking the next item with an atomic, until all are in or a newer lookup raises
+    PF_STOP (checked before each item). Every item taken is finished, so the first min(NEXT, NT x items)
+    are in when the kernel ends. It uses the link while the misses compute and the next layer's attention
+    runs, which it would otherwise idle through; a wrong guess costs no link time a demand copy needed."""
     tid = cuda.threadIdx.x
-    rr = 1 + r * PF_WORDS
+    rr = PF_HEAD + r * PF_WORDS
     nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
-    n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
-    full = n01 + _items(nv2)
     gen, total = pf[rr + PF_GEN], pf[rr + PF_NT] * full
     take = cuda.shared.array(1, int64)
     while True:
@@ -1953,6 +1963,17 @@ def expert_prefetch_kernel(pf, r, src0, src1, src2, pool0, pool1, pool2, words, 
             _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2],
                             (a - n01) * ITEM_VECTORS + tid, min((a - n01 + 1) * ITEM_VECTORS, nv2),
                             cuda.blockDim.x, uvs[2])
+
+
+@cuda.jit
+def await_ready_kernel(pf, state):
+    """The compute stream's join with a copy kernel that prefetches after its misses: one thread polls
+    PF_READY until it reaches the lookup's number (the copy kernel's blocks are resident by then: they were
+    launched before the hits, which left them their SMs)."""
+    grid_dependency()
+    lk = state[LOOKUP_NO]
+    while cuda.atomic.add(pf, PF_READY, 0) < lk:
+        pass
 
 
 @cuda.jit

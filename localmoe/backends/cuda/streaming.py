@@ -57,10 +57,11 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
 - for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`); the
-  lookup gives those not resident slots (at most kernels.PREFETCH_TARGETS), and expert_prefetch_kernel
-  copies them on the copy stream after the misses, 32 KB item by item, while the misses compute and the
-  next layer's attention runs: the link is otherwise idle then. The next lookup stops it (a flag checked
-  before each item) and copies only what its layer needs of it: a target it asks for is a miss that keeps
+  lookup gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks,
+  past the misses, copy them 32 KB item by item while the misses compute and the next layer's attention
+  runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
+  kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
+  item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
   its slot and resumes where the prefetch stopped; one it does not ask for keeps its prefix (`have`) for
   a later lookup to finish. A wrong guess thus costs no link time a demand copy needed, only the slot it
   took.
@@ -158,7 +159,7 @@ def device_cache_state(xp, K, n_layers: int, n_experts: int, slots: int) -> dict
     return dict(slot_of=xp.full(n_keys, -1, np.int32), key_of=xp.full(slots, -1, np.int32),
                 score=xp.zeros(n_keys, np.float64), last=xp.zeros(slots, np.int64), pin=xp.zeros(slots, np.int64),
                 state=xp.zeros(K.CACHE_STATE, np.int64), wt=xp.ones(1, np.float64), have=xp.zeros(slots, np.int32),
-                pf=xp.full(1 + n_layers * K.PF_WORDS, -1, np.int64))
+                pf=xp.full(K.PF_HEAD + n_layers * K.PF_WORDS, -1, np.int64))
 
 
 def pinnable_bytes(meminfo: str) -> int | None:
@@ -194,7 +195,6 @@ class ExpertStreamer:
                  on_device: bool | None = None, copy_blocks: int | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
         self._copy_blocks = copy_blocks          # the device mode's copy kernel beside the hits (None: COPY_BLOCKS)
-        self.stop_late = False
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
         self.budget, self.n_layers, self.n_experts = int(budget_bytes), int(n_layers), int(n_experts)
@@ -266,9 +266,8 @@ class ExpertStreamer:
         stream can run the hits meanwhile; it must `join` the returned event before it reads the misses.
         ahead: (the next MoE layer, its gate, up and down, the guess: int32 device ids [1, k] its router picks
         for this layer's input), for one token with overlap: the lookup also gives the guessed experts that are
-        not resident slots, and kernels.expert_prefetch_kernel copies them on the copy stream after the
-        misses (after the returned event), until the next lookup stops it; that lookup finishes what it
-        needs of them.
+        not resident slots, and the copy kernel copies them after the misses, until the next lookup stops it;
+        that lookup finishes what it needs of them.
         Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
         product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
         misses'), that event (None without overlap) and whether the shared expert is in them; None when the
@@ -293,22 +292,19 @@ class ExpertStreamer:
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
             d["have"], self._items, d["pf"], layer, guess, guess.size if nxt >= 0 else 0,
-            max(nxt, 0) * self.n_experts, nxt, self.stop_late)
+            max(nxt, 0) * self.n_experts, nxt)
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
         # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
-        launch = self._copy_launch if overlap else K.STREAM[0]
-        K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS, launch](
+        K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
+                             self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs, d["state"],
-            d["pf"], layer, d["key_of"], d["have"])
+            d["pf"], layer, d["key_of"], d["have"], nxt,
+            *(self._mapped_sources(nxt, ws_next) if nxt >= 0 else (0, 0, 0)))
         self.be.launches += 2
         if overlap:
-            done = self._record(on_copy=True)
-        if nxt >= 0:
-            K.expert_prefetch_kernel[self.copy_blocks(), K.COPY_THREADS, launch](
-                d["pf"], nxt, *self._mapped_sources(nxt, ws_next), *self._pool_words, self._words, self._uvs)
-            self.be.launches += 1
+            done = "ready" if nxt >= 0 else self._record(on_copy=True)
         return mats, split, done, sslot >= 0
 
     def copy_blocks(self) -> int:
@@ -317,8 +313,14 @@ class ExpertStreamer:
         return min(self.be.sms, self.be.K.COPY_BLOCKS if self._copy_blocks is None else self._copy_blocks)
 
     def join(self, done) -> None:
-        """The compute stream waits (on the device) for the copies `lookup_on_device(overlap=True)` enqueued."""
-        self._wait(done, on_copy=False)
+        """The compute stream waits (on the device) for the misses `lookup_on_device(overlap=True)` copies: the
+        event behind them, or, where a prefetch follows them in the same kernel, its flag."""
+        if done == "ready":
+            K = self.be.K
+            K.await_ready_kernel[1, 1, K.STREAM[0]](self._dstate["pf"], self._dstate["state"])
+            self.be.launches += 1
+        else:
+            self._wait(done, on_copy=False)
 
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
