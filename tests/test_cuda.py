@@ -394,6 +394,10 @@ def test_streamed_experts_match_resident(case, mode):
         assert sum(a is not None for _, a, _ in segments) == sum(g is not None for _, _, g in segments) == len(moe)
     d = streamed.stats.as_dict()
     assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0
+    ex, K = moe[0].experts, streamed.backend.K
+    if mode == "device" and K.fast2_ok(int(ex.gate.type), ex.gate.cols) and K.fast2_ok(int(ex.down.type), ex.down.cols):
+        st = streamed.backend.streamer.stats()      # decode copied beside the hits: the next router's guesses
+        assert st["prefetch_loads"] > 0 and st["bytes_prefetch"] > 0     # were prefetched (and matched above)
 
 
 @needs_gpu
