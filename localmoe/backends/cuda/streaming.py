@@ -263,15 +263,15 @@ class ExpertStreamer:
         (kernels.cache_lookup_kernel, expert_copy_kernel). shared: the layer's shared expert (a DenseFFN), run
         as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
         first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
-        stream can run the hits meanwhile; it must `join` the returned event before it reads the misses.
+        stream can run the hits meanwhile; it must `join` before it reads the misses.
         ahead: (the next MoE layer, its gate, up and down, the guess: int32 device ids [1, k] its router picks
         for this layer's input), for one token with overlap: the lookup also gives the guessed experts that are
         not resident slots, and the copy kernel copies them after the misses, until the next lookup stops it;
         that lookup finishes what it needs of them.
         Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
         product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
-        misses'), that event (None without overlap) and whether the shared expert is in them; None when the
-        host decides (`fetch`)."""
+        misses'), what `join` waits for (None without overlap) and whether the shared expert is in them; None
+        when the host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
@@ -344,7 +344,9 @@ class ExpertStreamer:
         """ExpertCache.stats() and what actually moved: bytes_h2d (host -> device copies), bytes_direct (of
         those, DMA'd straight from the registered file), host_waits (staging buffer still in flight), slots,
         slot_bytes (one expert), pool_bytes, staging_bytes; host_registered, register_s (the registration's
-        seconds), register_why_not ('' when registered)."""
+        seconds), register_why_not ('' when registered). In the device mode an expert a prefetch had begun
+        counts as a miss (not a hit, as the host's cache counts it) and as a prefetch_hit, and bytes_demand /
+        bytes_prefetch are what the copy kernel moved for each."""
         sb = getattr(self, "slot_bytes", 0)
         h2d, direct, kept = self.bytes_h2d, self.bytes_direct, None
         if self.on_device:                        # the device's counters (the host's cache only counts tokens)
