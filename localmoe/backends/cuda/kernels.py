@@ -1604,12 +1604,13 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     others), and the misses as (expert, slot, start) triples in miss, their count in nmiss[0], for
     expert_copy_kernel. Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a
     time), so a victim costs a block-wide argmin, not a pass over memory.
-    The prefetch (the record above PREFETCH_TARGETS): the prefetch in flight is told to stop (PF_STOP) at the
-    end, when the misses are known (the copy kernel behind it waits for its last items). A hit whose slot is not whole (have < full items) is a miss that keeps its slot, copied from where it
-    stopped (start: its have, or -2 - t for target t of record `cur`, this layer's, maybe still in flight:
-    the copy kernel reads how far it got); it counts as a miss and as FOUND. Then the next layer's guess (ng
-    ids in guess, keys from gbase) picks up to PREFETCH_TARGETS experts that are not resident, each given a
-    slot after the misses' (pinned, newest, empty), into record `nxt` (-1: none) for expert_copy_kernel.
+    The prefetch (the record above PREFETCH_TARGETS): a hit whose slot is not whole (have < full items) is a
+    miss that keeps its slot, copied from where it stopped (start: its have, or -2 - t for target t of record
+    `cur`, this layer's, maybe still in flight: the copy kernel reads how far it got); it counts as a miss
+    and as FOUND. Then the next layer's guess (ng ids in guess, keys from gbase) picks up to
+    PREFETCH_TARGETS experts that are not resident, each given a slot after the misses' (pinned, newest,
+    empty), into record `nxt` (-1: none) for expert_copy_kernel. At the end, with the misses known, the
+    prefetch in flight is told to stop (PF_STOP; the copy kernel behind it waits for its last items).
     Without a guess (ng 0) and with whole slots this is exactly ExpertCache.lookup."""
     grid_dependency()
     tid = cuda.threadIdx.x
