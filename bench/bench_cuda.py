@@ -37,8 +37,10 @@ gguf from the carried wheel):
 5. --gpu-mem SIZE (with --model / --full-scale): the routed experts stream into a SIZE cache of VRAM
    slots (localmoe/backends/cuda/streaming.py) instead of being resident; decode under the model's own
    routing and under a replayed Zipf routing (--zipf S, --locality RHO: bench_cache.synthetic_routes),
-   each with hit rate, host->GPU bytes per token, and the PCIe roofline at that traffic (a pinned
-   host->device copy's GB/s, measured in the run, / bytes per token). --host-register ab (the default)
+   the latter once per --guess (the next-layer guesses replayed with it: off, or the share guessed right,
+   guess_table), each with hit rate, host->GPU bytes per token, and the PCIe roofline at the misses'
+   traffic (a pinned host->device copy's GB/s, measured in the run, / the bytes of the experts that were
+   not resident at their lookup; what a wrong guess moved does not count). --host-register ab (the default)
    runs both once per way the misses are copied, on a fresh cache each: "off" (staged: a host memcpy into
    pinned buffers, then the DMA) and "on" (the mapped file registered with CUDA, DMA'd from directly; the
    registration's seconds are printed), then the on/off ratio; auto|on|off runs one way. --pipelined
@@ -122,6 +124,9 @@ def main() -> None:
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
     ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
     ap.add_argument("--locality", type=float, default=0.25, help="... and P(an expert repeats from the last token)")
+    ap.add_argument("--guess", default="off,0.7",
+                    help="... and the next-layer guesses it replays, a comma list: off (no prefetch) or the share of "
+                    "ids guessed right (guess_table; the demo's recorded routing: ~0.7)")
     ap.add_argument("--host-register", choices=("ab", "auto", "on", "off"), default="ab",
                     help="--gpu-mem's copies: DMA straight from the registered file (on), staged (off), on if "
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
@@ -485,14 +490,25 @@ def pinned_h2d_gbs(nbytes: int = 1 << 29, rounds: int = 8) -> float:
 class ReplayedRouting:
     """Wraps be.route: decode steps (one row) take their expert ids from routes [T, L, k] (token t,
     routed layer l), weights as the model's router gives them; prefill keeps the model's own routing.
-    The table and the token counter live on the device, so a captured decode step replays it too."""
+    The table and the token counter live on the device, so a captured decode step replays it too.
+    guesses [T, L, k] (else no prefetch: the random router's own guesses carry no signal about replayed ids):
+    be.guess_route's picks for layer l of token t (made at layer l - 1), see `guess_table`."""
 
-    def __init__(self, be, routes: np.ndarray):
+    def __init__(self, be, routes: np.ndarray, guesses: np.ndarray | None = None):
         xp = be.xp
         self.be, self.route, self.layer, self.L = be, be.route, 0, routes.shape[1]
         self.routes = xp.asarray(routes.reshape(len(routes), -1).astype(np.int32))     # [T, L * k]
         self.t = xp.zeros(1, np.int64)
-        be.next_experts = {}      # no prefetch: the router's guesses do not predict replayed ids
+        if guesses is None:
+            be.next_experts = {}
+        else:
+            self.guesses = xp.asarray(guesses.reshape(len(guesses), -1).astype(np.int32))
+            be.guess_route = self.guess
+
+    def guess(self, logits, k):
+        if logits.shape[0] != 1:                   # prefill: the model's own
+            return self.route(logits, k)[0]
+        return self.be.xp.take(self.guesses, self.t, axis=0)[:, self.layer * k:(self.layer + 1) * k]
 
     def __call__(self, logits, k, *a, out=None):
         xp = self.be.xp
@@ -503,6 +519,17 @@ class ReplayedRouting:
             if self.layer == 0:
                 xp.remainder(self.t + 1, len(self.routes), out=self.t)
         return ids, w
+
+
+def guess_table(routes: np.ndarray, recall: float, rng) -> np.ndarray:
+    """Replayed next-layer guesses [T, L, k] for routes [T, L, k]: each of a token's k ids guessed right with
+    probability `recall`, else replaced by the same slot of another random token at that layer (so wrong
+    guesses follow the layer's own popularity). The recall to use is a measured one: bench/bench_cache.py's
+    next-router guesses on the demo model's recorded routing get ~70% of the ids."""
+    T = len(routes)
+    other = routes[(np.arange(T)[:, None] + rng.integers(1, T, (T, routes.shape[1])))[:, :, None] % T,
+                   np.arange(routes.shape[1])[None, :, None], np.arange(routes.shape[2])[None, None, :]]
+    return np.where(rng.random(routes.shape) < recall, routes, other)
 
 
 def stream_bench(args, m) -> None:
@@ -542,9 +569,19 @@ def stream_bench(args, m) -> None:
               f"{be.streamer.copy_blocks()} SMs):" if on_device else
               f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
               f"pipelined={pipelined}:", flush=True)
-        for name in ("model's own routing", f"Zipf s={args.zipf}, locality {args.locality} (replayed)"):
-            if name.startswith("Zipf"):
-                be.route = ReplayedRouting(be, zipf)
+        replayed = f"Zipf s={args.zipf}, locality {args.locality} (replayed)"
+        for i, (name, recall) in enumerate([("model's own routing", None)] + [(replayed, g) for g in args.guess.split(",")]):
+            be.route, be.next_experts = route0, dict(next0)
+            be.__dict__.pop("guess_route", None)
+            if i:                                             # a fresh expert cache: the last run's would warm it
+                be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode, on_device=on_device,
+                                  copy_blocks=cb)
+                be.pipelined = bool(pipelined)
+                st0 = m.net.stats.expert_cache = m._streamer = be.streamer
+            if recall is not None:
+                table = None if recall == "off" else guess_table(zipf, float(recall), rng)
+                be.route = ReplayedRouting(be, zipf, table)
+                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right"
             cache = m.new_cache()
             t0 = time.perf_counter()
             m.prefill(np.array(ids), cache)
@@ -571,16 +608,23 @@ def stream_bench(args, m) -> None:
             hits, misses = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
             h2d = (s1["bytes_h2d"] - s0["bytes_h2d"]) / args.tokens
             direct = (s1["bytes_direct"] - s0["bytes_direct"]) / args.tokens
-            roof = pcie * 1e9 / h2d if h2d else float("inf")
-            rates[on_device, mode, pipelined, name.split(" (")[0], cb] = 1 / dt
+            ahead = (s1["prefetch_loads"] - s0["prefetch_loads"]) / args.tokens
+            found = (s1["prefetch_hits"] - s0["prefetch_hits"]) / args.tokens
+            # the roofline's traffic: every expert not whole at its lookup, in full (the device counts those
+            # a prefetch began as misses, the host's cache as hits), not the bytes a wrong guess moved
+            need = (misses / args.tokens + (0 if on_device else found)) * s1["slot_bytes"]
+            roof = pcie * 1e9 / need if need else float("inf")
+            rates[on_device, mode, pipelined, name.split(" (")[0] + ("" if recall is None else f" {recall}"), cb] = 1 / dt
             if args.profile and name.startswith("Zipf"):
                 profile_decode(m, cache, rng, 8)
             if args.timeline and on_device:
                 stream_timeline(m, cache, rng)
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
-                  f"; host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} direct); PCIe roofline at that "
-                  f"traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
+                  f"; misses {need / 1e6:.0f} MB/token, host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} "
+                  f"direct; prefetch targets {ahead:.1f}/token, {found:.1f} of them asked for, "
+                  f"{(s1['bytes_prefetch'] - s0['bytes_prefetch']) / args.tokens / 1e6:.0f} MB/token); PCIe roofline at the "
+                  f"misses' traffic {roof:.2f} tok/s; measured = {1 / dt / roof:.0%} of it; host waits "
                   f"{s1['host_waits'] - s0['host_waits']}", flush=True)
     for i, what in ((1, "direct (on) / staged (off)"), (2, "pipelined (on) / in turn (off)")):
         pairs = [(k, k[:i] + (True,) + k[i + 1:]) for k in rates if k[i] is False]
@@ -627,8 +671,8 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
         r = lookup0(layer, *a, **kw)
         stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
-        if r is None or r[2] is None:                   # the host decides, or the copy is not beside the hits
-            return r
+        if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
+            return r                                    # or a prefetch follows it (no copy-done stamp)
         stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
         return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 

@@ -252,21 +252,24 @@ def layer_misses(cp, K, rng, path: str, dma: float, sms: int) -> None:
     pools = [cp.empty(S * mb // 4, np.uint32) for _ in range(3)]
     words = (mb // 4,) * 3
     srcs = [addr + j * third for j in range(3)]
+    from localmoe.backends.cuda.streaming import device_cache_state
+    d = device_cache_state(cp, K, 1, n, S)                # (no prefetch record: cur -1)
     print(f"6. random experts from {path} ({size / 2 ** 30:.1f} GiB, registered): GB/s per layer of m misses, "
           f"{calls} layers replayed from a CUDA graph")
     for m in (1, 2, 3, 4):
-        pairs = [np.array([(int(e), s) for s, e in enumerate(rng.choice(n, m, replace=False))], np.int32).reshape(-1)
+        pairs = [np.array([(int(e), s, 0) for s, e in enumerate(rng.choice(n, m, replace=False))], np.int32).reshape(-1)
                  for _ in range(calls)]
         lists = [cp.asarray(p) for p in pairs]
         cnt = cp.asarray(np.array([m], np.int32))
         row = []
         for blocks in (8, 16, 32, sms):
             s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[blocks, K.COPY_THREADS, cuda.external_stream(st.ptr)](
-                lists[i], cnt, *srcs, *pools, words), calls)
+                lists[i], cnt, *srcs, *pools, words, (0, 0, 0), d["state"], d["pf"], -1, d["key_of"], d["have"],
+                -1, 0, 0, 0), calls)
             row.append(f"kernel on {blocks} SMs {3 * m * mb / s / 1e9:5.1f}")
 
         def by_dma(i, st):
-            for e, sl in pairs[i].reshape(-1, 2).tolist():
+            for e, sl, _ in pairs[i].reshape(-1, 3).tolist():
                 for j in range(3):
                     rt.memcpyAsync(pools[j].data.ptr + sl * mb, srcs[j] + e * mb, mb, rt.memcpyHostToDevice, st.ptr)
         s = graph_seconds(cp, by_dma, calls)

@@ -394,6 +394,10 @@ def test_streamed_experts_match_resident(case, mode):
         assert sum(a is not None for _, a, _ in segments) == sum(g is not None for _, _, g in segments) == len(moe)
     d = streamed.stats.as_dict()
     assert 0 < d["cache_hit_rate"] < 1 and d["bytes_h2d"] > 0
+    ex, K = moe[0].experts, streamed.backend.K
+    if mode == "device" and K.fast2_ok(int(ex.gate.type), ex.gate.cols) and K.fast2_ok(int(ex.down.type), ex.down.cols):
+        st = streamed.backend.streamer.stats()      # decode copied beside the hits: the next router's guesses
+        assert st["prefetch_loads"] > 0 and st["bytes_prefetch"] > 0     # were prefetched (and matched above)
 
 
 @needs_gpu
@@ -411,7 +415,8 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
     rng = np.random.default_rng()
     decay = 1e-9          # the weight passes 1e200 within ~20 tokens; growth ** 11 stays finite
     host = ExpertCache(S, L, E, policy, decay=decay)
-    d = device_cache_state(cp, K, L * E, S)
+    d = device_cache_state(cp, K, L, E, S)
+    none = cp.zeros(1, np.int32)
     for step in range(200):
         layer = step % L
         n = 1 if rng.random() < 0.7 else int(rng.integers(2, 12))
@@ -426,14 +431,14 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
             fresh = np.concatenate([fresh, np.zeros((n, 1), bool)], axis=1)
         want, fresh = want.reshape(-1), fresh.reshape(-1)
         mats, split = cp.empty(len(want), np.int32), cp.empty(2 * len(want), np.int32)
-        misses, nmiss = cp.full(2 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
+        misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
         K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
-                                            split, misses, nmiss)
+                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1)
         assert np.array_equal(mats.get(), want), f"step {step}"
         assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
-        assert misses.get()[:2 * m].reshape(m, 2).tolist() == [[int(e), int(s)] for e, s in zip(uniq[miss], slots[miss])]
+        assert misses.get()[:3 * m].reshape(m, 3).tolist() == [[int(e), int(s), 0] for e, s in zip(uniq[miss], slots[miss])]
         if layer == L - 1:
             host.end_token(n)
             if policy == "lfu":
@@ -441,6 +446,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
     h = host.stats()
     got = dict(zip(("lookups", "hits", "misses", "evictions"), d["state"].get()[K.LOOKUPS:K.EVICTIONS + 1].tolist()))
     assert got == {k: h[k] for k in got} and 0 < h["evictions"]
+    assert d["state"].get()[K.PREFETCHED] == d["state"].get()[K.FOUND] == 0
     assert np.array_equal(d["slot_of"].get().reshape(L, E), host.table())
 
 
@@ -455,6 +461,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda.streaming import device_cache_state
     rng = np.random.default_rng()
     E, S = 6, 5
     words = (36 * K.CHUNK, 68 * K.CHUNK, 4 * 64) if interleaved else (4 * 37, 4 * 5, 4 * 64)
@@ -466,15 +473,124 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     pools = [cp.asarray(rng.integers(0, 2 ** 32, S * w, dtype=np.uint32)) for w in words]
     before = [p.get() for p in pools]
     pairs = [(4, 1), (0, 3), (5, 0)]
-    miss = cp.asarray(np.array(pairs + [(2, 2)], np.int32).reshape(-1))      # the 4th is past the count
+    miss = cp.asarray(np.array([(e, s, 0) for e, s in pairs + [(2, 2)]], np.int32).reshape(-1))   # 4th: past the count
+    d = device_cache_state(cp, K, 1, E, S)
     K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
-                                       *pools, words, uvs)
+                                       *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"], -1, 0, 0, 0)
     for h, p, b, w, q in zip(host, pools, before, words, qts):
         want = b.reshape(S, w).copy()
         for e, s in pairs:
             m = h.reshape(E, w)[e]
             want[s] = m if q is None else K.interleave(m.view(np.uint8), q).view(np.uint32)
         assert np.array_equal(p.get().reshape(S, w), want)
+    assert d["state"].get()[K.DEMAND_VECS] == 3 * sum(words) // 4
+
+
+@needs_gpu
+@pytest.mark.parametrize("stop_at", ["start", "middle", "all"])
+def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
+    """A lookup of layer 0 with a guess for layer 1 picks the guessed experts that are not resident as targets
+    (in the guess's order, at most PREFETCH_TARGETS, slots after the misses'); the copy kernel copies the
+    misses, raises PF_READY (await_ready_kernel's flag), then copies the targets item by item until stopped;
+    layer 1's lookup stops it, finds the target it asks for as a miss that keeps its slot (FOUND), and the
+    copy kernel copies only the items the prefetch did not: every slot layer 1 uses then holds its expert's
+    bytes (interleaved), and the unasked target keeps its prefix (have), so a later lookup of it finishes it.
+    stop_at: how far the prefetch got (stopped before its first item, NEXT set by hand to an item inside the
+    second matrix as if it had stopped there, or run to the end)."""
+    import cupy as cp
+    import cupyx
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda.streaming import device_cache_state
+    rng = np.random.default_rng()
+    L, E, S, k, blocks = 3, 8, 12, 2, 5
+    words = (36 * K.CHUNK * 3, 68 * K.CHUNK, 4 * 3000)      # Q4_0 and Q8_0 chunks (interleaved), then plain
+    uvs = (K.UNIT_VECTORS[K.Q4_0], K.UNIT_VECTORS[K.Q8_0], 0)
+    qts = (K.Q4_0, K.Q8_0, None)
+    full = K.expert_items(words)
+    assert full == sum(-(-(w // 4) // K.ITEM_VECTORS) for w in words) and full >= 4
+    host = [cupyx.empty_pinned(L * E * w, np.uint32) for w in words]      # [layer, expert, words]
+    for h in host:
+        h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)
+    pools = [cp.asarray(rng.integers(0, 2 ** 32, S * w, dtype=np.uint32)) for w in words]
+    d = device_cache_state(cp, K, L, E, S)
+    bufs = dict(mats=cp.empty(3 * k, np.int32), split=cp.empty(6 * k, np.int32), miss=cp.empty(3 * k, np.int32),
+                nmiss=cp.zeros(1, np.int32))
+
+    def src(layer):
+        return [h.ctypes.data + layer * E * w * 4 for h, w in zip(host, words)]
+
+    def lookup(layer, ids, guess=None, meanwhile=None):
+        g = cp.asarray(np.array(guess if guess is not None else [0], np.int32))
+        nxt = -1 if guess is None else layer + 1
+        K.cache_lookup_kernel[1, K.THREADS](
+            cp.asarray(np.array(ids, np.int32)), k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
+            d["last"], d["pin"], d["state"], d["wt"], bufs["mats"][:len(ids)], bufs["split"][:2 * len(ids)],
+            bufs["miss"], bufs["nmiss"], d["have"], full, d["pf"], layer, g, 0 if guess is None else len(guess),
+            (layer + 1) * E, nxt)
+        if meanwhile is not None:
+            meanwhile()
+        K.expert_copy_kernel[blocks, 64](bufs["miss"], bufs["nmiss"], *src(layer), *pools, words, uvs, d["state"],
+                                         d["pf"], layer, d["key_of"], d["have"], nxt, *(src(nxt) if nxt >= 0 else (0, 0, 0)))
+        return bufs["mats"][:len(ids)].get()
+
+    def expected(layer, e, s, prefix=0, before=None):
+        """Slot s's words once expert e of layer is in from item `prefix` on (the rest as `before` had them)."""
+        out, b = [], 0
+        for h, p, w, q in zip(host, pools, words, qts):
+            m = h.reshape(L, E, w)[layer, e]
+            idx = np.repeat(np.arange(w // 4, dtype=np.uint32), 4)     # each 16-byte vector's own index
+            if q is not None:
+                m, idx = (K.interleave(a.view(np.uint8), q).view(np.uint32) for a in (m, idx))
+            keep = idx < min(max(prefix - b, 0) * K.ITEM_VECTORS, w // 4)
+            out.append(np.where(keep, before[len(out)][s * w:(s + 1) * w] if before else 0, m))
+            b += -(-(w // 4) // K.ITEM_VECTORS)
+        return out
+
+    def holds(layer, e, s, prefix=0, before=None):
+        return all(np.array_equal(p.reshape(S, w)[s].get(), x)
+                   for p, w, x in zip(pools, words, expected(layer, e, s, prefix, before)))
+
+    def prefix_vectors(a):
+        b, n = 0, 0
+        for w in words:
+            n += min(max(a - b, 0) * K.ITEM_VECTORS, w // 4)
+            b += -(-(w // 4) // K.ITEM_VECTORS)
+        return n
+
+    r = K.PF_HEAD + 1 * K.PF_WORDS
+    middle = -(-(words[0] // 4) // K.ITEM_VECTORS) + 1        # an item inside target 0's second matrix
+    before = [p.get() for p in pools]
+
+    def stop():                                               # between the lookup and its copy kernel
+        if stop_at in ("start", "middle"):                    # a newer lookup came before the prefetch ran
+            d["pf"][K.PF_STOP] = 2
+        if stop_at == "middle":                               # as if it had stopped there
+            d["pf"][r + K.PF_NEXT] = middle
+
+    slots0 = lookup(0, [3, 5], guess=[6, 2, 7, 1], meanwhile=stop)   # layer 1: 6 and 2 are targets, not 7 and 1
+    assert holds(0, 3, slots0[0]) and holds(0, 5, slots0[1])
+    pf = d["pf"].get()
+    assert pf[r + K.PF_NT] == 2 and pf[r + K.PF_GEN] == 1 and pf[K.PF_READY] == 1 and pf[K.PF_DONE] == blocks
+    t0, t1 = (pf[r + K.PF_TARGET + 4 * t:r + K.PF_TARGET + 4 * t + 4] for t in range(2))
+    assert (t0[K.PF_EXPERT], t1[K.PF_EXPERT]) == (6, 2) and (t0[K.PF_KEY], t1[K.PF_KEY]) == (E + 6, E + 2)
+    assert sorted([t0[K.PF_SLOT], t1[K.PF_SLOT], *slots0]) == [0, 1, 2, 3]
+    got = int(pf[r + K.PF_NEXT])
+    assert got == {"start": 0, "middle": middle, "all": 2 * full + blocks}[stop_at]   # + each block's last take
+    if stop_at == "all":
+        assert holds(1, 6, t0[K.PF_SLOT]) and holds(1, 2, t1[K.PF_SLOT])
+    slots1 = lookup(1, [6, 4])                                # asks for target 0, not target 1
+    st = d["state"].get()
+    assert slots1[0] == t0[K.PF_SLOT] and st[K.FOUND] == 1 and st[K.PREFETCHED] == 2 and st[K.MISSES] == 4
+    a0, a1 = min(got, full), min(max(got - full, 0), full)
+    assert holds(1, 6, slots1[0], a0 if stop_at == "middle" else 0, before) and holds(1, 4, slots1[1])
+    vec = sum(words) // 4
+    assert st[K.DEMAND_VECS] == 3 * vec + vec - prefix_vectors(a0)   # layer 0's two, expert 4, target 0's rest
+    assert st[K.PREFETCH_VECS] == prefix_vectors(a0) + prefix_vectors(a1)
+    have = d["have"].get()
+    assert have[slots1[0]] == have[slots1[1]] == full and have[t1[K.PF_SLOT]] == a1
+    slots2 = lookup(1, [2, 4])                                # target 1, asked for later: finished then
+    assert slots2[0] == t1[K.PF_SLOT] and holds(1, 2, slots2[0]) and d["have"].get()[slots2[0]] == full
+    assert d["state"].get()[K.FOUND] == 1 + (a1 < full)
 
 
 @needs_gpu

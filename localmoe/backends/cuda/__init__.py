@@ -404,8 +404,9 @@ class CUDABackend:
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
-            got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared,
-                                                 overlap=split)        # kernels decide and copy
+            ahead = self._guess(layer, xn, ids2.shape[1]) if n == 1 and split and self.streamer.on_device else None
+            got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared, overlap=split,
+                                                 ahead=ahead)          # kernels decide, copy and prefetch
             host_decides = got is None
             if not host_decides:
                 mats, halves, copied, folded = got
@@ -449,7 +450,7 @@ class CUDABackend:
             for i in (0, 1):
                 if i:
                     self.streamer.join(copied)
-                    self._sms_beside = 0
+                    self._sms_beside = 0           # (even beside a prefetch: measured faster, session 21)
                 # a decode layer's misses are 1-4 products: spread over every SM, not sized for all P
                 spread = bool(i) and n == 1
                 self.gemv(gate, halves[i], tok, x2, P, w2=up, pools=(pg, pu), preload=False, norm=norm, out=h,
@@ -487,20 +488,31 @@ class CUDABackend:
         the chosen experts (-> their slots); then prefetch: start copying the experts the next MoE layer's router
         picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
         overlap this layer's experts and the next attention."""
-        nxt = self.next_experts.get(layer) if self.next_experts else None
         ids_h = self._to_host_later(ids, ("ids", layer))
+        nxt = self._guess(layer, x, ids.shape[1])
         if nxt is not None:
-            j, ex = nxt
-            guess, _ = self.route(self.linear(ex.router, x), ids.shape[1])
-            guess_h = self._to_host_later(guess, ("guess", layer))
+            guess_h = self._to_host_later(nxt[4], ("guess", layer))
 
         def fetch(readers_done=None):
             return self.streamer.fetch(layer, gate, up, down, ids_h, readers_done)[3]
 
         def prefetch():
             if nxt is not None:
-                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, guess_h)
+                self.streamer.prefetch(*nxt[:4], guess_h)
         return fetch, prefetch
+
+    def _guess(self, layer: int, x, k: int):
+        """(the next MoE layer, its gate, up and down, its router's k picks for x) where streaming prefetches
+        (`next_experts`), else None: this layer's input x is close to the next one's."""
+        nxt = self.next_experts.get(layer) if self.next_experts else None
+        if nxt is None:
+            return None
+        j, ex = nxt
+        return j, ex.gate, ex.up, ex.down, self.guess_route(self.linear(ex.router, x), k)
+
+    def guess_route(self, logits, k: int):
+        """The ids route() picks for a guess: a method of its own, so bench/bench_cuda.py can replay guesses."""
+        return self.route(logits, k)[0]
 
     def _to_host_later(self, a, key) -> np.ndarray:
         """a's values on the host: now (to_host), or while a step is captured, a pinned buffer (one per key)

@@ -21,7 +21,8 @@ Three kernel families:
 fast2 quantizes activations to int16 per 32-block exactly as the CPU kernels do; fast and generic
 accumulate float32 activations.
 Streamed experts decided on the device (streaming.py): cache_lookup_kernel (localmoe/cache.py's choices,
-from the router's ids), expert_copy_kernel (the misses read from the mapped file by the SMs) and
+from the router's ids), expert_copy_kernel (the misses read from the mapped file by the SMs, then the
+next layer's guessed experts until that layer's lookup stops it), await_ready_kernel (the join) and
 cache_tick_kernel (LFU's aging), at the end.
 """
 from __future__ import annotations
@@ -1565,7 +1566,20 @@ def combine_kernel(k: int):
 # counters and wt [1] float64 (LFU's weight of a use). The arithmetic is localmoe/cache.py's, in its order,
 # so the device makes the host ExpertCache's choices (tests/test_cuda.py compares them).
 CLOCK, FILLED, LOOKUP_NO, LOOKUPS, HITS, MISSES, EVICTIONS = range(7)
-CACHE_STATE = 8            # int64 words of the state array (one spare)
+PREFETCHED, FOUND, DEMAND_VECS, PREFETCH_VECS = range(7, 11)   # targets; misses a prefetch had begun; vectors
+CACHE_STATE = 12           # int64 words of the state array (one spare)               copied on demand, ahead
+# The next-layer prefetch (the device mode's guess): have [S] int32, each slot's copied prefix in items (pieces
+# of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + L * PF_WORDS]:
+# PF_STOP (the newest lookup number: a prefetch an older lookup picked stops), PF_READY (the newest lookup
+# whose misses are all in: the join's flag when a prefetch follows them), PF_DONE (copy blocks past their
+# misses), then per target layer a record: the lookup number that picked it (GEN), its targets (NT), the next
+# item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's
+# lookup asked for it (REQ).
+PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
+PF_STOP, PF_READY, PF_DONE, PF_HEAD = 0, 1, 2, 3
+PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4
+PF_KEY, PF_SLOT, PF_EXPERT, PF_REQ = range(4)
+PF_WORDS = PF_TARGET + 4 * PREFETCH_TARGETS
 
 
 CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
@@ -1580,16 +1594,24 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 @cuda.jit
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
-                        nmiss):
+                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
     Writes mats [Q] (each id's slot: the expert kernels' matrix indices; Q = n * k, or n * (k + 1) with each
     token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
     same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
-    others), and the misses as (expert, slot) pairs in miss, their count in nmiss[0], for expert_copy_kernel.
-    Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a time), so a victim
-    costs a block-wide argmin, not a pass over memory."""
+    others), and the misses as (expert, slot, start) triples in miss, their count in nmiss[0], for
+    expert_copy_kernel. Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a
+    time), so a victim costs a block-wide argmin, not a pass over memory.
+    The prefetch (the record above PREFETCH_TARGETS): a hit whose slot is not whole (have < full items) is a
+    miss that keeps its slot, copied from where it stopped (start: its have, or -2 - t for target t of record
+    `cur`, this layer's, maybe still in flight: the copy kernel reads how far it got); it counts as a miss
+    and as FOUND. Then the next layer's guess (ng ids in guess, keys from gbase) picks up to
+    PREFETCH_TARGETS experts that are not resident, each given a slot after the misses' (pinned, newest,
+    empty), into record `nxt` (-1: none) for expert_copy_kernel. At the end, with the misses known, the
+    prefetch in flight is told to stop (PF_STOP; the copy kernel behind it waits for its last items).
+    Without a guess (ng 0) and with whole slots this is exactly ExpertCache.lookup."""
     grid_dependency()
     tid = cuda.threadIdx.x
     lane, warp = tid & 31, tid >> 5
@@ -1603,7 +1625,12 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     ws = cuda.shared.array(WARPS, float64)            # each warp's best candidate
     wl = cuda.shared.array(WARPS, int64)
     wi = cuda.shared.array(WARPS, int32)
-    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, clock, filled, lookup number
+    part = cuda.shared.array(MAX_EXPERTS, int32)      # ... a hit's copy to finish: -1 none, else its start
+    tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
+    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, -, targets
+    lk = state[LOOKUP_NO] + 1
+    rc = PF_HEAD + cur * PF_WORDS
+    live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
     for e in range(tid, E, THREADS):
         mark[e] = 0
     cuda.syncthreads()
@@ -1625,43 +1652,77 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         if e < E and mark[e] != 0:
             i = at + cuda.popc(b & below)
             order[i] = e
-            hit[i] = slot_of[base + e]
+            s = slot_of[base + e]
+            hit[i] = s
+            c = int32(-1)
+            if s >= 0:
+                if have[s] < full:
+                    c = have[s]
+                if live:
+                    for t in range(pf[rc + PF_NT]):
+                        r = rc + PF_TARGET + 4 * t
+                        if pf[r + PF_SLOT] == s and pf[r + PF_KEY] == base + e:
+                            c = -2 - t
+                            pf[r + PF_REQ] = 1
+            part[i] = c
     cuda.syncthreads()
     if warp == 0:                                     # ranks among the hits and among the misses
         nd = 0
         for j in range(nch):
             nd += cnt[j]
-        nh, nm = 0, 0
+        nh, nm, npart = 0, 0, 0
         for c in range(0, nd, 32):
             i = c + lane
-            h = i < nd and hit[i] >= 0
+            h = i < nd and hit[i] >= 0 and part[i] == -1
             m = i < nd and hit[i] < 0
+            q = i < nd and hit[i] >= 0 and part[i] != -1
             bh = cuda.ballot_sync(0xffffffff, h)
             bm = cuda.ballot_sync(0xffffffff, m)
+            bq = cuda.ballot_sync(0xffffffff, q)
             if h:
                 rank[i] = nh + cuda.popc(bh & below)
             if m:
                 rank[i] = nm + cuda.popc(bm & below)
+            if q:
+                rank[i] = npart + cuda.popc(bq & below)
             nh += cuda.popc(bh)
             nm += cuda.popc(bm)
+            npart += cuda.popc(bq)
         if lane == 0:
-            sv[0], sv[1], sv[2] = nd, nh, nm
-            sv[3], sv[4], sv[5] = state[CLOCK], state[FILLED], state[LOOKUP_NO] + 1
+            nt = 0
+            if nxt >= 0:                              # the guess's experts not resident, in its order
+                for g in range(ng):
+                    key = gbase + guess[g]
+                    new = nt < min(PREFETCH_TARGETS, S - nd) and slot_of[key] < 0
+                    for u in range(nt):
+                        new = new and tk[u] != key
+                    if new:
+                        tk[nt] = key
+                        nt += 1
+            sv[0], sv[1], sv[2], sv[3] = nd, nh, nm, npart
+            sv[4], sv[5], sv[7] = state[CLOCK], state[FILLED], nt
     cuda.syncthreads()
-    nd, nh, nm, clock, filled, lk = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5]
+    nd, nh, nm, npart, clock, filled, nt = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[7]
     w = wt[0]
     for i in range(tid, nd, THREADS):                 # the hits: used in order, pinned before any eviction
         s = hit[i]
         if s >= 0:
             if lfu:
                 score[base + order[i]] += w
-            last[s] = clock + 1 + rank[i]
             pin[s] = lk
+            if part[i] == -1:
+                last[s] = clock + 1 + rank[i]
+            else:                                     # a partial slot: its copy finishes with the misses'
+                j = nm + rank[i]
+                last[s] = clock + 1 + nh + j
+                miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, part[i]
+                have[s] = full
     free = S - filled
-    for j in range(tid, min(nm, free), THREADS):      # the first misses take the never-filled slots
+    nn = nm + nt
+    for j in range(tid, min(nn, free), THREADS):      # the first misses (then targets) take never-filled slots
         slot[j] = filled + j
     cuda.syncthreads()
-    if nm > free:                                     # the rest evict: the smallest unpinned (score, last)
+    if nn > free:                                     # the rest evict: the smallest unpinned (score, last)
         cs = cuda.local.array(CANDIDATES, float64)
         cl = cuda.local.array(CANDIDATES, int64)
         ck = cuda.local.array(CANDIDATES_AT_ONCE, int64)
@@ -1673,7 +1734,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
                 cl[c0 + c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
             for c in range(CANDIDATES_AT_ONCE):
                 cs[c0 + c] = score[max(ck[c], 0)] if lfu else 0.0
-        for j in range(max(free, 0), nm):
+        for j in range(max(free, 0), nn):
             bs, bl, bi = math.inf, int64(0), int32(-1)
             for c in range(CANDIDATES):
                 if cl[c] >= 0 and _better(bs, bl, bi, cs[c], cl[c], 0):
@@ -1709,8 +1770,22 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
                 score[key] += w
             last[s] = clock + 1 + nh + j
             pin[s] = lk
-            miss[2 * j] = order[i]
-            miss[2 * j + 1] = s
+            have[s] = full
+            miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
+    rn = PF_HEAD + nxt * PF_WORDS
+    for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
+        j = nm + t
+        s = slot[j]
+        key = tk[t]
+        if j >= free:
+            slot_of[key_of[s]] = -1
+        slot_of[key] = s
+        key_of[s] = key
+        last[s] = clock + 1 + nd + t
+        pin[s] = lk
+        have[s] = 0
+        r = rn + PF_TARGET + 4 * t
+        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - gbase, 0
     cuda.syncthreads()
     kk = k + 1 if shared >= 0 else k
     Q = ids.shape[0] // k * kk
@@ -1725,14 +1800,20 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         split[q] = -1 if fresh else s
         split[Q + q] = s if fresh else -1
     if tid == 0:
-        nmiss[0] = nm
-        state[CLOCK] = clock + nd
-        state[FILLED] = min(S, filled + nm)
+        nmiss[0] = nm + npart
+        if nxt >= 0:
+            pf[rn + PF_GEN], pf[rn + PF_NT], pf[rn + PF_NEXT] = lk, nt, 0
+        state[CLOCK] = clock + nd + nt
+        state[FILLED] = min(S, filled + nn)
         state[LOOKUP_NO] = lk
         state[LOOKUPS] += nd
         state[HITS] += nh
-        state[MISSES] += nm
-        state[EVICTIONS] += max(0, nm - free)
+        state[MISSES] += nm + npart
+        state[EVICTIONS] += max(0, nn - free)
+        state[PREFETCHED] += nt
+        state[FOUND] += npart
+        pf[PF_DONE] = 0
+        cuda.atomic.max(pf, PF_STOP, lk)              # the prefetch the last lookup started stops after its item
 
 
 COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile
@@ -1745,12 +1826,33 @@ def _slot_vector(v, uv):
     return v if uv == 0 else _interleaved_vector(v, uv)
 
 
+ITEM_VECTORS = 4 * COPY_THREADS   # a prefetch's piece of an expert: one pass of a copy block (32 KB)
+
+
+def expert_items(words) -> int:
+    """Items of an expert whose three matrices are words[j] uint32 words (multiples of 4): each matrix's
+    16-byte vectors in pieces of ITEM_VECTORS, the last one short (have[] and the prefetch count these)."""
+    return sum(-(-(w // 4) // ITEM_VECTORS) for w in words)
+
+
 @cuda.jit(device=True, inline=True)
-def _copy_from_host(src, dst, nvec, t0, step, uv):
-    """The nvec 16-byte vectors at global byte address src (host memory the GPU maps) to dst (device), in
-    order or interleaved (uv, see _slot_vector), four loads a thread issued before their stores: PCIe's
-    latency is microseconds. The loads stay contiguous (PCIe reads whole lines); the stores scatter."""
-    v = t0
+def _items(nvec):
+    return (nvec + ITEM_VECTORS - 1) // ITEM_VECTORS
+
+
+@cuda.jit(device=True, inline=True)
+def _prefix_vectors(a, before, nvec):
+    """Of a matrix of nvec vectors whose items come after `before` others, the vectors in an expert's first a
+    items."""
+    return min(max(a - before, 0) * ITEM_VECTORS, nvec)
+
+
+@cuda.jit(device=True, inline=True)
+def _copy_from_host(src, dst, v, nvec, step, uv):
+    """The 16-byte vectors v, v + step, ... below nvec at global byte address src (host memory the GPU maps)
+    to dst (device), in order or interleaved (uv, see _slot_vector), four loads a thread issued before their
+    stores: PCIe's latency is microseconds. The loads stay contiguous (PCIe reads whole lines); the stores
+    scatter."""
     while v + 3 * step < nvec:
         a = src + int64(v) * 16
         s = int64(step) * 16
@@ -1770,21 +1872,109 @@ def _copy_from_host(src, dst, nvec, t0, step, uv):
 
 
 @cuda.jit
-def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs):
+def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs, state, pf, cur, key_of, have,
+                       nxt, nsrc0, nsrc1, nsrc2):
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
     loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py); matrix j interleaved on the way
-    when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). Launched on COPY_BLOCKS
-    blocks: a block of the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on
-    SMs it leaves free (CUDABackend.expert_ffn sizes their grids to those)."""
+    when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). A miss (e, s, start)
+    copies its items from start on (-2 - t: target t of the prefetch record `cur`, from where that prefetch
+    stopped). Then the targets of record cur that this layer did not ask for keep what got in (have), and
+    DEMAND_VECS / PREFETCH_VECS count the vectors each moved.
+    nxt >= 0: then the blocks prefetch record nxt's targets (nsrc_j: that layer's sources; _prefetch), once
+    the last of them past its misses has raised PF_READY to this lookup's number: the compute stream's join
+    is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
+    launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
+    the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on SMs it leaves
+    free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
     t0, step = cuda.grid(1), cuda.gridsize(1)
+    nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
+    n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
+    full = n01 + _items(nv2)
+    lk = state[LOOKUP_NO]
+    rc = PF_HEAD + cur * PF_WORDS
+    live = cur >= 0 and pf[rc + PF_GEN] == lk - 1
+    nt = pf[rc + PF_NT] if live else int64(0)
+    got = min(pf[rc + PF_NEXT], nt * full) if live else int64(0)   # every item the prefetch took is in
+    moved = int64(0)
     for i in range(nmiss[0]):
-        e, s = int64(miss[2 * i]), int64(miss[2 * i + 1])
-        _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], words[0] >> 2, t0, step, uvs[0])
-        _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], words[1] >> 2, t0, step, uvs[1])
-        _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], words[2] >> 2, t0, step, uvs[2])
+        e, s, c = int64(miss[3 * i]), int64(miss[3 * i + 1]), int64(miss[3 * i + 2])
+        a = c if c >= 0 else min(max(got - (-2 - c) * full, 0), full)
+        v0, v1, v2 = _prefix_vectors(a, 0, nv0), _prefix_vectors(a, n0, nv1), _prefix_vectors(a, n01, nv2)
+        moved += nv0 - v0 + nv1 - v1 + nv2 - v2
+        _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], v0 + t0, nv0, step, uvs[0])
+        _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], v1 + t0, nv1, step, uvs[1])
+        _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], v2 + t0, nv2, step, uvs[2])
+    if t0 == 0:
+        ahead = int64(0)
+        for t in range(nt):
+            a = min(max(got - t * full, 0), full)
+            ahead += _prefix_vectors(a, 0, nv0) + _prefix_vectors(a, n0, nv1) + _prefix_vectors(a, n01, nv2)
+            r = rc + PF_TARGET + 4 * t
+            if pf[r + PF_REQ] == 0 and key_of[pf[r + PF_SLOT]] == pf[r + PF_KEY]:
+                have[pf[r + PF_SLOT]] = a
+        state[DEMAND_VECS] += moved
+        state[PREFETCH_VECS] += ahead
+    if nxt >= 0:
+        cuda.threadfence()                            # this block's copies are visible before it is counted
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0 and cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
+            cuda.threadfence()
+            cuda.atomic.max(pf, PF_READY, lk)
+        _prefetch(pf, nxt, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+
+
+@cuda.jit(device=True, inline=True)
+def _prefetch(pf, r, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01, full):
+    """Record r's targets (cache_lookup_kernel's guess for layer r; src_j that layer's), copied item by item in
+    their order, each block taking the next item with an atomic, until all are in or a newer lookup raises
+    PF_STOP (checked before each item). Every item taken is finished, so the first min(NEXT, NT x items)
+    are in when the kernel ends. It uses the link while the misses compute and the next layer's attention
+    runs, which it would otherwise idle through; a wrong guess costs no link time a demand copy needed."""
+    tid = cuda.threadIdx.x
+    rr = PF_HEAD + r * PF_WORDS
+    nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
+    gen, total = pf[rr + PF_GEN], pf[rr + PF_NT] * full
+    take = cuda.shared.array(1, int64)
+    while True:
+        if tid == 0:
+            it = int64(-1)
+            if cuda.atomic.add(pf, PF_STOP, 0) <= gen:
+                it = cuda.atomic.add(pf, rr + PF_NEXT, 1)
+            take[0] = it
+        cuda.syncthreads()
+        it = take[0]
+        cuda.syncthreads()
+        if it < 0 or it >= total:
+            return
+        t = it // full
+        a = it - t * full
+        q = rr + PF_TARGET + 4 * t
+        e, s = pf[q + PF_EXPERT], pf[q + PF_SLOT]
+        if a < n0:
+            _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], a * ITEM_VECTORS + tid,
+                            min((a + 1) * ITEM_VECTORS, nv0), cuda.blockDim.x, uvs[0])
+        elif a < n01:
+            _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1],
+                            (a - n0) * ITEM_VECTORS + tid, min((a - n0 + 1) * ITEM_VECTORS, nv1), cuda.blockDim.x,
+                            uvs[1])
+        else:
+            _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2],
+                            (a - n01) * ITEM_VECTORS + tid, min((a - n01 + 1) * ITEM_VECTORS, nv2),
+                            cuda.blockDim.x, uvs[2])
+
+
+@cuda.jit
+def await_ready_kernel(pf, state):
+    """The compute stream's join with a copy kernel that prefetches after its misses: one thread polls
+    PF_READY until it reaches the lookup's number (the copy kernel's blocks are resident by then: they were
+    launched before the hits, which left them their SMs)."""
+    grid_dependency()
+    lk = state[LOOKUP_NO]
+    while cuda.atomic.add(pf, PF_READY, 0) < lk:
+        pass
 
 
 @cuda.jit

@@ -56,11 +56,21 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
+- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`); the
+  lookup gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks,
+  past the misses, copy them 32 KB item by item while the misses compute and the next layer's attention
+  runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
+  kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
+  item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
+  its slot and resumes where the prefetch stopped; one it does not ask for keeps its prefix (`have`) for
+  a later lookup to finish. A wrong guess thus costs no link time a demand copy needed, only the slot it
+  took.
 Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
-layer's kernels are done before the lookup starts. LFU ages by cache_tick_kernel after each step. Kernel
-copies read random experts at ~95% of a DMA's rate (bench/bench_zero_copy.py), and the host's ~130 us per
-layer of deciding is gone. Policy "hot", a pool smaller than a layer's experts, or an unmapped file keep
-the host's decisions above; prefetch is a host-mode feature.
+layer's kernels are done before the lookup starts (a prefetch writes only its targets' slots, which no
+kernel reads before the next layer's copy kernel, behind it on the copy stream). LFU ages by
+cache_tick_kernel after each step. Kernel copies read random experts at ~95% of a DMA's rate
+(bench/bench_zero_copy.py), and the host's ~130 us per layer of deciding is gone. Policy "hot", a pool
+smaller than a layer's experts, or an unmapped file keep the host's decisions above.
 
 The device operations are the few `_methods` at the end, so tests/test_expert_streamer.py can run all
 of the above on the CPU with a simulated copy stream. Nothing here imports cupy at module level.
@@ -142,11 +152,14 @@ def raise_flags(xp, flags, value: int) -> None:
     st.synchronize()
 
 
-def device_cache_state(xp, K, n_keys: int, slots: int) -> dict:
-    """An empty expert cache's state for kernels.cache_lookup_kernel (its docstring names the arrays)."""
+def device_cache_state(xp, K, n_layers: int, n_experts: int, slots: int) -> dict:
+    """An empty expert cache's state for kernels.cache_lookup_kernel (the comments above it name the arrays),
+    with no prefetch record."""
+    n_keys = n_layers * n_experts
     return dict(slot_of=xp.full(n_keys, -1, np.int32), key_of=xp.full(slots, -1, np.int32),
                 score=xp.zeros(n_keys, np.float64), last=xp.zeros(slots, np.int64), pin=xp.zeros(slots, np.int64),
-                state=xp.zeros(K.CACHE_STATE, np.int64), wt=xp.ones(1, np.float64))
+                state=xp.zeros(K.CACHE_STATE, np.int64), wt=xp.ones(1, np.float64), have=xp.zeros(slots, np.int32),
+                pf=xp.full(K.PF_HEAD + n_layers * K.PF_WORDS, -1, np.int64))
 
 
 def pinnable_bytes(meminfo: str) -> int | None:
@@ -244,17 +257,21 @@ class ExpertStreamer:
         self._wait_flag(flag, value)
 
     def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, shared=None,
-                         overlap: bool = False):
+                         overlap: bool = False, ahead=None):
         """The device mode: enqueue on the compute stream the cache's lookup of `ids` [n, k] (the int32 device
         array a router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
         (kernels.cache_lookup_kernel, expert_copy_kernel). shared: the layer's shared expert (a DenseFFN), run
         as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
         first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
-        stream can run the hits meanwhile; it must `join` the returned event before it reads the misses.
+        stream can run the hits meanwhile; it must `join` before it reads the misses.
+        ahead: (the next MoE layer, its gate, up and down, the guess: int32 device ids [1, k] its router picks
+        for this layer's input), for one token with overlap: the lookup also gives the guessed experts that are
+        not resident slots, and the copy kernel copies them after the misses, until the next lookup stops it;
+        that lookup finishes what it needs of them.
         Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
         product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
-        misses'), that event (None without overlap) and whether the shared expert is in them; None when the
-        host decides (`fetch`)."""
+        misses'), what `join` waits for (None without overlap) and whether the shared expert is in them; None
+        when the host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
@@ -265,22 +282,29 @@ class ExpertStreamer:
         bufs = self._bufs.get((layer, Q))
         if bufs is None:
             bufs = self._bufs[(layer, Q)] = (xp.empty(Q, np.int32), xp.empty((2, Q), np.int32),
-                                             xp.empty(2 * n * k, np.int32), xp.zeros(1, np.int32))
+                                             xp.empty(3 * n * k, np.int32), xp.zeros(1, np.int32))
         mats, split, miss, nmiss = bufs
         d = self._dstate
+        nxt, guess = -1, miss                  # (no guess: an unread placeholder)
+        if ahead is not None and overlap and n == 1:
+            nxt, ws_next, guess = ahead[0], self._check(ahead[0], *ahead[1:4]), ahead[4].reshape(-1)
         K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
-            d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss)
+            d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
+            d["have"], self._items, d["pf"], layer, guess, guess.size if nxt >= 0 else 0,
+            max(nxt, 0) * self.n_experts, nxt)
         done = None
         if overlap:
             self._wait(self._record(on_copy=False), on_copy=True)
         # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
         K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
                              self._copy_launch if overlap else K.STREAM[0]](
-            miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs)
-        if overlap:
-            done = self._record(on_copy=True)
+            miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs, d["state"],
+            d["pf"], layer, d["key_of"], d["have"], nxt,
+            *(self._mapped_sources(nxt, ws_next) if nxt >= 0 else (0, 0, 0)))
         self.be.launches += 2
+        if overlap:
+            done = "ready" if nxt >= 0 else self._record(on_copy=True)
         return mats, split, done, sslot >= 0
 
     def copy_blocks(self) -> int:
@@ -289,8 +313,14 @@ class ExpertStreamer:
         return min(self.be.sms, self.be.K.COPY_BLOCKS if self._copy_blocks is None else self._copy_blocks)
 
     def join(self, done) -> None:
-        """The compute stream waits (on the device) for the copies `lookup_on_device(overlap=True)` enqueued."""
-        self._wait(done, on_copy=False)
+        """The compute stream waits (on the device) for the misses `lookup_on_device(overlap=True)` copies: the
+        event behind them, or, where a prefetch follows them in the same kernel, its flag."""
+        if done == "ready":
+            K = self.be.K
+            K.await_ready_kernel[1, 1, K.STREAM[0]](self._dstate["pf"], self._dstate["state"])
+            self.be.launches += 1
+        else:
+            self._wait(done, on_copy=False)
 
     def prefetch(self, layer: int, gate: Weight, up: Weight, down: Weight, ids_host: np.ndarray) -> None:
         """Start copying layer `layer`'s predicted experts on the copy stream; nothing waits for them
@@ -314,15 +344,18 @@ class ExpertStreamer:
         """ExpertCache.stats() and what actually moved: bytes_h2d (host -> device copies), bytes_direct (of
         those, DMA'd straight from the registered file), host_waits (staging buffer still in flight), slots,
         slot_bytes (one expert), pool_bytes, staging_bytes; host_registered, register_s (the registration's
-        seconds), register_why_not ('' when registered)."""
+        seconds), register_why_not ('' when registered). In the device mode an expert a prefetch had begun
+        counts as a miss (not a hit, as the host's cache counts it) and as a prefetch_hit, and bytes_demand /
+        bytes_prefetch are what the copy kernel moved for each."""
         sb = getattr(self, "slot_bytes", 0)
         h2d, direct, kept = self.bytes_h2d, self.bytes_direct, None
         if self.on_device:                        # the device's counters (the host's cache only counts tokens)
-            c = dict(zip(("clock", "filled", "lookup_no", "lookups", "hits", "misses", "evictions"),
-                         self._dstate["state"].get().tolist()))
-            h2d = direct = c["misses"] * sb
+            c = dict(zip(("clock", "filled", "lookup_no", "lookups", "hits", "misses", "evictions", "prefetched",
+                          "found", "demand_vecs", "prefetch_vecs"), self._dstate["state"].get().tolist()))
+            h2d = direct = 16 * (c["demand_vecs"] + c["prefetch_vecs"])
             kept = dict(lookups=c["lookups"], hits=c["hits"], misses=c["misses"], evictions=c["evictions"],
-                        bytes_demand=h2d, resident=c["filled"])
+                        bytes_demand=16 * c["demand_vecs"], bytes_prefetch=16 * c["prefetch_vecs"],
+                        prefetch_loads=c["prefetched"], prefetch_hits=c["found"], resident=c["filled"])
         n = self.cache.stats(kept) if self.cache is not None else {}
         slots = self.cache.capacity if self.cache is not None else 0
         n.update(bytes_h2d=h2d, bytes_direct=direct, host_waits=self.host_waits, slots=slots,
@@ -467,9 +500,10 @@ class ExpertStreamer:
     def _setup_device(self, ws) -> None:
         """The device mode's state (kernels.cache_lookup_kernel's arrays), empty like ExpertCache.clear()."""
         K = self.be.K
-        self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers * self.n_experts, self.cache.capacity)
+        self._dstate = device_cache_state(self.xp, self.be.K, self.n_layers, self.n_experts, self.cache.capacity)
         self._pool_words = tuple(p if p.dtype == np.uint32 else p.view(np.uint32) for p in self.pools)
         self._words = tuple(m // 4 for m in self.mat_bytes)
+        self._items = K.expert_items(self._words)
         self._shared_in: set[int] = set()      # layers whose shared expert is in its slot
         self._bufs: dict = {}                  # (layer, ids) -> the lookup's mats, split, misses and their count
         self._copy_launch = self.be.cuda.external_stream(self._copy_stream.ptr)   # numba's handle on the copy stream
