@@ -495,8 +495,8 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
     layer 1's lookup stops it, finds the target it asks for as a miss that keeps its slot (FOUND), and the
     copy kernel copies only the items the prefetch did not: every slot layer 1 uses then holds its expert's
     bytes (interleaved), and the unasked target keeps its prefix (have), so a later lookup of it finishes it.
-    stop_at: how far the prefetch got (stopped before its first item, NEXT set by hand to an item inside the
-    second matrix as if it had stopped there, or run to the end)."""
+    stop_at: how far the prefetch got (stopped before its first item, NEXT set by hand as if it had stopped
+    after the first of the third matrix's two items, the last one short, or run to the end)."""
     import cupy as cp
     import cupyx
     from localmoe.backends.cuda import kernels as K
@@ -558,7 +558,8 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
         return n
 
     r = K.PF_HEAD + 1 * K.PF_WORDS
-    middle = -(-(words[0] // 4) // K.ITEM_VECTORS) + 1        # an item inside target 0's second matrix
+    middle = sum(-(-(w // 4) // K.ITEM_VECTORS) for w in words[:2]) + 1      # inside target 0's third matrix
+    assert words[2] // 4 > K.ITEM_VECTORS
     before = [p.get() for p in pools]
 
     def stop():                                               # between the lookup and its copy kernel
