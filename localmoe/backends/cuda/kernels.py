@@ -1848,6 +1848,12 @@ def _prefix_vectors(a, before, nvec):
 
 
 @cuda.jit(device=True, inline=True)
+def _expert_prefix(a, nv0, nv1, nv2, n0, n01):
+    """The vectors of each of an expert's three matrices in its first a items."""
+    return _prefix_vectors(a, 0, nv0), _prefix_vectors(a, n0, nv1), _prefix_vectors(a, n01, nv2)
+
+
+@cuda.jit(device=True, inline=True)
 def _copy_from_host(src, dst, v, nvec, step, uv):
     """The 16-byte vectors v, v + step, ... below nvec at global byte address src (host memory the GPU maps)
     to dst (device), in order or interleaved (uv, see _slot_vector), four loads a thread issued before their
@@ -1902,7 +1908,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     for i in range(nmiss[0]):
         e, s, c = int64(miss[3 * i]), int64(miss[3 * i + 1]), int64(miss[3 * i + 2])
         a = c if c >= 0 else min(max(got - (-2 - c) * full, 0), full)
-        v0, v1, v2 = _prefix_vectors(a, 0, nv0), _prefix_vectors(a, n0, nv1), _prefix_vectors(a, n01, nv2)
+        v0, v1, v2 = _expert_prefix(a, nv0, nv1, nv2, n0, n01)
         moved += nv0 - v0 + nv1 - v1 + nv2 - v2
         _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], v0 + t0, nv0, step, uvs[0])
         _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], v1 + t0, nv1, step, uvs[1])
@@ -1911,7 +1917,8 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
         ahead = int64(0)
         for t in range(nt):
             a = min(max(got - t * full, 0), full)
-            ahead += _prefix_vectors(a, 0, nv0) + _prefix_vectors(a, n0, nv1) + _prefix_vectors(a, n01, nv2)
+            p0, p1, p2 = _expert_prefix(a, nv0, nv1, nv2, n0, n01)
+            ahead += p0 + p1 + p2
             r = rc + PF_TARGET + 4 * t
             if pf[r + PF_REQ] == 0 and key_of[pf[r + PF_SLOT]] == pf[r + PF_KEY]:
                 have[pf[r + PF_SLOT]] = a
