@@ -1800,7 +1800,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         pin[s] = lk + far
         have[s] = 0
         r = rn + PF_TARGET + 4 * t
-        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - gbase, 0
+        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - (gbase2 if far else gbase), 0
     cuda.syncthreads()
     kk = k + 1 if shared >= 0 else k
     Q = ids.shape[0] // k * kk
