@@ -646,8 +646,9 @@ def stream_bench(args, m) -> None:
 def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
     captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
-    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream), the hits done
-    (the join), the layer done. The stamps cost ~a few us each."""
+    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream; not where a
+    prefetch follows the misses), the hits done (the join), the join done (the misses are in), the layer done.
+    The stamps cost ~a few us each."""
     from numba.core import types as t
     from numba.core.extending import intrinsic
     from localmoe.backends.cuda import kernels as K
@@ -666,27 +667,29 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         buf[i] = globaltimer()
 
     L = st.n_layers
-    buf = be.xp.zeros(5 * L, np.int64)
+    W = 6                                         # stamps per layer
+    buf = be.xp.zeros(W * L, np.int64)
     lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
     cur = [0]
 
     def lookup(layer, *a, **kw):
         cur[0] = layer
-        stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
+        stamp[1, 1, K.STREAM[0]](buf, W * layer)
         r = lookup0(layer, *a, **kw)
-        stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
+        stamp[1, 1, K.STREAM[0]](buf, W * layer + 1)
         if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
             return r                                    # or a prefetch follows it (no copy-done stamp)
-        stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
+        stamp[1, 1, st._copy_launch](buf, W * layer + 2)
         return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 
     def join(done):
-        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 3)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 3)
         join0(done)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 5)
 
     def ffn(*a, **kw):
         y = ffn0(*a, **kw)
-        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 4)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 4)
         return y
 
     st.lookup_on_device, st.join, be.expert_ffn = lookup, join, ffn
@@ -699,25 +702,26 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     finally:
         del st.lookup_on_device, st.join, be.expert_ffn
         be._graphs.clear()
-    s = be.to_host(buf).reshape(L, 5).astype(np.float64) / 1e3          # us
+    s = be.to_host(buf).reshape(L, W).astype(np.float64) / 1e3          # us
     moe = [i for i in range(L) if s[i, 0] > 0]
     s = s[moe]
     prev = np.concatenate([[np.nan], s[:-1, 4]])
     parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
-             "lookup": s[:, 1] - s[:, 0], "copy (lookup done -> copy stream done)": s[:, 2] - s[:, 1],
+             "lookup": s[:, 1] - s[:, 0], "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
+             "misses in (lookup done -> join done)": s[:, 5] - s[:, 1],
              "hits (lookup done -> join)": s[:, 3] - s[:, 1],
-             "after copy and hits (misses, combine)": s[:, 4] - np.maximum(s[:, 2], s[:, 3])}
+             "after the join (misses, combine)": s[:, 4] - s[:, 5]}
     print(f"  timeline of one decode step, {len(moe)} MoE layers, first lookup -> last layer end "
           f"{s[-1, 4] - s[0, 0]:.0f} us (with stamps; 4 tokens took {(time.perf_counter() - t0) * 1e3:.0f} ms incl. capture):")
     for what, v in parts.items():
         print(f"   {what}: mean {np.nanmean(v):.1f} us, median {np.nanmedian(v):.1f}, sum {np.nansum(v):.0f} us")
     nm = {layer: int(be.to_host(b[3])[0]) for (layer, Q), b in st._bufs.items() if Q <= 8}   # the decode steps' lookups
     misses = np.array([nm.get(i, -1) for i in moe])
-    copy = s[:, 2] - s[:, 1]
+    copy = np.where(s[:, 2] > 0, s[:, 2], s[:, 5]) - s[:, 1]
     print("   copy time by the layer's misses (the last step): " + "; ".join(
         f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
-    print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, end): " + "; ".join(
-        ", ".join(f"{x - s[0, 0]:.0f}" for x in r) for r in s[:6]), flush=True)
+    print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, misses in, end): " + "; ".join(
+        ", ".join(f"{x - s[0, 0]:.0f}" if x > 0 else "-" for x in r[[0, 1, 2, 3, 5, 4]]) for r in s[:6]), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:
