@@ -707,7 +707,8 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     s = s[moe]
     prev = np.concatenate([[np.nan], s[:-1, 4]])
     parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
-             "lookup": s[:, 1] - s[:, 0], "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
+             "lookup": s[:, 1] - s[:, 0],
+             "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
              "misses in (lookup done -> join done)": s[:, 5] - s[:, 1],
              "hits (lookup done -> join)": s[:, 3] - s[:, 1],
              "after the join (misses, combine)": s[:, 4] - s[:, 5]}
@@ -720,8 +721,9 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     copy = np.where(s[:, 2] > 0, s[:, 2], s[:, 5]) - s[:, 1]
     print("   copy time by the layer's misses (the last step): " + "; ".join(
         f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
-    print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, misses in, end): " + "; ".join(
-        ", ".join(f"{x - s[0, 0]:.0f}" if x > 0 else "-" for x in r[[0, 1, 2, 3, 5, 4]]) for r in s[:6]), flush=True)
+    head = "   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, misses in, end): "
+    print(head + "; ".join(", ".join(f"{x - s[0, 0]:.0f}" if x > 0 else "-" for x in r[[0, 1, 2, 3, 5, 4]])
+                           for r in s[:6]), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

@@ -526,8 +526,8 @@ class PrefetchRig:
         K.cache_lookup_kernel[1, K.THREADS](
             cp.asarray(np.array(ids, np.int32)), self.k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
             d["last"], d["pin"], d["state"], d["wt"], b["mats"][:len(ids)], b["split"][:2 * len(ids)], b["miss"],
-            b["nmiss"], d["have"], self.full, d["pf"], layer, g, 0 if guess is None else len(guess), max(nxt, 0) * E, nxt,
-            g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
+            b["nmiss"], d["have"], self.full, d["pf"], layer, g, 0 if guess is None else len(guess), max(nxt, 0) * E,
+            nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
         if meanwhile is not None:
             meanwhile()
         K.expert_copy_kernel[self.blocks, 64](
