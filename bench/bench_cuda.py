@@ -124,9 +124,10 @@ def main() -> None:
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
     ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
     ap.add_argument("--locality", type=float, default=0.25, help="... and P(an expert repeats from the last token)")
-    ap.add_argument("--guess", default="off,0.7",
+    ap.add_argument("--guess", default="off,0.7,0.7/0.6",
                     help="... and the next-layer guesses it replays, a comma list: off (no prefetch) or the share of "
-                    "ids guessed right (guess_table; the demo's recorded routing: ~0.7)")
+                    "ids guessed right (guess_table; the demo's recorded routing: ~0.7), then optionally /the share "
+                    "for the layer after (guessed from the same input: ~0.6 on the demo)")
     ap.add_argument("--host-register", choices=("ab", "auto", "on", "off"), default="ab",
                     help="--gpu-mem's copies: DMA straight from the registered file (on), staged (off), on if "
                     "the file fits in RAM (auto), or off then on with the ratio (ab)")
@@ -491,24 +492,26 @@ class ReplayedRouting:
     """Wraps be.route: decode steps (one row) take their expert ids from routes [T, L, k] (token t,
     routed layer l), weights as the model's router gives them; prefill keeps the model's own routing.
     The table and the token counter live on the device, so a captured decode step replays it too.
-    guesses [T, L, k] (else no prefetch: the random router's own guesses carry no signal about replayed ids):
-    be.guess_route's picks for layer l of token t (made at layer l - 1), see `guess_table`."""
+    guesses: a list of [T, L, k] (else no prefetch: the random router's own guesses carry no signal about replayed
+    ids): the i-th is be.guess_route's picks for layer l of token t made at layer l - 1 - i, see `guess_table`
+    (be.guess_layers is set to how many there are)."""
 
-    def __init__(self, be, routes: np.ndarray, guesses: np.ndarray | None = None):
+    def __init__(self, be, routes: np.ndarray, guesses: list[np.ndarray] = ()):
         xp = be.xp
         self.be, self.route, self.layer, self.L = be, be.route, 0, routes.shape[1]
         self.routes = xp.asarray(routes.reshape(len(routes), -1).astype(np.int32))     # [T, L * k]
         self.t = xp.zeros(1, np.int64)
-        if guesses is None:
+        if not guesses:
             be.next_experts = {}
         else:
-            self.guesses = xp.asarray(guesses.reshape(len(guesses), -1).astype(np.int32))
-            be.guess_route = self.guess
+            self.guesses = [xp.asarray(g.reshape(len(g), -1).astype(np.int32)) for g in guesses]
+            be.guess_route, be.guess_layers = self.guess, len(guesses)
 
-    def guess(self, logits, k):
+    def guess(self, logits, k, layers=1):
         if logits.shape[0] != 1:                   # prefill: the model's own
             return self.route(logits, k)[0]
-        return self.be.xp.take(self.guesses, self.t, axis=0)[:, self.layer * k:(self.layer + 1) * k]
+        at = self.layer + layers - 1               # (route() has moved self.layer on to the next layer)
+        return self.be.xp.take(self.guesses[layers - 1], self.t, axis=0)[:, at * k:(at + 1) * k]
 
     def __call__(self, logits, k, *a, out=None):
         xp = self.be.xp
@@ -542,7 +545,7 @@ def stream_bench(args, m) -> None:
     st = be.streamer
     cache_args = (st.budget, st.n_layers, st.n_experts, st.policy)
     del st                                                # its pools are freed when it is replaced
-    route0, next0 = be.route, dict(be.next_experts)
+    route0, next0, layers0 = be.route, dict(be.next_experts), be.guess_layers
     ids = [1] + list(range(1000, 1015))
     print(f"\nstreaming: --gpu-mem {args.gpu_mem}; pinned host->device copy {pcie:.1f} GB/s (the PCIe yardstick); "
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
@@ -571,7 +574,7 @@ def stream_bench(args, m) -> None:
               f"pipelined={pipelined}:", flush=True)
         replayed = f"Zipf s={args.zipf}, locality {args.locality} (replayed)"
         for i, (name, recall) in enumerate([("model's own routing", None)] + [(replayed, g) for g in args.guess.split(",")]):
-            be.route, be.next_experts = route0, dict(next0)
+            be.route, be.next_experts, be.guess_layers = route0, dict(next0), layers0
             be.__dict__.pop("guess_route", None)
             if i:                                             # a fresh expert cache: the last run's would warm it
                 be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode, on_device=on_device,
@@ -579,9 +582,10 @@ def stream_bench(args, m) -> None:
                 be.pipelined = bool(pipelined)
                 st0 = m.net.stats.expert_cache = m._streamer = be.streamer
             if recall is not None:
-                table = None if recall == "off" else guess_table(zipf, float(recall), rng)
-                be.route = ReplayedRouting(be, zipf, table)
-                name += ", no prefetch" if table is None else f", guesses {float(recall):.0%} right"
+                shares = [] if recall == "off" else [float(r) for r in recall.split("/")]
+                be.route = ReplayedRouting(be, zipf, [guess_table(zipf, r, rng) for r in shares])
+                name += (", no prefetch" if not shares else f", guesses {shares[0]:.0%} right" +
+                         "".join(f", {r:.0%} for the layer after" for r in shares[1:]))
             cache = m.new_cache()
             t0 = time.perf_counter()
             m.prefill(np.array(ids), cache)
@@ -642,8 +646,9 @@ def stream_bench(args, m) -> None:
 def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
     captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
-    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream), the hits done
-    (the join), the layer done. The stamps cost ~a few us each."""
+    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream; not where a
+    prefetch follows the misses), the hits done (the join), the join done (the misses are in), the layer done.
+    The stamps cost ~a few us each."""
     from numba.core import types as t
     from numba.core.extending import intrinsic
     from localmoe.backends.cuda import kernels as K
@@ -662,27 +667,29 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         buf[i] = globaltimer()
 
     L = st.n_layers
-    buf = be.xp.zeros(5 * L, np.int64)
+    W = 6                                         # stamps per layer
+    buf = be.xp.zeros(W * L, np.int64)
     lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
     cur = [0]
 
     def lookup(layer, *a, **kw):
         cur[0] = layer
-        stamp[1, 1, K.STREAM[0]](buf, 5 * layer)
+        stamp[1, 1, K.STREAM[0]](buf, W * layer)
         r = lookup0(layer, *a, **kw)
-        stamp[1, 1, K.STREAM[0]](buf, 5 * layer + 1)
+        stamp[1, 1, K.STREAM[0]](buf, W * layer + 1)
         if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
             return r                                    # or a prefetch follows it (no copy-done stamp)
-        stamp[1, 1, st._copy_launch](buf, 5 * layer + 2)
+        stamp[1, 1, st._copy_launch](buf, W * layer + 2)
         return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 
     def join(done):
-        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 3)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 3)
         join0(done)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 5)
 
     def ffn(*a, **kw):
         y = ffn0(*a, **kw)
-        stamp[1, 1, K.STREAM[0]](buf, 5 * cur[0] + 4)
+        stamp[1, 1, K.STREAM[0]](buf, W * cur[0] + 4)
         return y
 
     st.lookup_on_device, st.join, be.expert_ffn = lookup, join, ffn
@@ -695,25 +702,28 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     finally:
         del st.lookup_on_device, st.join, be.expert_ffn
         be._graphs.clear()
-    s = be.to_host(buf).reshape(L, 5).astype(np.float64) / 1e3          # us
+    s = be.to_host(buf).reshape(L, W).astype(np.float64) / 1e3          # us
     moe = [i for i in range(L) if s[i, 0] > 0]
     s = s[moe]
     prev = np.concatenate([[np.nan], s[:-1, 4]])
     parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
-             "lookup": s[:, 1] - s[:, 0], "copy (lookup done -> copy stream done)": s[:, 2] - s[:, 1],
+             "lookup": s[:, 1] - s[:, 0],
+             "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
+             "misses in (lookup done -> join done)": s[:, 5] - s[:, 1],
              "hits (lookup done -> join)": s[:, 3] - s[:, 1],
-             "after copy and hits (misses, combine)": s[:, 4] - np.maximum(s[:, 2], s[:, 3])}
+             "after the join (misses, combine)": s[:, 4] - s[:, 5]}
     print(f"  timeline of one decode step, {len(moe)} MoE layers, first lookup -> last layer end "
           f"{s[-1, 4] - s[0, 0]:.0f} us (with stamps; 4 tokens took {(time.perf_counter() - t0) * 1e3:.0f} ms incl. capture):")
     for what, v in parts.items():
         print(f"   {what}: mean {np.nanmean(v):.1f} us, median {np.nanmedian(v):.1f}, sum {np.nansum(v):.0f} us")
     nm = {layer: int(be.to_host(b[3])[0]) for (layer, Q), b in st._bufs.items() if Q <= 8}   # the decode steps' lookups
     misses = np.array([nm.get(i, -1) for i in moe])
-    copy = s[:, 2] - s[:, 1]
+    copy = np.where(s[:, 2] > 0, s[:, 2], s[:, 5]) - s[:, 1]
     print("   copy time by the layer's misses (the last step): " + "; ".join(
         f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
-    print("   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, end): " + "; ".join(
-        ", ".join(f"{x - s[0, 0]:.0f}" for x in r) for r in s[:6]), flush=True)
+    head = "   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, misses in, end): "
+    print(head + "; ".join(", ".join(f"{x - s[0, 0]:.0f}" if x > 0 else "-" for x in r[[0, 1, 2, 3, 5, 4]])
+                           for r in s[:6]), flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

@@ -265,7 +265,7 @@ def layer_misses(cp, K, rng, path: str, dma: float, sms: int) -> None:
         for blocks in (8, 16, 32, sms):
             s = graph_seconds(cp, lambda i, st: K.expert_copy_kernel[blocks, K.COPY_THREADS, cuda.external_stream(st.ptr)](
                 lists[i], cnt, *srcs, *pools, words, (0, 0, 0), d["state"], d["pf"], -1, d["key_of"], d["have"],
-                -1, 0, 0, 0), calls)
+                -1, 0, 0, 0, -1, 0, 0, 0), calls)
             row.append(f"kernel on {blocks} SMs {3 * m * mb / s / 1e9:5.1f}")
 
         def by_dma(i, st):

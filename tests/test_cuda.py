@@ -434,7 +434,8 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
         K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
-                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1)
+                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1, none, 0, 0,
+                                            -1)
         assert np.array_equal(mats.get(), want), f"step {step}"
         assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
@@ -476,7 +477,8 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     miss = cp.asarray(np.array([(e, s, 0) for e, s in pairs + [(2, 2)]], np.int32).reshape(-1))   # 4th: past the count
     d = device_cache_state(cp, K, 1, E, S)
     K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
-                                       *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"], -1, 0, 0, 0)
+                                       *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"], -1, 0, 0, 0, -1, 0,
+                                       0, 0)
     for h, p, b, w, q in zip(host, pools, before, words, qts):
         want = b.reshape(S, w).copy()
         for e, s in pairs:
@@ -484,6 +486,90 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
             want[s] = m if q is None else K.interleave(m.view(np.uint8), q).view(np.uint32)
         assert np.array_equal(p.get().reshape(S, w), want)
     assert d["state"].get()[K.DEMAND_VECS] == 3 * sum(words) // 4
+
+
+class PrefetchRig:
+    """L layers of E experts in pinned host memory (random words; Q4_0 and Q8_0 chunks, interleaved, then a plain
+    matrix), an S-slot device cache, and the device mode's lookup and copy kernels on them."""
+
+    def __init__(self, L, E, S, k, blocks):
+        import cupy as cp
+        import cupyx
+        from localmoe.backends.cuda import kernels as K
+        from localmoe.backends.cuda.streaming import device_cache_state
+        rng = np.random.default_rng()
+        self.K, self.cp, self.L, self.E, self.S, self.k, self.blocks = K, cp, L, E, S, k, blocks
+        self.words = (36 * K.CHUNK * 3, 68 * K.CHUNK, 4 * 3000)
+        self.uvs = (K.UNIT_VECTORS[K.Q4_0], K.UNIT_VECTORS[K.Q8_0], 0)
+        self.qts = (K.Q4_0, K.Q8_0, None)
+        self.full = K.expert_items(self.words)
+        assert self.full == sum(-(-(w // 4) // K.ITEM_VECTORS) for w in self.words) and self.full >= 4
+        assert self.words[2] // 4 > K.ITEM_VECTORS
+        self.host = [cupyx.empty_pinned(L * E * w, np.uint32) for w in self.words]      # [layer, expert, words]
+        for h in self.host:
+            h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)
+        self.pools = [cp.asarray(rng.integers(0, 2 ** 32, S * w, dtype=np.uint32)) for w in self.words]
+        self.d = device_cache_state(cp, K, L, E, S)
+        self.bufs = dict(mats=cp.empty(3 * k, np.int32), split=cp.empty(6 * k, np.int32),
+                         miss=cp.empty(3 * k, np.int32), nmiss=cp.zeros(1, np.int32))
+        self.middle = sum(-(-(w // 4) // K.ITEM_VECTORS) for w in self.words[:2]) + 1   # inside the third matrix
+
+    def src(self, layer):
+        return [h.ctypes.data + layer * self.E * w * 4 for h, w in zip(self.host, self.words)]
+
+    def lookup(self, layer, ids, guess=None, guess2=None, meanwhile=None):
+        """Layer `layer`'s lookup of ids with the guesses for the next layer and the one after; then its copy kernel
+        (after meanwhile()). Returns the ids' slots."""
+        cp, K, d, b, E = self.cp, self.K, self.d, self.bufs, self.E
+        nxt, nxt2 = (-1 if g is None else layer + i for i, g in ((1, guess), (2, guess2)))
+        g, g2 = (cp.asarray(np.array(x if x is not None else [0], np.int32)) for x in (guess, guess2))
+        K.cache_lookup_kernel[1, K.THREADS](
+            cp.asarray(np.array(ids, np.int32)), self.k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
+            d["last"], d["pin"], d["state"], d["wt"], b["mats"][:len(ids)], b["split"][:2 * len(ids)], b["miss"],
+            b["nmiss"], d["have"], self.full, d["pf"], layer, g, 0 if guess is None else len(guess), max(nxt, 0) * E,
+            nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
+        if meanwhile is not None:
+            meanwhile()
+        K.expert_copy_kernel[self.blocks, 64](
+            b["miss"], b["nmiss"], *self.src(layer), *self.pools, self.words, self.uvs, d["state"], d["pf"], layer,
+            d["key_of"], d["have"], nxt, *(self.src(nxt) if nxt >= 0 else (0, 0, 0)), nxt2,
+            *(self.src(nxt2) if nxt2 >= 0 else (0, 0, 0)))
+        return b["mats"][:len(ids)].get()
+
+    def expected(self, layer, e, s, prefix=0, before=None):
+        """Slot s's words once expert e of layer is in from item `prefix` on (the rest as `before` had them)."""
+        out, b = [], 0
+        for h, w, q in zip(self.host, self.words, self.qts):
+            m = h.reshape(self.L, self.E, w)[layer, e]
+            idx = np.repeat(np.arange(w // 4, dtype=np.uint32), 4)     # each 16-byte vector's own index
+            if q is not None:
+                m, idx = (self.K.interleave(a.view(np.uint8), q).view(np.uint32) for a in (m, idx))
+            keep = idx < min(max(prefix - b, 0) * self.K.ITEM_VECTORS, w // 4)
+            out.append(np.where(keep, before[len(out)][s * w:(s + 1) * w] if before else 0, m))
+            b += -(-(w // 4) // self.K.ITEM_VECTORS)
+        return out
+
+    def holds(self, layer, e, s, prefix=0, before=None):
+        return all(np.array_equal(p.reshape(self.S, w)[s].get(), x)
+                   for p, w, x in zip(self.pools, self.words, self.expected(layer, e, s, prefix, before)))
+
+    def prefix_vectors(self, a):
+        b, n = 0, 0
+        for w in self.words:
+            n += min(max(a - b, 0) * self.K.ITEM_VECTORS, w // 4)
+            b += -(-(w // 4) // self.K.ITEM_VECTORS)
+        return n
+
+    def stopper(self, stop_at, record, lookups):
+        """meanwhile() for a lookup (the `lookups`-th) whose prefetch, record `record`, gets as far as stop_at:
+        stopped before its first item (a newer lookup came first), as if stopped at `middle` (NEXT set by hand),
+        or run to the end."""
+        def stop():
+            if stop_at in ("start", "middle"):
+                self.d["pf"][self.K.PF_STOP] = lookups + 1
+            if stop_at == "middle":
+                self.d["pf"][record + self.K.PF_NEXT] = self.middle
+        return stop
 
 
 @needs_gpu
@@ -497,101 +583,71 @@ def test_prefetch_then_the_next_lookup_finishes_what_it_needs(stop_at):
     bytes (interleaved), and the unasked target keeps its prefix (have), so a later lookup of it finishes it.
     stop_at: how far the prefetch got (stopped before its first item, NEXT set by hand as if it had stopped
     after the first of the third matrix's two items, the last one short, or run to the end)."""
-    import cupy as cp
-    import cupyx
     from localmoe.backends.cuda import kernels as K
-    from localmoe.backends.cuda.streaming import device_cache_state
-    rng = np.random.default_rng()
-    L, E, S, k, blocks = 3, 8, 12, 2, 5
-    words = (36 * K.CHUNK * 3, 68 * K.CHUNK, 4 * 3000)      # Q4_0 and Q8_0 chunks (interleaved), then plain
-    uvs = (K.UNIT_VECTORS[K.Q4_0], K.UNIT_VECTORS[K.Q8_0], 0)
-    qts = (K.Q4_0, K.Q8_0, None)
-    full = K.expert_items(words)
-    assert full == sum(-(-(w // 4) // K.ITEM_VECTORS) for w in words) and full >= 4
-    host = [cupyx.empty_pinned(L * E * w, np.uint32) for w in words]      # [layer, expert, words]
-    for h in host:
-        h[:] = rng.integers(0, 2 ** 32, h.size, dtype=np.uint32)
-    pools = [cp.asarray(rng.integers(0, 2 ** 32, S * w, dtype=np.uint32)) for w in words]
-    d = device_cache_state(cp, K, L, E, S)
-    bufs = dict(mats=cp.empty(3 * k, np.int32), split=cp.empty(6 * k, np.int32), miss=cp.empty(3 * k, np.int32),
-                nmiss=cp.zeros(1, np.int32))
-
-    def src(layer):
-        return [h.ctypes.data + layer * E * w * 4 for h, w in zip(host, words)]
-
-    def lookup(layer, ids, guess=None, meanwhile=None):
-        g = cp.asarray(np.array(guess if guess is not None else [0], np.int32))
-        nxt = -1 if guess is None else layer + 1
-        K.cache_lookup_kernel[1, K.THREADS](
-            cp.asarray(np.array(ids, np.int32)), k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
-            d["last"], d["pin"], d["state"], d["wt"], bufs["mats"][:len(ids)], bufs["split"][:2 * len(ids)],
-            bufs["miss"], bufs["nmiss"], d["have"], full, d["pf"], layer, g, 0 if guess is None else len(guess),
-            (layer + 1) * E, nxt)
-        if meanwhile is not None:
-            meanwhile()
-        K.expert_copy_kernel[blocks, 64](bufs["miss"], bufs["nmiss"], *src(layer), *pools, words, uvs, d["state"],
-                                         d["pf"], layer, d["key_of"], d["have"], nxt, *(src(nxt) if nxt >= 0 else (0, 0, 0)))
-        return bufs["mats"][:len(ids)].get()
-
-    def expected(layer, e, s, prefix=0, before=None):
-        """Slot s's words once expert e of layer is in from item `prefix` on (the rest as `before` had them)."""
-        out, b = [], 0
-        for h, p, w, q in zip(host, pools, words, qts):
-            m = h.reshape(L, E, w)[layer, e]
-            idx = np.repeat(np.arange(w // 4, dtype=np.uint32), 4)     # each 16-byte vector's own index
-            if q is not None:
-                m, idx = (K.interleave(a.view(np.uint8), q).view(np.uint32) for a in (m, idx))
-            keep = idx < min(max(prefix - b, 0) * K.ITEM_VECTORS, w // 4)
-            out.append(np.where(keep, before[len(out)][s * w:(s + 1) * w] if before else 0, m))
-            b += -(-(w // 4) // K.ITEM_VECTORS)
-        return out
-
-    def holds(layer, e, s, prefix=0, before=None):
-        return all(np.array_equal(p.reshape(S, w)[s].get(), x)
-                   for p, w, x in zip(pools, words, expected(layer, e, s, prefix, before)))
-
-    def prefix_vectors(a):
-        b, n = 0, 0
-        for w in words:
-            n += min(max(a - b, 0) * K.ITEM_VECTORS, w // 4)
-            b += -(-(w // 4) // K.ITEM_VECTORS)
-        return n
-
+    x = PrefetchRig(L=3, E=8, S=12, k=2, blocks=5)
+    d, full, middle = x.d, x.full, x.middle
     r = K.PF_HEAD + 1 * K.PF_WORDS
-    middle = sum(-(-(w // 4) // K.ITEM_VECTORS) for w in words[:2]) + 1      # inside target 0's third matrix
-    assert words[2] // 4 > K.ITEM_VECTORS
-    before = [p.get() for p in pools]
-
-    def stop():                                               # between the lookup and its copy kernel
-        if stop_at in ("start", "middle"):                    # a newer lookup came before the prefetch ran
-            d["pf"][K.PF_STOP] = 2
-        if stop_at == "middle":                               # as if it had stopped there
-            d["pf"][r + K.PF_NEXT] = middle
-
-    slots0 = lookup(0, [3, 5], guess=[6, 2, 7, 1], meanwhile=stop)   # layer 1: 6 and 2 are targets, not 7 and 1
-    assert holds(0, 3, slots0[0]) and holds(0, 5, slots0[1])
+    before = [p.get() for p in x.pools]
+    slots0 = x.lookup(0, [3, 5], guess=[6, 2, 7, 1], meanwhile=x.stopper(stop_at, r, 1))   # 6, 2 targets; 7, 1 not
+    assert x.holds(0, 3, slots0[0]) and x.holds(0, 5, slots0[1])
     pf = d["pf"].get()
-    assert pf[r + K.PF_NT] == 2 and pf[r + K.PF_GEN] == 1 and pf[K.PF_READY] == 1 and pf[K.PF_DONE] == blocks
+    assert pf[r + K.PF_NT] == 2 and pf[r + K.PF_GEN] == 1 and pf[K.PF_READY] == 1 and pf[K.PF_DONE] == x.blocks
     t0, t1 = (pf[r + K.PF_TARGET + 4 * t:r + K.PF_TARGET + 4 * t + 4] for t in range(2))
-    assert (t0[K.PF_EXPERT], t1[K.PF_EXPERT]) == (6, 2) and (t0[K.PF_KEY], t1[K.PF_KEY]) == (E + 6, E + 2)
+    assert (t0[K.PF_EXPERT], t1[K.PF_EXPERT]) == (6, 2) and (t0[K.PF_KEY], t1[K.PF_KEY]) == (8 + 6, 8 + 2)
     assert sorted([t0[K.PF_SLOT], t1[K.PF_SLOT], *slots0]) == [0, 1, 2, 3]
     got = int(pf[r + K.PF_NEXT])
-    assert got == {"start": 0, "middle": middle, "all": 2 * full + blocks}[stop_at]   # + each block's last take
+    assert got == {"start": 0, "middle": middle, "all": 2 * full + x.blocks}[stop_at]   # + each block's last take
     if stop_at == "all":
-        assert holds(1, 6, t0[K.PF_SLOT]) and holds(1, 2, t1[K.PF_SLOT])
-    slots1 = lookup(1, [6, 4])                                # asks for target 0, not target 1
+        assert x.holds(1, 6, t0[K.PF_SLOT]) and x.holds(1, 2, t1[K.PF_SLOT])
+    slots1 = x.lookup(1, [6, 4])                              # asks for target 0, not target 1
     st = d["state"].get()
     assert slots1[0] == t0[K.PF_SLOT] and st[K.FOUND] == 1 and st[K.PREFETCHED] == 2 and st[K.MISSES] == 4
     a0, a1 = min(got, full), min(max(got - full, 0), full)
-    assert holds(1, 6, slots1[0], a0 if stop_at == "middle" else 0, before) and holds(1, 4, slots1[1])
-    vec = sum(words) // 4
-    assert st[K.DEMAND_VECS] == 3 * vec + vec - prefix_vectors(a0)   # layer 0's two, expert 4, target 0's rest
-    assert st[K.PREFETCH_VECS] == prefix_vectors(a0) + prefix_vectors(a1)
+    assert x.holds(1, 6, slots1[0], a0 if stop_at == "middle" else 0, before) and x.holds(1, 4, slots1[1])
+    vec = sum(x.words) // 4
+    assert st[K.DEMAND_VECS] == 3 * vec + vec - x.prefix_vectors(a0)   # layer 0's two, expert 4, target 0's rest
+    assert st[K.PREFETCH_VECS] == x.prefix_vectors(a0) + x.prefix_vectors(a1)
     have = d["have"].get()
     assert have[slots1[0]] == have[slots1[1]] == full and have[t1[K.PF_SLOT]] == a1
-    slots2 = lookup(1, [2, 4])                                # target 1, asked for later: finished then
-    assert slots2[0] == t1[K.PF_SLOT] and holds(1, 2, slots2[0]) and d["have"].get()[slots2[0]] == full
+    slots2 = x.lookup(1, [2, 4])                              # target 1, asked for later: finished then
+    assert slots2[0] == t1[K.PF_SLOT] and x.holds(1, 2, slots2[0]) and d["have"].get()[slots2[0]] == full
     assert d["state"].get()[K.FOUND] == 1 + (a1 < full)
+
+
+@needs_gpu
+@pytest.mark.parametrize("stop_at", ["start", "middle", "all"])
+def test_a_guess_two_layers_ahead_fills_a_window_the_next_one_leaves_idle(stop_at):
+    """Layer 0's guess for layer 1 finds everything resident, so its guess for layer 2 picks the targets (record
+    L + 2), pinned through layer 1's lookup: that lookup evicts LFU's best victims but not them (their score is
+    0, the lowest), although the prefetch may still be copying into them. Layer 1's copy kernel records how far
+    they got (have), and layer 2's lookup finishes the one it asks for from there (a partial slot: FOUND)."""
+    from localmoe.backends.cuda import kernels as K
+    x = PrefetchRig(L=4, E=8, S=7, k=2, blocks=5)
+    d, full = x.d, x.full
+    r2 = K.PF_HEAD + (4 + 2) * K.PF_WORDS
+    before = [p.get() for p in x.pools]
+    x.lookup(1, [1, 2])                                       # layer 1's guessed experts resident (slots 0, 1)
+    slots0 = x.lookup(0, [3, 5], guess=[1, 2, 2, 1], guess2=[6, 7, 6, 0], meanwhile=x.stopper(stop_at, r2, 2))
+    pf = d["pf"].get()
+    assert pf[K.PF_HEAD + 1 * K.PF_WORDS + K.PF_GEN] != 2     # nothing for layer 1
+    assert pf[r2 + K.PF_GEN] == 2 and pf[r2 + K.PF_NT] == 2 and pf[K.PF_READY] == 2
+    t0, t1 = (pf[r2 + K.PF_TARGET + 4 * t:r2 + K.PF_TARGET + 4 * t + 4] for t in range(2))
+    assert (t0[K.PF_KEY], t1[K.PF_KEY]) == (16 + 6, 16 + 7) and sorted(slots0) == [2, 3]
+    assert sorted([t0[K.PF_SLOT], t1[K.PF_SLOT]]) == [4, 5] and (d["pin"].get()[[4, 5]] == 3).all()
+    got = int(pf[r2 + K.PF_NEXT])
+    assert got == {"start": 0, "middle": x.middle, "all": 2 * full + x.blocks}[stop_at]
+    slots1 = x.lookup(1, [0, 4], guess=[6, 7])                # 2 misses, 1 free slot: an eviction, not a target
+    assert 6 in slots1 and not set(slots1.tolist()) & {4, 5}
+    key_of = d["key_of"].get()
+    assert key_of[t0[K.PF_SLOT]] == 16 + 6 and key_of[t1[K.PF_SLOT]] == 16 + 7
+    a0, a1 = min(got, full), min(max(got - full, 0), full)
+    assert list(d["have"].get()[[t0[K.PF_SLOT], t1[K.PF_SLOT]]]) == [a0, a1]
+    assert d["state"].get()[K.PREFETCH_VECS] == x.prefix_vectors(a0) + x.prefix_vectors(a1)
+    found = d["state"].get()[K.FOUND]
+    slots2 = x.lookup(2, [6, 3])                              # target 0 from where it stopped, and a miss
+    assert slots2[0] == t0[K.PF_SLOT] and x.holds(2, 3, slots2[1])
+    assert x.holds(2, 6, slots2[0], a0 if stop_at == "middle" else 0, before)   # (middle: NEXT set by hand)
+    assert d["state"].get()[K.FOUND] == found + (a0 < full) and d["have"].get()[slots2[0]] == full
 
 
 @needs_gpu

@@ -1569,12 +1569,13 @@ CLOCK, FILLED, LOOKUP_NO, LOOKUPS, HITS, MISSES, EVICTIONS = range(7)
 PREFETCHED, FOUND, DEMAND_VECS, PREFETCH_VECS = range(7, 11)   # targets; misses a prefetch had begun; vectors
 CACHE_STATE = 12           # int64 words of the state array (one spare)               copied on demand, ahead
 # The next-layer prefetch (the device mode's guess): have [S] int32, each slot's copied prefix in items (pieces
-# of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + L * PF_WORDS]:
+# of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + 2 L * PF_WORDS]:
 # PF_STOP (the newest lookup number: a prefetch an older lookup picked stops), PF_READY (the newest lookup
 # whose misses are all in: the join's flag when a prefetch follows them), PF_DONE (copy blocks past their
-# misses), then per target layer a record: the lookup number that picked it (GEN), its targets (NT), the next
-# item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's
-# lookup asked for it (REQ).
+# misses), then per target layer two records, one for a guess from the layer before (index: the layer) and one
+# for a guess from two layers before (index: L + the layer): the lookup number that picked it (GEN), its
+# targets (NT), the next item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and
+# whether that layer's lookup asked for it (REQ).
 PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
 PF_STOP, PF_READY, PF_DONE, PF_HEAD = 0, 1, 2, 3
 PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4
@@ -1592,9 +1593,24 @@ def _better(s1, l1, i1, s2, l2, i2):
     return i2 >= 0 and (i1 < 0 or s2 < s1 or (s2 == s1 and l2 < l1))
 
 
+@cuda.jit(device=True, inline=True)
+def _targets(guess, ng, gbase, most, slot_of, tk):
+    """The first `most` distinct experts of guess[:ng] (keys from gbase) that are not resident, into tk; how many."""
+    nt = 0
+    for g in range(ng):
+        key = gbase + guess[g]
+        new = nt < most and slot_of[key] < 0
+        for u in range(nt):
+            new = new and tk[u] != key
+        if new:
+            tk[nt] = key
+            nt += 1
+    return nt
+
+
 @cuda.jit
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
-                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt):
+                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt, guess2, ng2, gbase2, nxt2):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
     layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
     the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
@@ -1609,7 +1625,11 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     `cur`, this layer's, maybe still in flight: the copy kernel reads how far it got); it counts as a miss
     and as FOUND. Then the next layer's guess (ng ids in guess, keys from gbase) picks up to
     PREFETCH_TARGETS experts that are not resident, each given a slot after the misses' (pinned, newest,
-    empty), into record `nxt` (-1: none) for expert_copy_kernel. At the end, with the misses known, the
+    empty), into record `nxt` (-1: none) for expert_copy_kernel. When none of them is missing, the guess for the
+    layer after (ng2 ids in guess2, keys from gbase2, layer nxt2) picks them instead, into record L + nxt2: that
+    window's link would idle otherwise. Those stay pinned through the next lookup too (the prefetch may still be
+    copying into them then; the next copy kernel records how far it got in `have`, and the lookup of their layer
+    finishes them like any partial slot). At the end, with the misses known, the
     prefetch in flight is told to stop (PF_STOP; the copy kernel behind it waits for its last items).
     Without a guess (ng 0) and with whole slots this is exactly ExpertCache.lookup."""
     grid_dependency()
@@ -1627,7 +1647,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     wi = cuda.shared.array(WARPS, int32)
     part = cuda.shared.array(MAX_EXPERTS, int32)      # ... a hit's copy to finish: -1 none, else its start
     tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
-    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, -, targets
+    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, far, targets
     lk = state[LOOKUP_NO] + 1
     rc = PF_HEAD + cur * PF_WORDS
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
@@ -1689,20 +1709,15 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             nm += cuda.popc(bm)
             npart += cuda.popc(bq)
         if lane == 0:
-            nt = 0
-            if nxt >= 0:                              # the guess's experts not resident, in its order
-                for g in range(ng):
-                    key = gbase + guess[g]
-                    new = nt < min(PREFETCH_TARGETS, S - nd) and slot_of[key] < 0
-                    for u in range(nt):
-                        new = new and tk[u] != key
-                    if new:
-                        tk[nt] = key
-                        nt += 1
+            nt = _targets(guess, ng if nxt >= 0 else 0, gbase, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
+            far = 0
+            if nt == 0 and nxt2 >= 0:                 # nothing to fetch for the next layer: the one after
+                nt = _targets(guess2, ng2, gbase2, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
+                far = 1
             sv[0], sv[1], sv[2], sv[3] = nd, nh, nm, npart
-            sv[4], sv[5], sv[7] = state[CLOCK], state[FILLED], nt
+            sv[4], sv[5], sv[6], sv[7] = state[CLOCK], state[FILLED], far, nt
     cuda.syncthreads()
-    nd, nh, nm, npart, clock, filled, nt = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[7]
+    nd, nh, nm, npart, clock, filled, far, nt = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[6], sv[7]
     w = wt[0]
     for i in range(tid, nd, THREADS):                 # the hits: used in order, pinned before any eviction
         s = hit[i]
@@ -1772,7 +1787,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             pin[s] = lk
             have[s] = full
             miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
-    rn = PF_HEAD + nxt * PF_WORDS
+    rn = PF_HEAD + (nxt if far == 0 else (pf.shape[0] - PF_HEAD) // (2 * PF_WORDS) + nxt2) * PF_WORDS
     for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
         j = nm + t
         s = slot[j]
@@ -1782,10 +1797,10 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         slot_of[key] = s
         key_of[s] = key
         last[s] = clock + 1 + nd + t
-        pin[s] = lk
+        pin[s] = lk + far
         have[s] = 0
         r = rn + PF_TARGET + 4 * t
-        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - gbase, 0
+        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - (gbase2 if far else gbase), 0
     cuda.syncthreads()
     kk = k + 1 if shared >= 0 else k
     Q = ids.shape[0] // k * kk
@@ -1801,7 +1816,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
         split[Q + q] = s if fresh else -1
     if tid == 0:
         nmiss[0] = nm + npart
-        if nxt >= 0:
+        if nxt >= 0 or far:
             pf[rn + PF_GEN], pf[rn + PF_NT], pf[rn + PF_NEXT] = lk, nt, 0
         state[CLOCK] = clock + nd + nt
         state[FILLED] = min(S, filled + nn)
@@ -1879,16 +1894,18 @@ def _copy_from_host(src, dst, v, nvec, step, uv):
 
 @cuda.jit
 def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs, state, pf, cur, key_of, have,
-                       nxt, nsrc0, nsrc1, nsrc2):
+                       nxt, nsrc0, nsrc1, nsrc2, nxt2, fsrc0, fsrc1, fsrc2):
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
     loop, at ~92% of a DMA's rate over PCIe (bench/bench_zero_copy.py); matrix j interleaved on the way
     when uvs[j] > 0 (its 16-byte vectors per unit: the pools' layout, `interleave`). A miss (e, s, start)
     copies its items from start on (-2 - t: target t of the prefetch record `cur`, from where that prefetch
-    stopped). Then the targets of record cur that this layer did not ask for keep what got in (have), and
-    DEMAND_VECS / PREFETCH_VECS count the vectors each moved.
-    nxt >= 0: then the blocks prefetch record nxt's targets (nsrc_j: that layer's sources; _prefetch), once
+    stopped). Then the targets of record cur that this layer did not ask for, and those of record L + nxt (the
+    last lookup's guess two layers ahead), keep what got in (have), and DEMAND_VECS / PREFETCH_VECS count the
+    vectors each moved.
+    nxt >= 0: then the blocks prefetch the targets this lookup picked, record nxt's (nsrc_j: that layer's
+    sources), or where it picked its guess for layer nxt2 instead, record L + nxt2's (fsrc_j; _prefetch), once
     the last of them past its misses has raised PF_READY to this lookup's number: the compute stream's join
     is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
     launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
@@ -1900,6 +1917,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
     full = n01 + _items(nv2)
     lk = state[LOOKUP_NO]
+    nl = (pf.shape[0] - PF_HEAD) // (2 * PF_WORDS)
     rc = PF_HEAD + cur * PF_WORDS
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1
     nt = pf[rc + PF_NT] if live else int64(0)
@@ -1914,14 +1932,12 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
         _copy_from_host(src1 + 4 * e * words[1], gaddr(pool1, 0) + 4 * s * words[1], v1 + t0, nv1, step, uvs[1])
         _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], v2 + t0, nv2, step, uvs[2])
     if t0 == 0:
-        ahead = int64(0)
-        for t in range(nt):
-            a = min(max(got - t * full, 0), full)
-            p0, p1, p2 = _expert_prefix(a, nv0, nv1, nv2, n0, n01)
-            ahead += p0 + p1 + p2
-            r = rc + PF_TARGET + 4 * t
-            if pf[r + PF_REQ] == 0 and key_of[pf[r + PF_SLOT]] == pf[r + PF_KEY]:
-                have[pf[r + PF_SLOT]] = a
+        ahead = _prefetched(pf, rc, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01)
+        r2 = PF_HEAD + (nl + nxt) * PF_WORDS
+        if nxt >= 0 and pf[r2 + PF_GEN] == lk - 1:    # the last lookup's guess for two layers on
+            nt2 = pf[r2 + PF_NT]
+            ahead += _prefetched(pf, r2, nt2, min(pf[r2 + PF_NEXT], nt2 * full), full, key_of, have, nv0, nv1, nv2,
+                                 n0, n01)
         state[DEMAND_VECS] += moved
         state[PREFETCH_VECS] += ahead
     if nxt >= 0:
@@ -1930,12 +1946,30 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
         if cuda.threadIdx.x == 0 and cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
             cuda.threadfence()
             cuda.atomic.max(pf, PF_READY, lk)
-        _prefetch(pf, nxt, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+        if pf[PF_HEAD + nxt * PF_WORDS + PF_GEN] == lk:
+            _prefetch(pf, nxt, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+        elif nxt2 >= 0 and pf[PF_HEAD + (nl + nxt2) * PF_WORDS + PF_GEN] == lk:
+            _prefetch(pf, nl + nxt2, fsrc0, fsrc1, fsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+
+
+@cuda.jit(device=True, inline=True)
+def _prefetched(pf, r, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01):
+    """Record r's nt targets once its prefetch has stopped after `got` items: each one this layer did not ask for
+    (and still in its slot) keeps its prefix (have); returns the vectors they all got."""
+    ahead = int64(0)
+    for t in range(nt):
+        a = min(max(got - t * full, 0), full)
+        p0, p1, p2 = _expert_prefix(a, nv0, nv1, nv2, n0, n01)
+        ahead += p0 + p1 + p2
+        q = r + PF_TARGET + 4 * t
+        if pf[q + PF_REQ] == 0 and key_of[pf[q + PF_SLOT]] == pf[q + PF_KEY]:
+            have[pf[q + PF_SLOT]] = a
+    return ahead
 
 
 @cuda.jit(device=True, inline=True)
 def _prefetch(pf, r, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01, full):
-    """Record r's targets (cache_lookup_kernel's guess for layer r; src_j that layer's), copied item by item in
+    """Record r's targets (cache_lookup_kernel's guess; src_j their layer's), copied item by item in
     their order, each block taking the next item with an atomic, until all are in or a newer lookup raises
     PF_STOP (checked before each item). Every item taken is finished, so the first min(NEXT, NT x items)
     are in when the kernel ends. It uses the link while the misses compute and the next layer's attention
