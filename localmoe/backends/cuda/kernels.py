@@ -1960,8 +1960,8 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
 
 @cuda.jit(device=True, inline=True)
 def _prefetched(pf, r, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01):
-    """The nt targets of the record at r, once its prefetch has stopped after `got` items: each one this layer did not ask for
-    (and still in its slot) keeps its prefix (have); returns the vectors they all got."""
+    """The nt targets of the record at r, once its prefetch has stopped after `got` items: each one this layer did
+    not ask for (and still in its slot) keeps its prefix (have); returns the vectors they all got."""
     ahead = int64(0)
     for t in range(nt):
         a = min(max(got - t * full, 0), full)
