@@ -1594,6 +1594,12 @@ def _better(s1, l1, i1, s2, l2, i2):
 
 
 @cuda.jit(device=True, inline=True)
+def _record(pf, layer, far):
+    """Where layer's prefetch record starts in pf: its guess from the layer before (far 0) or from two before (1)."""
+    return PF_HEAD + (layer + far * ((pf.shape[0] - PF_HEAD) // (2 * PF_WORDS))) * PF_WORDS
+
+
+@cuda.jit(device=True, inline=True)
 def _targets(guess, ng, gbase, most, slot_of, tk):
     """The first `most` distinct experts of guess[:ng] (keys from gbase) that are not resident, into tk; how many."""
     nt = 0
@@ -1649,7 +1655,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
     sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, far, targets
     lk = state[LOOKUP_NO] + 1
-    rc = PF_HEAD + cur * PF_WORDS
+    rc = _record(pf, cur, 0)
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
     for e in range(tid, E, THREADS):
         mark[e] = 0
@@ -1787,7 +1793,7 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             pin[s] = lk
             have[s] = full
             miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
-    rn = PF_HEAD + (nxt if far == 0 else (pf.shape[0] - PF_HEAD) // (2 * PF_WORDS) + nxt2) * PF_WORDS
+    rn = _record(pf, nxt2 if far else nxt, far)
     for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
         j = nm + t
         s = slot[j]
@@ -1917,8 +1923,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
     full = n01 + _items(nv2)
     lk = state[LOOKUP_NO]
-    nl = (pf.shape[0] - PF_HEAD) // (2 * PF_WORDS)
-    rc = PF_HEAD + cur * PF_WORDS
+    rc = _record(pf, cur, 0)
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1
     nt = pf[rc + PF_NT] if live else int64(0)
     got = min(pf[rc + PF_NEXT], nt * full) if live else int64(0)   # every item the prefetch took is in
@@ -1933,7 +1938,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
         _copy_from_host(src2 + 4 * e * words[2], gaddr(pool2, 0) + 4 * s * words[2], v2 + t0, nv2, step, uvs[2])
     if t0 == 0:
         ahead = _prefetched(pf, rc, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01)
-        r2 = PF_HEAD + (nl + nxt) * PF_WORDS
+        r2 = _record(pf, nxt, 1)
         if nxt >= 0 and pf[r2 + PF_GEN] == lk - 1:    # the last lookup's guess for two layers on
             nt2 = pf[r2 + PF_NT]
             ahead += _prefetched(pf, r2, nt2, min(pf[r2 + PF_NEXT], nt2 * full), full, key_of, have, nv0, nv1, nv2,
@@ -1946,16 +1951,17 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
         if cuda.threadIdx.x == 0 and cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
             cuda.threadfence()
             cuda.atomic.max(pf, PF_READY, lk)
-        if pf[PF_HEAD + nxt * PF_WORDS + PF_GEN] == lk:
-            _prefetch(pf, nxt, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
-        elif nxt2 >= 0 and pf[PF_HEAD + (nl + nxt2) * PF_WORDS + PF_GEN] == lk:
-            _prefetch(pf, nl + nxt2, fsrc0, fsrc1, fsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+        rn, rf = _record(pf, nxt, 0), _record(pf, nxt2, 1)
+        if pf[rn + PF_GEN] == lk:
+            _prefetch(pf, rn, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+        elif nxt2 >= 0 and pf[rf + PF_GEN] == lk:
+            _prefetch(pf, rf, fsrc0, fsrc1, fsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
 
 
 @cuda.jit(device=True, inline=True)
 def _prefetched(pf, r, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01):
-    """Record r's nt targets once its prefetch has stopped after `got` items: each one this layer did not ask for
-    (and still in its slot) keeps its prefix (have); returns the vectors they all got."""
+    """The nt targets of the record at r, once its prefetch has stopped after `got` items: each one this layer did
+    not ask for (and still in its slot) keeps its prefix (have); returns the vectors they all got."""
     ahead = int64(0)
     for t in range(nt):
         a = min(max(got - t * full, 0), full)
@@ -1968,14 +1974,13 @@ def _prefetched(pf, r, nt, got, full, key_of, have, nv0, nv1, nv2, n0, n01):
 
 
 @cuda.jit(device=True, inline=True)
-def _prefetch(pf, r, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01, full):
-    """Record r's targets (cache_lookup_kernel's guess; src_j their layer's), copied item by item in
+def _prefetch(pf, rr, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01, full):
+    """The targets of the record at rr (cache_lookup_kernel's guess; src_j their layer's), copied item by item in
     their order, each block taking the next item with an atomic, until all are in or a newer lookup raises
     PF_STOP (checked before each item). Every item taken is finished, so the first min(NEXT, NT x items)
     are in when the kernel ends. It uses the link while the misses compute and the next layer's attention
     runs, which it would otherwise idle through; a wrong guess costs no link time a demand copy needed."""
     tid = cuda.threadIdx.x
-    rr = PF_HEAD + r * PF_WORDS
     nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
     gen, total = pf[rr + PF_GEN], pf[rr + PF_NT] * full
     take = cuda.shared.array(1, int64)
