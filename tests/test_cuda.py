@@ -432,7 +432,7 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         want, fresh = want.reshape(-1), fresh.reshape(-1)
         mats, split = cp.empty(len(want), np.int32), cp.empty(2 * len(want), np.int32)
         misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
-        K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
                                             split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1, none, 0, 0,
                                             -1)
@@ -523,7 +523,7 @@ class PrefetchRig:
         cp, K, d, b, E = self.cp, self.K, self.d, self.bufs, self.E
         nxt, nxt2 = (-1 if g is None else layer + i for i, g in ((1, guess), (2, guess2)))
         g, g2 = (cp.asarray(np.array(x if x is not None else [0], np.int32)) for x in (guess, guess2))
-        K.cache_lookup_kernel[1, K.THREADS](
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS](
             cp.asarray(np.array(ids, np.int32)), self.k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
             d["last"], d["pin"], d["state"], d["wt"], b["mats"][:len(ids)], b["split"][:2 * len(ids)], b["miss"],
             b["nmiss"], d["have"], self.full, d["pf"], layer, g, 0 if guess is None else len(guess), max(nxt, 0) * E,

@@ -1583,8 +1583,11 @@ PF_KEY, PF_SLOT, PF_EXPERT, PF_REQ = range(4)
 PF_WORDS = PF_TARGET + 4 * PREFETCH_TARGETS
 
 
-CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
-CANDIDATES_AT_ONCE = 8     # ... whose loads it issues together (one after another, each waits for the last: ~17 us)
+LOOKUP_WARPS = 32          # cache_lookup_kernel's block: 1024 threads, so that each ranks few slots ...
+LOOKUP_THREADS = 32 * LOOKUP_WARPS
+CANDIDATES = 8             # ... from registers (slots <= 8 x 1024), all loaded at once: two latencies, not eight
+MAX_GUESS = 32             # ids a guess may give the lookup (a router's k) ...
+GUESS_KEYS = 2 * MAX_GUESS  # ... of each of two guesses
 
 
 @cuda.jit(device=True, inline=True)
@@ -1600,12 +1603,24 @@ def _record(pf, layer, far):
 
 
 @cuda.jit(device=True, inline=True)
-def _targets(guess, ng, gbase, most, slot_of, tk):
-    """The first `most` distinct experts of guess[:ng] (keys from gbase) that are not resident, into tk; how many."""
+def _warp_best(bs, bl, bi):
+    """The first in eviction order (_better) of the warp's (score, last, slot), to every lane."""
+    for o in (16, 8, 4, 2, 1):
+        os_ = cuda.shfl_xor_sync(0xffffffff, bs, o)
+        ol = cuda.shfl_xor_sync(0xffffffff, bl, o)
+        oi = cuda.shfl_xor_sync(0xffffffff, bi, o)
+        if _better(bs, bl, bi, os_, ol, oi):
+            bs, bl, bi = os_, ol, oi
+    return bs, bl, bi
+
+
+@cuda.jit(device=True, inline=True)
+def _targets(gkey, away, ng, most, tk):
+    """The first `most` distinct keys of gkey[:ng] that were not resident (away), into tk; how many."""
     nt = 0
     for g in range(ng):
-        key = gbase + guess[g]
-        new = nt < most and slot_of[key] < 0
+        key = gkey[g]
+        new = nt < most and away[g] != 0
         for u in range(nt):
             new = new and tk[u] != key
         if new:
@@ -1614,7 +1629,7 @@ def _targets(guess, ng, gbase, most, slot_of, tk):
     return nt
 
 
-@cuda.jit
+@cuda.jit(max_registers=65536 // LOOKUP_THREADS)
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
                         nmiss, have, full, pf, cur, guess, ng, gbase, nxt, guess2, ng2, gbase2, nxt2):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
@@ -1624,8 +1639,9 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
     same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
     others), and the misses as (expert, slot, start) triples in miss, their count in nmiss[0], for
-    expert_copy_kernel. Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a
-    time), so a victim costs a block-wide argmin, not a pass over memory.
+    expert_copy_kernel. Each thread ranks its share of the slots from registers, so a victim costs a block-wide
+    argmin, not a pass over memory; the loads that pick the guesses' targets and fill mats are issued together,
+    each chain of loads is a few microseconds here.
     The prefetch (the record above PREFETCH_TARGETS): a hit whose slot is not whole (have < full items) is a
     miss that keeps its slot, copied from where it stopped (start: its have, or -2 - t for target t of record
     `cur`, this layer's, maybe still in flight: the copy kernel reads how far it got); it counts as a miss
@@ -1642,34 +1658,45 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     tid = cuda.threadIdx.x
     lane, warp = tid & 31, tid >> 5
     S = key_of.shape[0]
-    mark = cuda.shared.array(MAX_EXPERTS, int32)
+    mark = cuda.shared.array(MAX_EXPERTS, int32)      # which experts the ids name, then each one's slot (-2 - slot:
+                                                      # copied by this lookup's copy kernel)
     order = cuda.shared.array(MAX_EXPERTS, int32)     # the distinct ids, ascending
     hit = cuda.shared.array(MAX_EXPERTS, int32)       # ... their slots (-1: a miss)
     rank = cuda.shared.array(MAX_EXPERTS, int32)      # ... their place among the hits, or among the misses
     slot = cuda.shared.array(MAX_EXPERTS, int32)      # the k-th miss's slot
     cnt = cuda.shared.array(EXPERTS_PER_LANE, int32)  # ids set per 32-expert chunk
-    ws = cuda.shared.array(WARPS, float64)            # each warp's best candidate
-    wl = cuda.shared.array(WARPS, int64)
-    wi = cuda.shared.array(WARPS, int32)
+    ws = cuda.shared.array(LOOKUP_WARPS, float64)     # each warp's best candidate
+    wl = cuda.shared.array(LOOKUP_WARPS, int64)
+    wi = cuda.shared.array(LOOKUP_WARPS, int32)
+    gkey = cuda.shared.array(GUESS_KEYS, int64)    # the guesses' keys (the layer after's from MAX_GUESS) ...
+    away = cuda.shared.array(GUESS_KEYS, int32)    # ... and whether they were not resident
     part = cuda.shared.array(MAX_EXPERTS, int32)      # ... a hit's copy to finish: -1 none, else its start
     tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
     sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, far, targets
     lk = state[LOOKUP_NO] + 1
     rc = _record(pf, cur, 0)
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
-    for e in range(tid, E, THREADS):
+    for e in range(tid, E, LOOKUP_THREADS):
         mark[e] = 0
     cuda.syncthreads()
-    for p in range(tid, ids.shape[0], THREADS):
+    for p in range(tid, ids.shape[0], LOOKUP_THREADS):
         mark[ids[p]] = 1
     cuda.syncthreads()
     nch = (E + 31) >> 5
     below = (1 << lane) - 1
-    for c in range(warp, nch, WARPS):                 # the distinct ids in order: ballots and a prefix count
+    for c in range(warp, nch, LOOKUP_WARPS):          # the distinct ids in order: ballots and a prefix count
         e = c * 32 + lane
         cnt[c] = cuda.popc(cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0))
     cuda.syncthreads()
-    for c in range(warp, nch, WARPS):
+    g = tid - (LOOKUP_THREADS - GUESS_KEYS)       # the last two warps (nch <= 16): the guesses' residency
+    if g >= 0:
+        two = g >= MAX_GUESS
+        u = g - MAX_GUESS if two else g
+        if u < (ng2 if two else ng) and (nxt2 if two else nxt) >= 0:
+            key = (gbase2 + guess2[u]) if two else (gbase + guess[u])
+            gkey[g] = key
+            away[g] = slot_of[key] < 0
+    for c in range(warp, nch, LOOKUP_WARPS):
         e = c * 32 + lane
         b = cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0)
         at = 0
@@ -1715,17 +1742,18 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             nm += cuda.popc(bm)
             npart += cuda.popc(bq)
         if lane == 0:
-            nt = _targets(guess, ng if nxt >= 0 else 0, gbase, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
+            most = min(PREFETCH_TARGETS, S - nd)
+            nt = _targets(gkey, away, min(ng, MAX_GUESS) if nxt >= 0 else 0, most, tk)
             far = 0
             if nt == 0 and nxt2 >= 0:                 # nothing to fetch for the next layer: the one after
-                nt = _targets(guess2, ng2, gbase2, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
+                nt = _targets(gkey[MAX_GUESS:], away[MAX_GUESS:], min(ng2, MAX_GUESS), most, tk)
                 far = 1
             sv[0], sv[1], sv[2], sv[3] = nd, nh, nm, npart
             sv[4], sv[5], sv[6], sv[7] = state[CLOCK], state[FILLED], far, nt
     cuda.syncthreads()
     nd, nh, nm, npart, clock, filled, far, nt = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[6], sv[7]
     w = wt[0]
-    for i in range(tid, nd, THREADS):                 # the hits: used in order, pinned before any eviction
+    for i in range(tid, nd, LOOKUP_THREADS):          # the hits: used in order, pinned before any eviction
         s = hit[i]
         if s >= 0:
             if lfu:
@@ -1733,52 +1761,46 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             pin[s] = lk
             if part[i] == -1:
                 last[s] = clock + 1 + rank[i]
+                mark[order[i]] = s
             else:                                     # a partial slot: its copy finishes with the misses'
+                mark[order[i]] = -2 - s
                 j = nm + rank[i]
                 last[s] = clock + 1 + nh + j
                 miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, part[i]
                 have[s] = full
     free = S - filled
     nn = nm + nt
-    for j in range(tid, min(nn, free), THREADS):      # the first misses (then targets) take never-filled slots
+    for j in range(tid, min(nn, free), LOOKUP_THREADS):   # the first misses (then targets) take never-filled slots
         slot[j] = filled + j
     cuda.syncthreads()
     if nn > free:                                     # the rest evict: the smallest unpinned (score, last)
         cs = cuda.local.array(CANDIDATES, float64)
         cl = cuda.local.array(CANDIDATES, int64)
-        ck = cuda.local.array(CANDIDATES_AT_ONCE, int64)
-        for c0 in range(0, CANDIDATES, CANDIDATES_AT_ONCE):   # unconditional loads, in flight together
-            for c in range(CANDIDATES_AT_ONCE):
-                t = tid + (c0 + c) * THREADS
-                u = min(t, S - 1)
-                ck[c], lu, pu = key_of[u], last[u], pin[u]
-                cl[c0 + c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
-            for c in range(CANDIDATES_AT_ONCE):
-                cs[c0 + c] = score[max(ck[c], 0)] if lfu else 0.0
+        ck = cuda.local.array(CANDIDATES, int64)
+        for c in range(CANDIDATES):                   # unconditional loads, all in flight together
+            t = tid + c * LOOKUP_THREADS
+            u = min(t, S - 1)
+            ck[c], lu, pu = key_of[u], last[u], pin[u]
+            cl[c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
+        for c in range(CANDIDATES):
+            cs[c] = score[max(ck[c], 0)] if lfu else 0.0
         for j in range(max(free, 0), nn):
             bs, bl, bi = math.inf, int64(0), int32(-1)
             for c in range(CANDIDATES):
                 if cl[c] >= 0 and _better(bs, bl, bi, cs[c], cl[c], 0):
-                    bs, bl, bi = cs[c], cl[c], int32(tid + c * THREADS)
-            for o in (16, 8, 4, 2, 1):
-                os_ = cuda.shfl_xor_sync(0xffffffff, bs, o)
-                ol = cuda.shfl_xor_sync(0xffffffff, bl, o)
-                oi = cuda.shfl_xor_sync(0xffffffff, bi, o)
-                if _better(bs, bl, bi, os_, ol, oi):
-                    bs, bl, bi = os_, ol, oi
+                    bs, bl, bi = cs[c], cl[c], int32(tid + c * LOOKUP_THREADS)
+            bs, bl, bi = _warp_best(bs, bl, bi)
             if lane == 0:
                 ws[warp], wl[warp], wi[warp] = bs, bl, bi
             cuda.syncthreads()
-            bs, bl, bi = ws[0], wl[0], wi[0]
-            for u in range(1, WARPS):
-                if _better(bs, bl, bi, ws[u], wl[u], wi[u]):
-                    bs, bl, bi = ws[u], wl[u], wi[u]
-            if bi % THREADS == tid:
-                cl[bi // THREADS] = -1                # taken
+            bs, bl, bi = _warp_best(ws[lane], wl[lane], wi[lane])   # LOOKUP_WARPS = 32: a lane each
+            for c in range(CANDIDATES):
+                if tid + c * LOOKUP_THREADS == bi:
+                    cl[c] = -1                        # taken
             if tid == 0:
                 slot[j] = bi
             cuda.syncthreads()
-    for i in range(tid, nd, THREADS):                 # the misses: placed in order, in parallel
+    for i in range(tid, nd, LOOKUP_THREADS):          # the misses: placed in order, in parallel
         if hit[i] < 0:
             j = rank[i]
             s = slot[j]
@@ -1792,9 +1814,10 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             last[s] = clock + 1 + nh + j
             pin[s] = lk
             have[s] = full
+            mark[order[i]] = -2 - s
             miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
     rn = _record(pf, nxt2 if far else nxt, far)
-    for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
+    for t in range(tid, nt, LOOKUP_THREADS):          # the targets: placed after them, empty
         j = nm + t
         s = slot[j]
         key = tk[t]
@@ -1810,13 +1833,14 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
     cuda.syncthreads()
     kk = k + 1 if shared >= 0 else k
     Q = ids.shape[0] // k * kk
-    for q in range(tid, Q, THREADS):
+    for q in range(tid, Q, LOOKUP_THREADS):
         t = q // kk
         j = q - t * kk
         s, fresh = shared, False
         if j < k:
-            s = slot_of[base + ids[t * k + j]]
-            fresh = pin[s] == lk and last[s] > clock + nh
+            s = mark[ids[t * k + j]]
+            fresh = s < 0
+            s = -2 - s if fresh else s
         mats[q] = s
         split[q] = -1 if fresh else s
         split[Q + q] = s if fresh else -1

@@ -294,7 +294,7 @@ class ExpertStreamer:
                 j = ahead[5 * i]
                 guesses[i] = j, self._mapped_sources(j, self._check(j, *ahead[5 * i + 1:5 * i + 4])), \
                     ahead[5 * i + 4].reshape(-1)
-        K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
             d["have"], self._items, d["pf"], layer,
@@ -488,8 +488,8 @@ class ExpertStreamer:
         if S < self.n_experts:
             return (f"the pool's {S} slots hold fewer than a layer's {self.n_experts} experts "
                     f"(a lookup could find every slot pinned)")
-        if S > self.be.K.CANDIDATES * self.be.K.THREADS:
-            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
+        if S > self.be.K.CANDIDATES * self.be.K.LOOKUP_THREADS:
+            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.LOOKUP_THREADS})"
         if self.n_experts > self.be.K.MAX_EXPERTS:
             return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
         if any(m % 16 for m in self.mat_bytes):
