@@ -405,9 +405,9 @@ class CUDABackend:
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
-            ahead = self._guess(layer, xn, ids2.shape[1]) if n == 1 and split and self.streamer.on_device else None
             got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared, overlap=split,
-                                                 ahead=ahead)          # kernels decide, copy and prefetch
+                                                 ahead=lambda: self._guess(layer, xn, ids2.shape[1]))
+            # (kernels decide, copy and prefetch; the guesses run after the lookup)
             host_decides = got is None
             if not host_decides:
                 mats, halves, copied, folded = got
