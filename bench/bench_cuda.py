@@ -135,7 +135,7 @@ def main() -> None:
                     help="--gpu-mem's replay: the host a layer ahead (on), in turn (off), or both with the ratio (ab)")
     ap.add_argument("--copy-blocks", default="",
                     help="--gpu-mem's device mode: SMs of the copy kernel beside the hits, a comma list to compare "
-                         "(default kernels.COPY_BLOCKS); C/P: C of which P go on to prefetch (default all)")
+                         "(default kernels.COPY_BLOCKS)")
     ap.add_argument("--decide", choices=("ab", "device", "host"), default="ab",
                     help="--gpu-mem's cache: kernels decide and copy (device; the file registered), the host decides "
                     "and DMAs (host: --host-register, --pipelined), or both (ab)")
@@ -551,11 +551,7 @@ def stream_bench(args, m) -> None:
           f"file {m.file.size / 2 ** 30:.1f} GiB", flush=True)
     onoff = {"ab": (False, True), "on": (True,), "off": (False,)}
     modes = {"auto": (None,), **onoff}[args.host_register]
-    blocks = args.copy_blocks.split(",") if args.copy_blocks else [None]
-
-    def blocks_kw(cb):
-        c, _, p = (cb or "").partition("/")
-        return dict(copy_blocks=int(c) if c else None, prefetch_blocks=int(p) if p else None)
+    blocks = [int(b) for b in args.copy_blocks.split(",")] if args.copy_blocks else [None]
     configs = [(True, True, None, b) for b in blocks] if args.decide in ("ab", "device") else []
     if args.decide in ("ab", "host"):
         configs += [(False, a, b, None) for a in modes for b in onoff[args.pipelined]]
@@ -563,7 +559,7 @@ def stream_bench(args, m) -> None:
     for on_device, mode, pipelined, cb in configs:
         be.route, be.next_experts = route0, dict(next0)
         be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode,   # closes the last one
-                          on_device=on_device, **blocks_kw(cb))
+                          on_device=on_device, copy_blocks=cb)
         if pipelined and not be.pipelined:
             print(f" pipelined replay unavailable: {be.pipelined_why_not}", flush=True)
             continue
@@ -573,8 +569,7 @@ def stream_bench(args, m) -> None:
         zipf = bench_cache.synthetic_routes(args.tokens + 64, routed_layers, c.n_experts, c.num_experts_per_tok,
                                             args.zipf, args.locality, rng)
         print(f" decided on the device (kernels look up and copy; copy kernel beside the hits on "
-              f"{be.streamer.copy_blocks()} SMs, {blocks_kw(cb)['prefetch_blocks'] or 'all'} of them prefetching):"
-              if on_device else
+              f"{be.streamer.copy_blocks()} SMs):" if on_device else
               f" decided on the host: host_register={ {None: 'auto', True: 'on', False: 'off'}[mode]}, "
               f"pipelined={pipelined}:", flush=True)
         replayed = f"Zipf s={args.zipf}, locality {args.locality} (replayed)"
@@ -583,7 +578,7 @@ def stream_bench(args, m) -> None:
             be.__dict__.pop("guess_route", None)
             if i:                                             # a fresh expert cache: the last run's would warm it
                 be.stream_experts(*cache_args, host_buffer=m.file.data, host_register=mode, on_device=on_device,
-                                  **blocks_kw(cb))
+                                  copy_blocks=cb)
                 be.pipelined = bool(pipelined)
                 st0 = m.net.stats.expert_cache = m._streamer = be.streamer
             if recall is not None:

@@ -476,7 +476,7 @@ def test_copy_kernel_moves_the_misses_from_mapped_host_memory(grid, threads, int
     d = device_cache_state(cp, K, 1, E, S)
     K.expert_copy_kernel[grid, threads](miss, cp.asarray(np.array([3], np.int32)), *(h.ctypes.data for h in host),
                                        *pools, words, uvs, d["state"], d["pf"], -1, d["key_of"], d["have"], -1, 0, 0, 0, -1, 0,
-                                       0, 0, grid)
+                                       0, 0)
     for h, p, b, w, q in zip(host, pools, before, words, qts):
         want = b.reshape(S, w).copy()
         for e, s in pairs:
@@ -534,7 +534,7 @@ class PrefetchRig:
         K.expert_copy_kernel[self.blocks, 64](
             b["miss"], b["nmiss"], *self.src(layer), *self.pools, self.words, self.uvs, d["state"], d["pf"], layer,
             d["key_of"], d["have"], nxt, *(self.src(nxt) if nxt >= 0 else (0, 0, 0)), nxt2,
-            *(self.src(nxt2) if nxt2 >= 0 else (0, 0, 0)), self.blocks)
+            *(self.src(nxt2) if nxt2 >= 0 else (0, 0, 0)))
         return b["mats"][:len(ids)].get()
 
     def expected(self, layer, e, s, prefix=0, before=None):

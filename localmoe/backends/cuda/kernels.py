@@ -1975,7 +1975,7 @@ def _copy_from_host(src, dst, v, nvec, step, uv):
 
 @cuda.jit
 def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words, uvs, state, pf, cur, key_of, have,
-                       nxt, nsrc0, nsrc1, nsrc2, nxt2, fsrc0, fsrc1, fsrc2, ahead_blocks):
+                       nxt, nsrc0, nsrc1, nsrc2, nxt2, fsrc0, fsrc1, fsrc2):
     """The misses cache_lookup_kernel just listed, copied by the SMs themselves from host memory the GPU maps
     (the registered GGUF: src_j, the device address of the layer's expert 0 of matrix j, expert e at
     src_j + 4 e words_j) into their slots of the pools (uint32 words, words_j per slot): no host in the
@@ -1988,8 +1988,7 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     nxt >= 0: then the blocks prefetch the targets cache_target_kernel picks after this lookup (they wait for
     its PF_TARGETED), record nxt's (nsrc_j: that layer's sources), or where it picked its guess for layer nxt2
     instead, record L + nxt2's (fsrc_j; _prefetch), once the last of them past its misses has raised PF_READY to
-    this lookup's number: the compute stream's join is `await_ready_kernel`, not the kernel's end. Only the
-    first ahead_blocks blocks prefetch: the others give their SMs back to the next layer's kernels. The copy SMs go from the misses to the guesses with no
+    this lookup's number: the compute stream's join is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
     launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
     the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on SMs it leaves
     free (CUDABackend.expert_ffn sizes their grids to those)."""
@@ -2028,9 +2027,6 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
             if cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
                 cuda.threadfence()
                 cuda.atomic.max(pf, PF_READY, lk)
-        if cuda.blockIdx.x >= ahead_blocks:
-            return
-        if cuda.threadIdx.x == 0:
             while _pf_now(pf, PF_TARGETED) < lk:      # cache_target_kernel has placed the guesses' targets
                 pass
         cuda.syncthreads()

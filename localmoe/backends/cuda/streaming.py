@@ -194,11 +194,9 @@ class ExpertStreamer:
 
     def __init__(self, be, budget_bytes: int, n_layers: int, n_experts: int, policy: str = "lfu", *,
                  copy_threads: int = 4, host_buffer: np.ndarray | None = None, host_register: bool | None = None,
-                 on_device: bool | None = None, copy_blocks: int | None = None, prefetch_blocks: int | None = None,
-                 **cache_kw):
+                 on_device: bool | None = None, copy_blocks: int | None = None, **cache_kw):
         self.be, self.xp = be, be.xp
         self._copy_blocks = copy_blocks          # the device mode's copy kernel beside the hits (None: COPY_BLOCKS)
-        self._prefetch_blocks = prefetch_blocks  # ... of which so many go on to prefetch (None: all)
         self._threads = ThreadPoolExecutor(copy_threads) if copy_threads > 1 else None
         self.copy_threads = max(1, copy_threads)
         self.budget, self.n_layers, self.n_experts = int(budget_bytes), int(n_layers), int(n_experts)
@@ -317,8 +315,7 @@ class ExpertStreamer:
         K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
                              self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs, d["state"],
-            d["pf"], layer, d["key_of"], d["have"], *(a for j, src, _ in guesses for a in (j, *(src or (0, 0, 0)))),
-            self._prefetch_blocks or self.be.sms)
+            d["pf"], layer, d["key_of"], d["have"], *(a for j, src, _ in guesses for a in (j, *(src or (0, 0, 0)))))
         self.be.launches += 2
         if overlap:
             done = "ready" if guesses[0][0] >= 0 else self._record(on_copy=True)
