@@ -527,8 +527,8 @@ class PrefetchRig:
             b["nmiss"], d["have"], self.full, d["pf"], layer)
         if nxt >= 0:
             K.cache_target_kernel[1, K.LOOKUP_THREADS](
-                True, d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["have"], d["pf"], g,
-                len(guess), nxt * E, nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
+                True, d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["have"], d["pf"],
+                layer, g, len(guess), nxt * E, nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
         if meanwhile is not None:
             meanwhile()
         K.expert_copy_kernel[self.blocks, 64](

@@ -1845,8 +1845,8 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
 
 
 @cuda.jit(max_registers=65536 // LOOKUP_THREADS)
-def cache_target_kernel(lfu, slot_of, key_of, score, last, pin, state, have, pf, guess, ng, gbase, nxt, guess2, ng2,
-                        gbase2, nxt2):
+def cache_target_kernel(lfu, slot_of, key_of, score, last, pin, state, have, pf, cur, guess, ng, gbase, nxt, guess2,
+                        ng2, gbase2, nxt2):
     """One block, after cache_lookup_kernel (ExpertCache.prefetch after its lookup): the next layer's guess (ng
     ids in guess, keys from gbase, layer nxt) picks up to PREFETCH_TARGETS experts that are not resident, each
     given a slot (_take_slots: pinned, newest, empty), into record `nxt` for expert_copy_kernel, which waits for
@@ -1855,7 +1855,8 @@ def cache_target_kernel(lfu, slot_of, key_of, score, last, pin, state, have, pf,
     that window's link would idle otherwise. Those stay pinned through the next lookup too (the prefetch may still
     be copying into them then; the next copy kernel records how far it got in `have`, and the lookup of their
     layer finishes them like any partial slot). A kernel of its own so that the guesses' routers run after the
-    lookup, while the misses copy, not before it."""
+    lookup, while the misses copy, not before it. So it runs beside that copy kernel, which begins by storing in
+    `have` how far the targets of record `cur` (the lookup's layer) got: it does not evict those."""
     grid_dependency()
     tid = cuda.threadIdx.x
     S = key_of.shape[0]
@@ -1868,6 +1869,9 @@ def cache_target_kernel(lfu, slot_of, key_of, score, last, pin, state, have, pf,
     wi = cuda.shared.array(LOOKUP_WARPS, int32)
     sv = cuda.shared.array(4, int64)                  # far, targets, clock, filled
     lk = state[LOOKUP_NO]
+    rc = _record(pf, cur, 0)
+    if tid < pf[rc + PF_NT] and pf[rc + PF_GEN] == lk - 1:
+        pin[pf[rc + PF_TARGET + 4 * tid + PF_SLOT]] = lk    # (the copy kernel's _prefetched may be writing its have)
     if tid < GUESS_KEYS:                              # the guesses' residency, loaded together
         two = tid >= MAX_GUESS
         u = tid - MAX_GUESS if two else tid

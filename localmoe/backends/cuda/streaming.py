@@ -305,7 +305,7 @@ class ExpertStreamer:
                     five[5 * i + 4].reshape(-1)
             K.cache_target_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
                 self.policy == "lfu", d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"],
-                d["have"], d["pf"],
+                d["have"], d["pf"], layer,
                 *(a for j, _, g in guesses for a in (g, g.size if j >= 0 else 0, max(j, 0) * self.n_experts, j)))
             self.be.launches += 1
         done = None
