@@ -507,13 +507,14 @@ class CUDABackend:
         (`next_experts`), else None: this layer's input x is close to the next one's. Up to `layers`
         (guess_layers) such fives in a row, for the MoE layers after it (the device mode prefetches the second
         where the first finds nothing missing: recall ~0.6 on the demo against ~0.7, bench_cuda's guess_table)."""
-        out, at = (), layer
+        out, at, rows = (), layer, self._slot_rows      # (the layer's own route's rows: expert_ffn reads them after)
         for d in range(1, (self.guess_layers if layers is None else layers) + 1):
             nxt = self.next_experts.get(at) if self.next_experts else None
             if nxt is None:
                 break
             at, ex = nxt
             out += (at, ex.gate, ex.up, ex.down, self.guess_route(self.linear(ex.router, x), k, d))
+        self._slot_rows = rows
         return out or None
 
     def guess_route(self, logits, k: int, layers: int = 1):
