@@ -1583,11 +1583,11 @@ CACHE_STATE = 12           # int64 words of the state array (one spare)         
 # of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + 2 L * PF_WORDS]:
 # PF_STOP (the newest lookup number: a prefetch an older lookup picked stops), PF_READY (the newest lookup
 # whose misses are all in: the join's flag when a prefetch follows them), PF_DONE (copy blocks past their
-# misses), PF_TARGETED (the newest lookup whose guesses' targets cache_target_kernel has placed), then per target
-# layer two records, one for a guess from the layer before (index: the layer) and one
-# for a guess from two layers before (index: L + the layer): the lookup number that picked it (GEN), its
-# targets (NT), the next item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and
-# whether that layer's lookup asked for it (REQ).
+# misses), PF_TARGETED (the newest lookup whose guesses' targets cache_target_kernel has placed), then per
+# target layer two records, one for a guess from the layer before (index: the layer) and one for a guess from
+# two layers before (index: L + the layer): the lookup number that picked it (GEN), its targets (NT), the next
+# item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's lookup
+# asked for it (REQ).
 PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
 PF_STOP, PF_READY, PF_DONE, PF_TARGETED, PF_HEAD = 0, 1, 2, 3, 4
 PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4

@@ -56,9 +56,10 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
-- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`); the
-  lookup gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks,
-  past the misses, copy them 32 KB item by item while the misses compute and the next layer's attention
+- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`, enqueued
+  after the lookup, so the misses' copy starts without waiting for it); kernels.cache_target_kernel gives
+  those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks, past the
+  misses and once it has (a flag), copy them 32 KB item by item while the misses compute and the next layer's attention
   runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
   kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
   item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
@@ -67,9 +68,10 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   took. Where none of the next layer's guesses is missing (its window would idle), the guess for the layer
   after it (that layer's router on the same input: recall ~0.6 against ~0.7 on the demo) picks the targets
   instead; they stay pinned through the next lookup, and the lookup of their layer finishes them.
-Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
+Stream order is the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts (a prefetch writes only its targets' slots, which no
-kernel reads before the next layer's copy kernel, behind it on the copy stream). LFU ages by
+kernel reads before the next layer's copy kernel, behind it on the copy stream). The one kernel beside the
+copy kernel that changes the cache, cache_target_kernel, takes no slot whose `have` the copy kernel writes. LFU ages by
 cache_tick_kernel after each step. Kernel copies read random experts at ~95% of a DMA's rate
 (bench/bench_zero_copy.py), and the host's ~130 us per layer of deciding is gone. Policy "hot", a pool
 smaller than a layer's experts, or an unmapped file keep the host's decisions above.
