@@ -646,9 +646,9 @@ def stream_bench(args, m) -> None:
 def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
     captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
-    (the lookup starts), the lookup done (the copy starts), the copy done (on the copy stream; not where a
-    prefetch follows the misses), the hits done (the join), the join done (the misses are in), the layer done.
-    The stamps cost ~a few us each."""
+    (the lookup starts), the guesses' launches done (the hits start), the copy done (on the copy stream; not where a
+    prefetch follows the misses), the hits done (the join), the join done (the misses are in), the layer done,
+    and the lookup kernel done (the copy and the guesses start). The stamps cost ~a few us each."""
     from numba.core import types as t
     from numba.core.extending import intrinsic
     from localmoe.backends.cuda import kernels as K
@@ -667,15 +667,19 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         buf[i] = globaltimer()
 
     L = st.n_layers
-    W = 6                                         # stamps per layer
+    W = 7                                         # stamps per layer
     buf = be.xp.zeros(W * L, np.int64)
     lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
     cur = [0]
 
-    def lookup(layer, *a, **kw):
+    def lookup(layer, *a, ahead=None, **kw):
         cur[0] = layer
+
+        def guesses():                                # after the lookup kernel: the guesses, their targets
+            stamp[1, 1, K.STREAM[0]](buf, W * layer + 6)
+            return ahead()
         stamp[1, 1, K.STREAM[0]](buf, W * layer)
-        r = lookup0(layer, *a, **kw)
+        r = lookup0(layer, *a, ahead=None if ahead is None else guesses, **kw)
         stamp[1, 1, K.STREAM[0]](buf, W * layer + 1)
         if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
             return r                                    # or a prefetch follows it (no copy-done stamp)
@@ -707,7 +711,8 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     s = s[moe]
     prev = np.concatenate([[np.nan], s[:-1, 4]])
     parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
-             "lookup": s[:, 1] - s[:, 0],
+             "lookup": np.where(s[:, 6] > 0, s[:, 6], s[:, 1]) - s[:, 0],
+             "guesses and their targets (after the lookup)": np.where(s[:, 6] > 0, s[:, 1] - s[:, 6], np.nan),
              "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
              "misses in (lookup done -> join done)": s[:, 5] - s[:, 1],
              "hits (lookup done -> join)": s[:, 3] - s[:, 1],

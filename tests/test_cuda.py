@@ -416,7 +416,6 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
     decay = 1e-9          # the weight passes 1e200 within ~20 tokens; growth ** 11 stays finite
     host = ExpertCache(S, L, E, policy, decay=decay)
     d = device_cache_state(cp, K, L, E, S)
-    none = cp.zeros(1, np.int32)
     for step in range(200):
         layer = step % L
         n = 1 if rng.random() < 0.7 else int(rng.integers(2, 12))
@@ -432,10 +431,9 @@ def test_device_cache_decides_like_expert_cache(policy, L, E, S):
         want, fresh = want.reshape(-1), fresh.reshape(-1)
         mats, split = cp.empty(len(want), np.int32), cp.empty(2 * len(want), np.int32)
         misses, nmiss = cp.full(3 * len(ids), -7, np.int32), cp.zeros(1, np.int32)
-        K.cache_lookup_kernel[1, K.THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS](cp.asarray(ids), 4, shared, layer * E, E, policy == "lfu", d["slot_of"],
                                             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats,
-                                            split, misses, nmiss, d["have"], 5, d["pf"], layer, none, 0, 0, -1, none, 0, 0,
-                                            -1)
+                                            split, misses, nmiss, d["have"], 5, d["pf"], layer)
         assert np.array_equal(mats.get(), want), f"step {step}"
         assert np.array_equal(split.get(), np.concatenate([np.where(fresh, -1, want), np.where(fresh, want, -1)]))
         m = int(nmiss.get()[0])
@@ -518,16 +516,19 @@ class PrefetchRig:
         return [h.ctypes.data + layer * self.E * w * 4 for h, w in zip(self.host, self.words)]
 
     def lookup(self, layer, ids, guess=None, guess2=None, meanwhile=None):
-        """Layer `layer`'s lookup of ids with the guesses for the next layer and the one after; then its copy kernel
-        (after meanwhile()). Returns the ids' slots."""
+        """Layer `layer`'s lookup of ids, its targets from the guesses for the next layer and the one after (where
+        there is a guess for the next); then its copy kernel (after meanwhile()). Returns the ids' slots."""
         cp, K, d, b, E = self.cp, self.K, self.d, self.bufs, self.E
         nxt, nxt2 = (-1 if g is None else layer + i for i, g in ((1, guess), (2, guess2)))
         g, g2 = (cp.asarray(np.array(x if x is not None else [0], np.int32)) for x in (guess, guess2))
-        K.cache_lookup_kernel[1, K.THREADS](
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS](
             cp.asarray(np.array(ids, np.int32)), self.k, -1, layer * E, E, True, d["slot_of"], d["key_of"], d["score"],
             d["last"], d["pin"], d["state"], d["wt"], b["mats"][:len(ids)], b["split"][:2 * len(ids)], b["miss"],
-            b["nmiss"], d["have"], self.full, d["pf"], layer, g, 0 if guess is None else len(guess), max(nxt, 0) * E,
-            nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
+            b["nmiss"], d["have"], self.full, d["pf"], layer)
+        if nxt >= 0:
+            K.cache_target_kernel[1, K.LOOKUP_THREADS](
+                True, d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["have"], d["pf"],
+                layer, g, len(guess), nxt * E, nxt, g2, 0 if guess2 is None else len(guess2), max(nxt2, 0) * E, nxt2)
         if meanwhile is not None:
             meanwhile()
         K.expert_copy_kernel[self.blocks, 64](

@@ -379,7 +379,7 @@ def test_the_device_mode_says_why_not_and_the_host_decides(case):
     says why in its stats and the host's path serves the fetches."""
     rng = np.random.default_rng(9)
     be = FAKE_BE if case == "no kernels" else SimpleNamespace(
-        xp=np, K=SimpleNamespace(fast_ok=FAKE_BE.K.fast_ok, cache_lookup_kernel=None, CANDIDATES=32, THREADS=256,
+        xp=np, K=SimpleNamespace(fast_ok=FAKE_BE.K.fast_ok, cache_lookup_kernel=None, CANDIDATES=8, LOOKUP_THREADS=1024,
                                  MAX_EXPERTS=512))
     E, blob = 8, Blob(1 << 20, align=1 if case == "unaligned" else 32)
     if case == "strided":                      # gate and up: views of one fused tensor (random_layer's layout)

@@ -405,9 +405,9 @@ class CUDABackend:
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
-            ahead = self._guess(layer, xn, ids2.shape[1]) if n == 1 and split and self.streamer.on_device else None
             got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared, overlap=split,
-                                                 ahead=ahead)          # kernels decide, copy and prefetch
+                                                 ahead=lambda: self._guess(layer, xn, ids2.shape[1]))
+            # (kernels decide, copy and prefetch; the guesses run after the lookup)
             host_decides = got is None
             if not host_decides:
                 mats, halves, copied, folded = got
@@ -507,13 +507,14 @@ class CUDABackend:
         (`next_experts`), else None: this layer's input x is close to the next one's. Up to `layers`
         (guess_layers) such fives in a row, for the MoE layers after it (the device mode prefetches the second
         where the first finds nothing missing: recall ~0.6 on the demo against ~0.7, bench_cuda's guess_table)."""
-        out, at = (), layer
+        out, at, rows = (), layer, self._slot_rows      # (the layer's own route's rows: expert_ffn reads them after)
         for d in range(1, (self.guess_layers if layers is None else layers) + 1):
             nxt = self.next_experts.get(at) if self.next_experts else None
             if nxt is None:
                 break
             at, ex = nxt
             out += (at, ex.gate, ex.up, ex.down, self.guess_route(self.linear(ex.router, x), k, d))
+        self._slot_rows = rows
         return out or None
 
     def guess_route(self, logits, k: int, layers: int = 1):

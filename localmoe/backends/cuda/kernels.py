@@ -748,6 +748,17 @@ def ldgf_if(typingctx, addr, ok):
 
 
 @_intrinsic
+def ld_acquire(typingctx, addr):
+    """The int64 at global byte address addr, read from L2 (ld.acquire.gpu: not a stale L1 line) and before any
+    access after it: for a word another kernel running beside this one writes, and what it wrote before it."""
+    def codegen(context, builder, sig, args):
+        a = context.cast(builder, args[0], sig.args[0], _t.int64)
+        return _asm(builder, _I64, [_I64], "ld.acquire.gpu.global.b64 $0, [$1];", "=l,l,~{memory}", [a],
+                    side_effect=True)
+    return _t.int64(addr), codegen
+
+
+@_intrinsic
 def stgf(typingctx, addr, v):
     """Store the float32 v at global byte address addr (int64): st.global."""
     def codegen(context, builder, sig, args):
@@ -1572,19 +1583,23 @@ CACHE_STATE = 12           # int64 words of the state array (one spare)         
 # of ITEM_VECTORS 16-byte vectors, matrix by matrix: `expert_items`); pf int64 [PF_HEAD + 2 L * PF_WORDS]:
 # PF_STOP (the newest lookup number: a prefetch an older lookup picked stops), PF_READY (the newest lookup
 # whose misses are all in: the join's flag when a prefetch follows them), PF_DONE (copy blocks past their
-# misses), then per target layer two records, one for a guess from the layer before (index: the layer) and one
-# for a guess from two layers before (index: L + the layer): the lookup number that picked it (GEN), its
-# targets (NT), the next item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and
-# whether that layer's lookup asked for it (REQ).
+# misses), PF_TARGETED (the newest lookup whose guesses' targets cache_target_kernel has placed), then per
+# target layer two records, one for a guess from the layer before (index: the layer) and one for a guess from
+# two layers before (index: L + the layer): the lookup number that picked it (GEN), its targets (NT), the next
+# item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's lookup
+# asked for it (REQ).
 PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
-PF_STOP, PF_READY, PF_DONE, PF_HEAD = 0, 1, 2, 3
+PF_STOP, PF_READY, PF_DONE, PF_TARGETED, PF_HEAD = 0, 1, 2, 3, 4
 PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4
 PF_KEY, PF_SLOT, PF_EXPERT, PF_REQ = range(4)
 PF_WORDS = PF_TARGET + 4 * PREFETCH_TARGETS
 
 
-CANDIDATES = 32            # cache_lookup_kernel: slots per thread it ranks from registers (slots <= 32 x THREADS)
-CANDIDATES_AT_ONCE = 8     # ... whose loads it issues together (one after another, each waits for the last: ~17 us)
+LOOKUP_WARPS = 32          # cache_lookup_kernel's and cache_target_kernel's block: 1024 threads, so that each ...
+LOOKUP_THREADS = 32 * LOOKUP_WARPS
+CANDIDATES = 8             # ... ranks few slots from registers (slots <= 8 x 1024), loaded at once (two latencies)
+MAX_GUESS = 32             # ids a guess may give cache_target_kernel (a router's k) ...
+GUESS_KEYS = 2 * MAX_GUESS  # ... of each of two guesses
 
 
 @cuda.jit(device=True, inline=True)
@@ -1600,12 +1615,24 @@ def _record(pf, layer, far):
 
 
 @cuda.jit(device=True, inline=True)
-def _targets(guess, ng, gbase, most, slot_of, tk):
-    """The first `most` distinct experts of guess[:ng] (keys from gbase) that are not resident, into tk; how many."""
+def _warp_best(bs, bl, bi):
+    """The first in eviction order (_better) of the warp's (score, last, slot), to every lane."""
+    for o in (16, 8, 4, 2, 1):
+        os_ = cuda.shfl_xor_sync(0xffffffff, bs, o)
+        ol = cuda.shfl_xor_sync(0xffffffff, bl, o)
+        oi = cuda.shfl_xor_sync(0xffffffff, bi, o)
+        if _better(bs, bl, bi, os_, ol, oi):
+            bs, bl, bi = os_, ol, oi
+    return bs, bl, bi
+
+
+@cuda.jit(device=True, inline=True)
+def _targets(gkey, away, ng, most, tk):
+    """The first `most` distinct keys of gkey[:ng] that were not resident (away), into tk; how many."""
     nt = 0
     for g in range(ng):
-        key = gbase + guess[g]
-        new = nt < most and slot_of[key] < 0
+        key = gkey[g]
+        new = nt < most and away[g] != 0
         for u in range(nt):
             new = new and tk[u] != key
         if new:
@@ -1614,62 +1641,99 @@ def _targets(guess, ng, gbase, most, slot_of, tk):
     return nt
 
 
-@cuda.jit
+@cuda.jit(device=True, inline=True)
+def _take_slots(n, free, filled, lk, lfu, key_of, score, last, pin, slot, ws, wl, wi):
+    """slot[:n] for n new experts (the whole block calls it): the never-filled slots from `filled` (free of them)
+    first, then the victims: the filled slots no lookup up to lk pinned (pin < lk), lowest (score, last) first
+    (LRU: last). Each thread ranks its share of the slots from registers, so a victim costs a block-wide argmin,
+    not a pass over memory. Returns how many it found (fewer than n only where every other slot is pinned)."""
+    tid = cuda.threadIdx.x
+    lane, warp = tid & 31, tid >> 5
+    S = key_of.shape[0]
+    for j in range(tid, min(n, free), LOOKUP_THREADS):
+        slot[j] = filled + j
+    cuda.syncthreads()
+    got = min(n, max(free, 0))
+    if n > got:
+        cs = cuda.local.array(CANDIDATES, float64)
+        cl = cuda.local.array(CANDIDATES, int64)
+        ck = cuda.local.array(CANDIDATES, int64)
+        for c in range(CANDIDATES):                   # unconditional loads, all in flight together
+            t = tid + c * LOOKUP_THREADS
+            u = min(t, S - 1)
+            ck[c], lu, pu = key_of[u], last[u], pin[u]
+            cl[c] = lu if t < filled and pu < lk else -1
+        for c in range(CANDIDATES):
+            cs[c] = score[max(ck[c], 0)] if lfu else 0.0
+        for j in range(got, n):
+            bs, bl, bi = math.inf, int64(0), int32(-1)
+            for c in range(CANDIDATES):
+                if cl[c] >= 0 and _better(bs, bl, bi, cs[c], cl[c], 0):
+                    bs, bl, bi = cs[c], cl[c], int32(tid + c * LOOKUP_THREADS)
+            bs, bl, bi = _warp_best(bs, bl, bi)
+            if lane == 0:
+                ws[warp], wl[warp], wi[warp] = bs, bl, bi
+            cuda.syncthreads()
+            bs, bl, bi = _warp_best(ws[lane], wl[lane], wi[lane])   # LOOKUP_WARPS = 32: a lane each
+            if bi >= 0:
+                got += 1
+            for c in range(CANDIDATES):
+                if tid + c * LOOKUP_THREADS == bi:
+                    cl[c] = -1                        # taken
+            if tid == 0:
+                slot[j] = bi
+            cuda.syncthreads()
+    return got
+
+
+@cuda.jit(max_registers=65536 // LOOKUP_THREADS)
 def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, last, pin, state, wt, mats, split, miss,
-                        nmiss, have, full, pf, cur, guess, ng, gbase, nxt, guess2, ng2, gbase2, nxt2):
+                        nmiss, have, full, pf, cur):
     """One block: ExpertCache.lookup(layer, distinct ids) for the ids [n * k] a router kernel just wrote, base =
-    layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take the never-filled slots from
-    the lowest, then the victims: the unpinned slots with the lowest (score, last) (LRU: last), in order.
+    layer * E. Hits (ascending ids) are used and pinned; misses (ascending) take slots (_take_slots), in order.
     Writes mats [Q] (each id's slot: the expert kernels' matrix indices; Q = n * k, or n * (k + 1) with each
     token's k slots followed by `shared`, the shared expert's slot, when it is >= 0), split [2, Q] (the
     same, -1 except at the hits and the shared expert; -1 except at the misses: for launches that skip the
     others), and the misses as (expert, slot, start) triples in miss, their count in nmiss[0], for
-    expert_copy_kernel. Each thread ranks its share of the slots from registers (loaded CANDIDATES_AT_ONCE at a
-    time), so a victim costs a block-wide argmin, not a pass over memory.
+    expert_copy_kernel. Every step is a few parallel loads: the misses' copies wait for this kernel.
     The prefetch (the record above PREFETCH_TARGETS): a hit whose slot is not whole (have < full items) is a
     miss that keeps its slot, copied from where it stopped (start: its have, or -2 - t for target t of record
     `cur`, this layer's, maybe still in flight: the copy kernel reads how far it got); it counts as a miss
-    and as FOUND. Then the next layer's guess (ng ids in guess, keys from gbase) picks up to
-    PREFETCH_TARGETS experts that are not resident, each given a slot after the misses' (pinned, newest,
-    empty), into record `nxt` (-1: none) for expert_copy_kernel. When none of them is missing, the guess for the
-    layer after (ng2 ids in guess2, keys from gbase2, layer nxt2) picks them instead, into record L + nxt2: that
-    window's link would idle otherwise. Those stay pinned through the next lookup too (the prefetch may still be
-    copying into them then; the next copy kernel records how far it got in `have`, and the lookup of their layer
-    finishes them like any partial slot). At the end, with the misses known, the
-    prefetch in flight is told to stop (PF_STOP; the copy kernel behind it waits for its last items).
-    Without a guess (ng 0) and with whole slots this is exactly ExpertCache.lookup."""
+    and as FOUND. At the end, with the misses known, the prefetch in flight is told to stop (PF_STOP; the copy
+    kernel behind it waits for its last items); cache_target_kernel picks the next one after this kernel.
+    With whole slots this is exactly ExpertCache.lookup."""
     grid_dependency()
     tid = cuda.threadIdx.x
     lane, warp = tid & 31, tid >> 5
     S = key_of.shape[0]
-    mark = cuda.shared.array(MAX_EXPERTS, int32)
+    mark = cuda.shared.array(MAX_EXPERTS, int32)      # which experts the ids name, then each one's slot (-2 - slot:
+                                                      # copied by this lookup's copy kernel)
     order = cuda.shared.array(MAX_EXPERTS, int32)     # the distinct ids, ascending
     hit = cuda.shared.array(MAX_EXPERTS, int32)       # ... their slots (-1: a miss)
     rank = cuda.shared.array(MAX_EXPERTS, int32)      # ... their place among the hits, or among the misses
     slot = cuda.shared.array(MAX_EXPERTS, int32)      # the k-th miss's slot
     cnt = cuda.shared.array(EXPERTS_PER_LANE, int32)  # ids set per 32-expert chunk
-    ws = cuda.shared.array(WARPS, float64)            # each warp's best candidate
-    wl = cuda.shared.array(WARPS, int64)
-    wi = cuda.shared.array(WARPS, int32)
+    ws = cuda.shared.array(LOOKUP_WARPS, float64)     # each warp's best candidate (_take_slots)
+    wl = cuda.shared.array(LOOKUP_WARPS, int64)
+    wi = cuda.shared.array(LOOKUP_WARPS, int32)
     part = cuda.shared.array(MAX_EXPERTS, int32)      # ... a hit's copy to finish: -1 none, else its start
-    tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the next layer's keys to prefetch
-    sv = cuda.shared.array(8, int64)                  # distinct, hits, misses, partial, clock, filled, far, targets
+    sv = cuda.shared.array(6, int64)                  # distinct, hits, misses, partial, clock, filled
     lk = state[LOOKUP_NO] + 1
     rc = _record(pf, cur, 0)
     live = cur >= 0 and pf[rc + PF_GEN] == lk - 1     # record cur is the last lookup's: its targets are this layer's
-    for e in range(tid, E, THREADS):
+    for e in range(tid, E, LOOKUP_THREADS):
         mark[e] = 0
     cuda.syncthreads()
-    for p in range(tid, ids.shape[0], THREADS):
+    for p in range(tid, ids.shape[0], LOOKUP_THREADS):
         mark[ids[p]] = 1
     cuda.syncthreads()
     nch = (E + 31) >> 5
     below = (1 << lane) - 1
-    for c in range(warp, nch, WARPS):                 # the distinct ids in order: ballots and a prefix count
+    for c in range(warp, nch, LOOKUP_WARPS):          # the distinct ids in order: ballots and a prefix count
         e = c * 32 + lane
         cnt[c] = cuda.popc(cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0))
     cuda.syncthreads()
-    for c in range(warp, nch, WARPS):
+    for c in range(warp, nch, LOOKUP_WARPS):
         e = c * 32 + lane
         b = cuda.ballot_sync(0xffffffff, e < E and mark[e] != 0)
         at = 0
@@ -1715,17 +1779,11 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             nm += cuda.popc(bm)
             npart += cuda.popc(bq)
         if lane == 0:
-            nt = _targets(guess, ng if nxt >= 0 else 0, gbase, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
-            far = 0
-            if nt == 0 and nxt2 >= 0:                 # nothing to fetch for the next layer: the one after
-                nt = _targets(guess2, ng2, gbase2, min(PREFETCH_TARGETS, S - nd), slot_of, tk)
-                far = 1
-            sv[0], sv[1], sv[2], sv[3] = nd, nh, nm, npart
-            sv[4], sv[5], sv[6], sv[7] = state[CLOCK], state[FILLED], far, nt
+            sv[0], sv[1], sv[2], sv[3], sv[4], sv[5] = nd, nh, nm, npart, state[CLOCK], state[FILLED]
     cuda.syncthreads()
-    nd, nh, nm, npart, clock, filled, far, nt = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], sv[6], sv[7]
+    nd, nh, nm, npart, clock, filled = sv[0], sv[1], sv[2], sv[3], sv[4], sv[5]
     w = wt[0]
-    for i in range(tid, nd, THREADS):                 # the hits: used in order, pinned before any eviction
+    for i in range(tid, nd, LOOKUP_THREADS):          # the hits: used in order, pinned before any eviction
         s = hit[i]
         if s >= 0:
             if lfu:
@@ -1733,52 +1791,16 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             pin[s] = lk
             if part[i] == -1:
                 last[s] = clock + 1 + rank[i]
+                mark[order[i]] = s
             else:                                     # a partial slot: its copy finishes with the misses'
+                mark[order[i]] = -2 - s
                 j = nm + rank[i]
                 last[s] = clock + 1 + nh + j
                 miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, part[i]
                 have[s] = full
     free = S - filled
-    nn = nm + nt
-    for j in range(tid, min(nn, free), THREADS):      # the first misses (then targets) take never-filled slots
-        slot[j] = filled + j
-    cuda.syncthreads()
-    if nn > free:                                     # the rest evict: the smallest unpinned (score, last)
-        cs = cuda.local.array(CANDIDATES, float64)
-        cl = cuda.local.array(CANDIDATES, int64)
-        ck = cuda.local.array(CANDIDATES_AT_ONCE, int64)
-        for c0 in range(0, CANDIDATES, CANDIDATES_AT_ONCE):   # unconditional loads, in flight together
-            for c in range(CANDIDATES_AT_ONCE):
-                t = tid + (c0 + c) * THREADS
-                u = min(t, S - 1)
-                ck[c], lu, pu = key_of[u], last[u], pin[u]
-                cl[c0 + c] = lu if t < filled and pu != lk else -1   # filled slots this lookup's hits did not pin
-            for c in range(CANDIDATES_AT_ONCE):
-                cs[c0 + c] = score[max(ck[c], 0)] if lfu else 0.0
-        for j in range(max(free, 0), nn):
-            bs, bl, bi = math.inf, int64(0), int32(-1)
-            for c in range(CANDIDATES):
-                if cl[c] >= 0 and _better(bs, bl, bi, cs[c], cl[c], 0):
-                    bs, bl, bi = cs[c], cl[c], int32(tid + c * THREADS)
-            for o in (16, 8, 4, 2, 1):
-                os_ = cuda.shfl_xor_sync(0xffffffff, bs, o)
-                ol = cuda.shfl_xor_sync(0xffffffff, bl, o)
-                oi = cuda.shfl_xor_sync(0xffffffff, bi, o)
-                if _better(bs, bl, bi, os_, ol, oi):
-                    bs, bl, bi = os_, ol, oi
-            if lane == 0:
-                ws[warp], wl[warp], wi[warp] = bs, bl, bi
-            cuda.syncthreads()
-            bs, bl, bi = ws[0], wl[0], wi[0]
-            for u in range(1, WARPS):
-                if _better(bs, bl, bi, ws[u], wl[u], wi[u]):
-                    bs, bl, bi = ws[u], wl[u], wi[u]
-            if bi % THREADS == tid:
-                cl[bi // THREADS] = -1                # taken
-            if tid == 0:
-                slot[j] = bi
-            cuda.syncthreads()
-    for i in range(tid, nd, THREADS):                 # the misses: placed in order, in parallel
+    _take_slots(nm, free, filled, lk, lfu, key_of, score, last, pin, slot, ws, wl, wi)
+    for i in range(tid, nd, LOOKUP_THREADS):          # the misses: placed in order, in parallel
         if hit[i] < 0:
             j = rank[i]
             s = slot[j]
@@ -1792,49 +1814,106 @@ def cache_lookup_kernel(ids, k, shared, base, E, lfu, slot_of, key_of, score, la
             last[s] = clock + 1 + nh + j
             pin[s] = lk
             have[s] = full
+            mark[order[i]] = -2 - s
             miss[3 * j], miss[3 * j + 1], miss[3 * j + 2] = order[i], s, 0
-    rn = _record(pf, nxt2 if far else nxt, far)
-    for t in range(tid, nt, THREADS):                 # the targets: placed after them, empty
-        j = nm + t
-        s = slot[j]
-        key = tk[t]
-        if j >= free:
-            slot_of[key_of[s]] = -1
-        slot_of[key] = s
-        key_of[s] = key
-        last[s] = clock + 1 + nd + t
-        pin[s] = lk + far
-        have[s] = 0
-        r = rn + PF_TARGET + 4 * t
-        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - (gbase2 if far else gbase), 0
     cuda.syncthreads()
     kk = k + 1 if shared >= 0 else k
     Q = ids.shape[0] // k * kk
-    for q in range(tid, Q, THREADS):
+    for q in range(tid, Q, LOOKUP_THREADS):
         t = q // kk
         j = q - t * kk
         s, fresh = shared, False
         if j < k:
-            s = slot_of[base + ids[t * k + j]]
-            fresh = pin[s] == lk and last[s] > clock + nh
+            s = mark[ids[t * k + j]]
+            fresh = s < 0
+            s = -2 - s if fresh else s
         mats[q] = s
         split[q] = -1 if fresh else s
         split[Q + q] = s if fresh else -1
     if tid == 0:
         nmiss[0] = nm + npart
-        if nxt >= 0 or far:
-            pf[rn + PF_GEN], pf[rn + PF_NT], pf[rn + PF_NEXT] = lk, nt, 0
-        state[CLOCK] = clock + nd + nt
-        state[FILLED] = min(S, filled + nn)
+        state[CLOCK] = clock + nd
+        state[FILLED] = min(S, filled + nm)
         state[LOOKUP_NO] = lk
         state[LOOKUPS] += nd
         state[HITS] += nh
         state[MISSES] += nm + npart
-        state[EVICTIONS] += max(0, nn - free)
-        state[PREFETCHED] += nt
+        state[EVICTIONS] += max(0, nm - free)
         state[FOUND] += npart
         pf[PF_DONE] = 0
         cuda.atomic.max(pf, PF_STOP, lk)              # the prefetch the last lookup started stops after its item
+
+
+@cuda.jit(max_registers=65536 // LOOKUP_THREADS)
+def cache_target_kernel(lfu, slot_of, key_of, score, last, pin, state, have, pf, cur, guess, ng, gbase, nxt, guess2,
+                        ng2, gbase2, nxt2):
+    """One block, after cache_lookup_kernel (ExpertCache.prefetch after its lookup): the next layer's guess (ng
+    ids in guess, keys from gbase, layer nxt) picks up to PREFETCH_TARGETS experts that are not resident, each
+    given a slot (_take_slots: pinned, newest, empty), into record `nxt` for expert_copy_kernel, which waits for
+    PF_TARGETED to reach the lookup's number after its misses. When none of them is missing, the guess for the
+    layer after (ng2 ids in guess2, keys from gbase2, layer nxt2 >= 0) picks them instead, into record L + nxt2:
+    that window's link would idle otherwise. Those stay pinned through the next lookup too (the prefetch may still
+    be copying into them then; the next copy kernel records how far it got in `have`, and the lookup of their
+    layer finishes them like any partial slot). A kernel of its own so that the guesses' routers run after the
+    lookup, while the misses copy, not before it. So it runs beside that copy kernel, which begins by storing in
+    `have` how far the targets of record `cur` (the lookup's layer) got: it does not evict those."""
+    grid_dependency()
+    tid = cuda.threadIdx.x
+    S = key_of.shape[0]
+    gkey = cuda.shared.array(GUESS_KEYS, int64)       # the guesses' keys (the layer after's from MAX_GUESS) ...
+    away = cuda.shared.array(GUESS_KEYS, int32)       # ... and whether they are not resident
+    tk = cuda.shared.array(PREFETCH_TARGETS, int64)   # the keys to prefetch
+    slot = cuda.shared.array(PREFETCH_TARGETS, int32)
+    ws = cuda.shared.array(LOOKUP_WARPS, float64)
+    wl = cuda.shared.array(LOOKUP_WARPS, int64)
+    wi = cuda.shared.array(LOOKUP_WARPS, int32)
+    sv = cuda.shared.array(4, int64)                  # far, targets, clock, filled
+    lk = state[LOOKUP_NO]
+    rc = _record(pf, cur, 0)
+    if tid < pf[rc + PF_NT] and pf[rc + PF_GEN] == lk - 1:
+        pin[pf[rc + PF_TARGET + 4 * tid + PF_SLOT]] = lk    # (the copy kernel's _prefetched may be writing its have)
+    if tid < GUESS_KEYS:                              # the guesses' residency, loaded together
+        two = tid >= MAX_GUESS
+        u = tid - MAX_GUESS if two else tid
+        if u < (ng2 if two else ng) and (nxt2 if two else nxt) >= 0:
+            key = (gbase2 + guess2[u]) if two else (gbase + guess[u])
+            gkey[tid] = key
+            away[tid] = slot_of[key] < 0
+    cuda.syncthreads()
+    if tid == 0:
+        nt = _targets(gkey, away, min(ng, MAX_GUESS), PREFETCH_TARGETS, tk)
+        far = 0
+        if nt == 0 and nxt2 >= 0:                     # nothing to fetch for the next layer: the one after
+            nt = _targets(gkey[MAX_GUESS:], away[MAX_GUESS:], min(ng2, MAX_GUESS), PREFETCH_TARGETS, tk)
+            far = 1
+        sv[0], sv[1], sv[2], sv[3] = far, nt, state[CLOCK], state[FILLED]
+    cuda.syncthreads()
+    far, nt, clock, filled = sv[0], sv[1], sv[2], sv[3]
+    free = S - filled
+    nt = _take_slots(nt, free, filled, lk, lfu, key_of, score, last, pin, slot, ws, wl, wi)
+    rn = _record(pf, nxt2 if far else nxt, far)
+    for t in range(tid, nt, LOOKUP_THREADS):          # placed after the lookup's, empty
+        s = slot[t]
+        key = tk[t]
+        if t >= free:
+            slot_of[key_of[s]] = -1
+        slot_of[key] = s
+        key_of[s] = key
+        last[s] = clock + 1 + t
+        pin[s] = lk + far
+        have[s] = 0
+        r = rn + PF_TARGET + 4 * t
+        pf[r + PF_KEY], pf[r + PF_SLOT], pf[r + PF_EXPERT], pf[r + PF_REQ] = key, s, key - (gbase2 if far else gbase), 0
+    if tid == 0:
+        pf[rn + PF_GEN], pf[rn + PF_NT], pf[rn + PF_NEXT] = lk, nt, 0
+        state[CLOCK] = clock + nt
+        state[FILLED] = min(S, filled + nt)
+        state[EVICTIONS] += max(0, nt - free)
+        state[PREFETCHED] += nt
+    cuda.threadfence()                                # the record and the slots, then the flag
+    cuda.syncthreads()
+    if tid == 0:
+        cuda.atomic.max(pf, PF_TARGETED, lk)
 
 
 COPY_BLOCKS = 16           # expert_copy_kernel's grid: a few SMs keep PCIe busy; the others run the hits meanwhile
@@ -1910,10 +1989,10 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     stopped). Then the targets of record cur that this layer did not ask for, and those of record L + nxt (the
     last lookup's guess two layers ahead), keep what got in (have), and DEMAND_VECS / PREFETCH_VECS count the
     vectors each moved.
-    nxt >= 0: then the blocks prefetch the targets this lookup picked, record nxt's (nsrc_j: that layer's
-    sources), or where it picked its guess for layer nxt2 instead, record L + nxt2's (fsrc_j; _prefetch), once
-    the last of them past its misses has raised PF_READY to this lookup's number: the compute stream's join
-    is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
+    nxt >= 0: then the blocks prefetch the targets cache_target_kernel picks after this lookup (they wait for
+    its PF_TARGETED), record nxt's (nsrc_j: that layer's sources), or where it picked its guess for layer nxt2
+    instead, record L + nxt2's (fsrc_j; _prefetch), once the last of them past its misses has raised PF_READY to
+    this lookup's number: the compute stream's join is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
     launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
     the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on SMs it leaves
     free (CUDABackend.expert_ffn sizes their grids to those)."""
@@ -1948,14 +2027,24 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     if nxt >= 0:
         cuda.threadfence()                            # this block's copies are visible before it is counted
         cuda.syncthreads()
-        if cuda.threadIdx.x == 0 and cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
-            cuda.threadfence()
-            cuda.atomic.max(pf, PF_READY, lk)
+        if cuda.threadIdx.x == 0:
+            if cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
+                cuda.threadfence()
+                cuda.atomic.max(pf, PF_READY, lk)
+            while _pf_now(pf, PF_TARGETED) < lk:      # cache_target_kernel has placed the guesses' targets
+                pass
+        cuda.syncthreads()
         rn, rf = _record(pf, nxt, 0), _record(pf, nxt2, 1)
-        if pf[rn + PF_GEN] == lk:
+        if _pf_now(pf, rn + PF_GEN) == lk:
             _prefetch(pf, rn, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
-        elif nxt2 >= 0 and pf[rf + PF_GEN] == lk:
+        elif nxt2 >= 0 and _pf_now(pf, rf + PF_GEN) == lk:
             _prefetch(pf, rf, fsrc0, fsrc1, fsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
+
+
+@cuda.jit(device=True, inline=True)
+def _pf_now(pf, i):
+    """pf[i] as cache_target_kernel, running beside the copy kernel, wrote it (ld_acquire)."""
+    return ld_acquire(gaddr(pf, 0) + 8 * i)
 
 
 @cuda.jit(device=True, inline=True)
@@ -1982,7 +2071,7 @@ def _prefetch(pf, rr, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01
     runs, which it would otherwise idle through; a wrong guess costs no link time a demand copy needed."""
     tid = cuda.threadIdx.x
     nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
-    gen, total = pf[rr + PF_GEN], pf[rr + PF_NT] * full
+    gen, total = _pf_now(pf, rr + PF_GEN), _pf_now(pf, rr + PF_NT) * full
     take = cuda.shared.array(1, int64)
     while True:
         if tid == 0:
@@ -1998,7 +2087,7 @@ def _prefetch(pf, rr, src0, src1, src2, pool0, pool1, pool2, words, uvs, n0, n01
         t = it // full
         a = it - t * full
         q = rr + PF_TARGET + 4 * t
-        e, s = pf[q + PF_EXPERT], pf[q + PF_SLOT]
+        e, s = _pf_now(pf, q + PF_EXPERT), _pf_now(pf, q + PF_SLOT)
         if a < n0:
             _copy_from_host(src0 + 4 * e * words[0], gaddr(pool0, 0) + 4 * s * words[0], a * ITEM_VECTORS + tid,
                             min((a + 1) * ITEM_VECTORS, nv0), cuda.blockDim.x, uvs[0])

@@ -56,9 +56,10 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
-- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`); the
-  lookup gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks,
-  past the misses, copy them 32 KB item by item while the misses compute and the next layer's attention
+- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`, enqueued
+  after the lookup, so the misses' copy starts without waiting for it); kernels.cache_target_kernel gives
+  those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks, past the
+  misses and once it has (a flag), copy them 32 KB item by item while the misses compute and the next layer's attention
   runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
   kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
   item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
@@ -67,9 +68,10 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   took. Where none of the next layer's guesses is missing (its window would idle), the guess for the layer
   after it (that layer's router on the same input: recall ~0.6 against ~0.7 on the demo) picks the targets
   instead; they stay pinned through the next lookup, and the lookup of their layer finishes them.
-Stream order is all the ordering needed: the victims are never this layer's hits, and every earlier
+Stream order is the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts (a prefetch writes only its targets' slots, which no
-kernel reads before the next layer's copy kernel, behind it on the copy stream). LFU ages by
+kernel reads before the next layer's copy kernel, behind it on the copy stream). The one kernel beside the
+copy kernel that changes the cache, cache_target_kernel, takes no slot whose `have` the copy kernel writes. LFU ages by
 cache_tick_kernel after each step. Kernel copies read random experts at ~95% of a DMA's rate
 (bench/bench_zero_copy.py), and the host's ~130 us per layer of deciding is gone. Policy "hot", a pool
 smaller than a layer's experts, or an unmapped file keep the host's decisions above.
@@ -266,11 +268,13 @@ class ExpertStreamer:
         as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
         first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
         stream can run the hits meanwhile; it must `join` before it reads the misses.
-        ahead: (the next MoE layer, its gate, up and down, the guess: int32 device ids [1, k] its router picks
-        for this layer's input), for one token with overlap: the lookup also gives the guessed experts that are
-        not resident slots, and the copy kernel copies them after the misses, until the next lookup stops it;
-        that lookup finishes what it needs of them. It may go on with the same five for the MoE layer after
-        that: where none of the next layer's guesses is missing, that layer's guess is the one prefetched.
+        ahead: for one token with overlap, a function that enqueues the guesses and returns (the next MoE layer,
+        its gate, up and down, the guess: int32 device ids [1, k] its router picks for this layer's input), or
+        None; called after the lookup's launch, so the guesses' routers run while the misses copy. Then
+        kernels.cache_target_kernel gives the guessed experts that are not resident slots, and the copy kernel
+        copies them after the misses, until the next lookup stops it; that lookup finishes what it needs of
+        them. The five may go on with the same for the MoE layer after that: where none of the next layer's
+        guesses is missing, that layer's guess is the one prefetched.
         Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
         product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
         misses'), what `join` waits for (None without overlap) and whether the shared expert is in them; None
@@ -288,20 +292,27 @@ class ExpertStreamer:
                                              xp.empty(3 * n * k, np.int32), xp.zeros(1, np.int32))
         mats, split, miss, nmiss = bufs
         d = self._dstate
-        guesses = [(-1, None, miss)] * 2       # (no guess: an unread placeholder)
-        if ahead is not None and overlap and n == 1:
-            for i in range(len(ahead) // 5):
-                j = ahead[5 * i]
-                guesses[i] = j, self._mapped_sources(j, self._check(j, *ahead[5 * i + 1:5 * i + 4])), \
-                    ahead[5 * i + 4].reshape(-1)
-        K.cache_lookup_kernel[1, K.THREADS, K.STREAM[0]](
+        K.cache_lookup_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
-            d["have"], self._items, d["pf"], layer,
-            *(a for j, _, g in guesses for a in (g, g.size if j >= 0 else 0, max(j, 0) * self.n_experts, j)))
+            d["have"], self._items, d["pf"], layer)
+        looked_up = self._record(on_copy=False) if overlap else None
+        guesses = [(-1, None, miss)] * 2       # (no guess: an unread placeholder)
+        # (the copy kernel waits for the targets: with every SM its own, the kernel placing them could not run)
+        five = ahead() if ahead is not None and overlap and n == 1 and self.copy_blocks() < self.be.sms else None
+        if five:
+            for i in range(len(five) // 5):
+                j = five[5 * i]
+                guesses[i] = j, self._mapped_sources(j, self._check(j, *five[5 * i + 1:5 * i + 4])), \
+                    five[5 * i + 4].reshape(-1)
+            K.cache_target_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
+                self.policy == "lfu", d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"],
+                d["have"], d["pf"], layer,
+                *(a for j, _, g in guesses for a in (g, g.size if j >= 0 else 0, max(j, 0) * self.n_experts, j)))
+            self.be.launches += 1
         done = None
         if overlap:
-            self._wait(self._record(on_copy=False), on_copy=True)
+            self._wait(looked_up, on_copy=True)
         # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
         K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
                              self._copy_launch if overlap else K.STREAM[0]](
@@ -488,8 +499,8 @@ class ExpertStreamer:
         if S < self.n_experts:
             return (f"the pool's {S} slots hold fewer than a layer's {self.n_experts} experts "
                     f"(a lookup could find every slot pinned)")
-        if S > self.be.K.CANDIDATES * self.be.K.THREADS:
-            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.THREADS})"
+        if S > self.be.K.CANDIDATES * self.be.K.LOOKUP_THREADS:
+            return f"{S} slots (the lookup kernel ranks <= {self.be.K.CANDIDATES * self.be.K.LOOKUP_THREADS})"
         if self.n_experts > self.be.K.MAX_EXPERTS:
             return f"{self.n_experts} experts per layer (the lookup kernel takes <= {self.be.K.MAX_EXPERTS})"
         if any(m % 16 for m in self.mat_bytes):
