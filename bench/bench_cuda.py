@@ -646,9 +646,9 @@ def stream_bench(args, m) -> None:
 def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
     captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
-    (the lookup starts), the guesses' launches done (the hits start), the copy done (on the copy stream; not where a
-    prefetch follows the misses), the hits done (the join), the join done (the misses are in), the layer done,
-    and the lookup kernel done (the copy and the guesses start). The stamps cost ~a few us each."""
+    (the lookup starts), the lookup and copy launched (the hits start), the copy done (on the copy stream; not where a
+    prefetch follows the misses), the hits and guesses done (the join), the join done (the misses are in), the
+    layer done, and the guesses' targets placed (after the hits). The stamps cost ~a few us each."""
     from numba.core import types as t
     from numba.core.extending import intrinsic
     from localmoe.backends.cuda import kernels as K
@@ -672,17 +672,21 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
     cur = [0]
 
-    def lookup(layer, *a, ahead=None, **kw):
+    def lookup(layer, *a, **kw):
         cur[0] = layer
-
-        def guesses():                                # after the lookup kernel: the guesses, their targets
-            stamp[1, 1, K.STREAM[0]](buf, W * layer + 6)
-            return ahead()
         stamp[1, 1, K.STREAM[0]](buf, W * layer)
-        r = lookup0(layer, *a, ahead=None if ahead is None else guesses, **kw)
+        r = lookup0(layer, *a, **kw)
         stamp[1, 1, K.STREAM[0]](buf, W * layer + 1)
-        if r is None or r[2] is None or r[2] == "ready":   # the host decides, the copy is not beside the hits,
-            return r                                    # or a prefetch follows it (no copy-done stamp)
+        if r is None:
+            return r
+        if r[4] is not None:                          # after the hits: the guesses, their targets
+
+            def place(guesses, place0=r[4]):
+                place0(guesses)
+                stamp[1, 1, K.STREAM[0]](buf, W * layer + 6)
+            r = (*r[:4], place)
+        if r[2] is None or r[2] == "ready":           # the copy is not beside the hits, or a prefetch follows it
+            return r                                  # (no copy-done stamp)
         stamp[1, 1, st._copy_launch](buf, W * layer + 2)
         return (*r[:2], st._record(on_copy=True), *r[3:])   # the join waits for the stamp too (a joined capture)
 
@@ -711,8 +715,9 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     s = s[moe]
     prev = np.concatenate([[np.nan], s[:-1, 4]])
     parts = {"attention + router (last layer's end -> lookup start)": s[:, 0] - prev,
-             "lookup": np.where(s[:, 6] > 0, s[:, 6], s[:, 1]) - s[:, 0],
-             "guesses and their targets (after the lookup)": np.where(s[:, 6] > 0, s[:, 1] - s[:, 6], np.nan),
+             "lookup": s[:, 1] - s[:, 0],
+             "hits, then the guesses and their targets (lookup done -> targets placed)":
+                 np.where(s[:, 6] > 0, s[:, 6] - s[:, 1], np.nan),
              "copy (lookup done -> copy stream done)": np.where(s[:, 2] > 0, s[:, 2] - s[:, 1], np.nan),
              "misses in (lookup done -> join done)": s[:, 5] - s[:, 1],
              "hits (lookup done -> join)": s[:, 3] - s[:, 1],

@@ -1550,24 +1550,26 @@ def route_warp_kernel(E: int):
     return _compiled(_make_route_warp, (E + 31) // 32)
 
 
-def _make_combine(k: int):
+def _make_combine(k: int, masked: bool = False):
     """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output, when
     it ran apart), the k weights and each column's k values loaded before the sum (a loop over a run-time k
-    would load them one after another)."""
-    src = ["def kern(yp, wts, y, plus, add):",
+    would load them one after another). masked: only the products whose sel[t * k + j] >= 0 (the hits, before
+    the misses are in: their rows of yp are not written yet)."""
+    src = ["def kern(yp, wts, y, plus, add" + (", sel):" if masked else "):"),
            "    t = cuda.blockIdx.y"]
     src += [f"    w{j} = wts[t, {j}]" for j in range(k)]
+    src += [f"    m{j} = sel[t * {k} + {j}] >= 0" for j in range(k) if masked]
     src += ["    for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):"]
-    src += [f"        v{j} = yp[t * {k} + {j}, c]" for j in range(k)]
+    src += [f"        v{j} = yp[t * {k} + {j}, c]" + (f" if m{j} else float32(0.0)" if masked else "") for j in range(k)]
     src += ["        b = plus[t, c] if add else float32(0.0)", "        a = float32(0.0)"]
     src += [f"        a += w{j} * v{j}" for j in range(k)]
     src += ["        y[t, c] = a + b if add else a"]
-    return _jit_source(src, f"combine k={k}")
+    return _jit_source(src, f"combine k={k}" + (" masked" if masked else ""))
 
 
-def combine_kernel(k: int):
-    """The combine of k products per token."""
-    return _compiled(_make_combine, k)
+def combine_kernel(k: int, masked: bool = False):
+    """The combine of k products per token (masked: of those sel marks)."""
+    return _compiled(_make_combine, k, masked)
 
 
 # -- the expert cache decided on the device (streaming.py's device mode) ----------------------------------
