@@ -649,22 +649,14 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     (the lookup starts), the lookup and copy launched (the hits start), the copy done (on the copy stream; not where a
     prefetch follows the misses), the hits and guesses done (the join), the join done (the misses are in), the
     layer done, and the guesses' targets placed (after the hits). The stamps cost ~a few us each."""
-    from numba.core import types as t
-    from numba.core.extending import intrinsic
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda._numba import cuda
     be, st = m.backend, m.backend.streamer
 
-    @intrinsic
-    def globaltimer(typingctx):
-        def codegen(context, builder, sig, args):
-            return K._asm(builder, K._I64, [], "mov.u64 $0, %globaltimer;", "=l", [], side_effect=True)
-        return t.int64(), codegen
-
     @cuda.jit
     def stamp(buf, i):
         K.grid_dependency()
-        buf[i] = globaltimer()
+        buf[i] = K.globaltimer()
 
     L = st.n_layers
     W = 7                                         # stamps per layer

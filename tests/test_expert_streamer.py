@@ -611,7 +611,8 @@ def test_device_mode_guesses_from_the_layer_output_so_far(tmp_path):
     """With the next layers' routers set (next_experts), a decode token's guesses come after its hits: the
     routers read this layer's input plus its hits and its shared expert (the misses left out: they are still
     copying), bitwise what the resident backend gives with the misses' weights zeroed; the prefetch they start
-    leaves every output the resident run's bits, and its targets go in (prefetch counters)."""
+    leaves every output the resident run's bits, and its targets go in (prefetch counters). Every fourth guess
+    the host synchronizes first: the copy kernel, which waits for the targets, must give up on them, not hang."""
     import cupy as cp
     from localmoe.backends import DenseFFN
     from localmoe.backends.cuda import CUDABackend
@@ -633,6 +634,8 @@ def test_device_mode_guesses_from_the_layer_output_so_far(tmp_path):
     seen, guess0 = [], streamed._guess
 
     def guess(ahead, x, k):
+        if len(seen) % 4 == 3:                        # a host that waits for the GPU before it enqueues the targets
+            cp.cuda.Device().synchronize()            # (an eager first upload): the copy kernel stops waiting for them
         seen.append(cp.array(x))                      # (a plain x here: this test's inputs are not Normed)
         return guess0(ahead, x, k)
     streamed._guess = guess
