@@ -56,17 +56,19 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
-- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`, enqueued
-  after the lookup, so the misses' copy starts without waiting for it); kernels.cache_target_kernel gives
-  those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks, past the
-  misses and once it has (a flag), copy them 32 KB item by item while the misses compute and the next layer's attention
+- for one token, the next MoE layer's router guesses its experts from this layer's output so far: its input
+  plus the hits and the shared expert, which run while the misses copy (`ahead`, `place`: on the demo the
+  first target is asked for 0.71 of the time, against 0.58 from the input alone, bench/bench_guess.py);
+  kernels.cache_target_kernel gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy
+  kernel's blocks, past the misses and once it has (a flag, waited for at most kernels.TARGETS_WAIT_NS), copy
+  them 32 KB item by item while the misses compute and the next layer's attention
   runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
   kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
   item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
   its slot and resumes where the prefetch stopped; one it does not ask for keeps its prefix (`have`) for
   a later lookup to finish. A wrong guess thus costs no link time a demand copy needed, only the slot it
   took. Where none of the next layer's guesses is missing (its window would idle), the guess for the layer
-  after it (that layer's router on the same input: recall ~0.6 against ~0.7 on the demo) picks the targets
+  after it (that layer's router on the same state: its first target is asked for 0.50 of the time) picks the targets
   instead; they stay pinned through the next lookup, and the lookup of their layer finishes them.
 Stream order is the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts (a prefetch writes only its targets' slots, which no
