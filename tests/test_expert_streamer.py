@@ -606,6 +606,62 @@ def test_device_mode_expert_ffn_matches_resident(t, tmp_path):
     streamed.close()
 
 
+@needs_gpu
+def test_device_mode_guesses_from_the_layer_output_so_far(tmp_path):
+    """With the next layers' routers set (next_experts), a decode token's guesses come after its hits: the
+    routers read this layer's input plus its hits and its shared expert (the misses left out: they are still
+    copying), bitwise what the resident backend gives with the misses' weights zeroed; the prefetch they start
+    leaves every output the resident run's bits, and its targets go in (prefetch counters). Every fourth guess
+    the host synchronizes first: the copy kernel, which waits for the targets, must give up on them, not hang."""
+    import cupy as cp
+    from localmoe.backends import DenseFFN
+    from localmoe.backends.cuda import CUDABackend
+    from localmoe.models.moe import Experts
+    rng = np.random.default_rng()
+    t, L, E, H, I, k = GGMLType.Q4_0, 4, 16, 256, 512, 4
+    layers = [tuple(Weight(w.raw, w.type, w.cols, f"blk.{i}.ffn_{name}_exps") for w, name in
+                    zip((quantized(rng, (E, I, H), t), quantized(rng, (E, I, H), t), quantized(rng, (E, H, I), t)),
+                        ("gate", "up", "down"))) for i in range(L)]
+    shared = [DenseFFN(quantized(rng, (I, H), t), quantized(rng, (I, H), t), quantized(rng, (H, I), t))
+              for _ in range(L)]
+    mm, data, layers = mapped_read_only(tmp_path / "experts.bin", layers, align=32)
+    bpe = sum(w.expert_nbytes() for w in layers[0])
+    streamed, resident = CUDABackend(), CUDABackend()
+    streamed.stream_experts(int(1.5 * E * bpe), L, E, "lfu", host_buffer=data, host_register=True)
+    routers = [Weight(rng.standard_normal((E, H)).astype(np.float32), GGMLType.F32, H, f"blk.{i}.ffn_gate_inp")
+               for i in range(L)]
+    streamed.next_experts = {i: (i + 1, Experts(routers[i + 1], *layers[i + 1])) for i in range(L - 1)}
+    seen, guess0 = [], streamed._guess
+
+    def guess(ahead, x, k):
+        if len(seen) % 4 == 3:                        # a host that waits for the GPU before it enqueues the targets
+            cp.cuda.Device().synchronize()            # (an eager first upload): the copy kernel stops waiting for them
+        seen.append(cp.array(x))                      # (a plain x here: this test's inputs are not Normed)
+        return guess0(ahead, x, k)
+    streamed._guess = guess
+    for step in range(24):
+        layer = step % L
+        g, u, d = layers[layer]
+        x = cp.asarray(rng.standard_normal((1, H)).astype(np.float32))
+        ids = cp.asarray(rng.choice(E, k, replace=False).astype(np.int32)[None])
+        w = cp.asarray(rng.random((1, k)).astype(np.float32))
+        n0 = len(seen)
+        y = streamed.expert_ffn(g, u, d, x, ids, w, shared=shared[layer])
+        assert np.array_equal(cp.asnumpy(y), cp.asnumpy(resident.expert_ffn(g, u, d, x, ids, w, shared=shared[layer])))
+        if layer == L - 1:
+            assert len(seen) == n0                    # no layer after it: no guess
+            continue
+        assert len(seen) == n0 + 1
+        split = streamed.streamer._bufs[(layer, k + 1)][1]           # [2, k + 1]: the hits' slots, the misses'
+        hit = cp.asnumpy(split[0, :k]) >= 0
+        want = resident.expert_ffn(g, u, d, x, ids, w * cp.asarray(hit[None].astype(np.float32)),
+                                   shared=shared[layer], residual=x)
+        assert np.array_equal(cp.asnumpy(seen[-1]), cp.asnumpy(want)), step
+    n = streamed.streamer.stats()
+    assert n["misses"] > 0 and n["hits"] > 0 and n["prefetch_loads"] > 0, n
+    streamed.close()
+
+
 def test_stats_report_the_expert_cache():
     """m.stats.as_dict() and the --verbose line carry the streamer's hit rate and host->GPU bytes per token."""
     from localmoe.models.decoder import Stats

@@ -399,18 +399,19 @@ class CUDABackend:
                         for s, r in zip((shared.gate, shared.up, shared.down), routed)))
         res = None if residual is None else self._dev(residual, (n, down.rows))
         pg = pu = pd = None
-        host_decides, copied, folded = False, None, False
+        host_decides, copied, folded, place = False, None, False, None
         if self.streamer is not None:
             P = ids2.size
             layer = int(gate.name.split(".")[1])                         # blk.<layer>.ffn_..._exps
             split = (int(gate.type) == int(up.type) and self.K.fast2_ok(int(gate.type), gate.cols)
                      and self.K.fast2_ok(int(down.type), down.cols))   # launches that can skip products
+            ahead = self._ahead(layer) if n == 1 else []
             got = self.streamer.lookup_on_device(layer, gate, up, down, ids2, shared=shared, overlap=split,
-                                                 ahead=lambda: self._guess(layer, xn, ids2.shape[1]))
-            # (kernels decide, copy and prefetch; the guesses run after the lookup)
+                                                 ahead=[(j, ex.gate, ex.up, ex.down) for j, ex in ahead])
+            # (kernels decide, copy and prefetch; the guesses run after the hits: `place`)
             host_decides = got is None
             if not host_decides:
-                mats, halves, copied, folded = got
+                mats, halves, copied, folded, place = got
                 if folded:                     # the shared expert is each token's last product, weight 1
                     wd = self._shared_rows(ids, weights, ids2, wd, gate.n_experts)[1]
                 cb = self.streamer.copy_blocks()
@@ -446,9 +447,18 @@ class CUDABackend:
             self._ints[kt] = xp.asarray(np.repeat(np.arange(n, dtype=np.int32), k))
         tok = self._ints[kt]
         # the router's kernels just wrote mats: the gate's launch cannot read it early; the down projection's can
+        gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         if copied is not None:                 # decided on the device: the hits run while the misses copy, then those
             h, yp = xp.empty((P, gate.rows), np.float32), xp.empty((P, down.rows), np.float32)
             for i in (0, 1):
+                if i and place is not None:    # the next layers' guesses, from this layer's output so far
+                    so_far = xp.empty((n, down.rows), np.float32)
+                    raw = x2 if not isinstance(x, Normed) or norm is not None else self._rows(x.x, gate.cols)
+                    self.K.combine_kernel(k, masked=True)[(gx, n), self.K.THREADS, self.S[0]](yp, wd, so_far, raw,
+                                                                                          True, halves[0])
+                    self.launches += 1
+                    place(self._guess(ahead, Normed(so_far, x.weight, x.eps) if isinstance(x, Normed) else so_far,
+                                      ids2.shape[1]))
                 if i:
                     self.streamer.join(copied)
                     self._sms_beside = 0           # (even beside a prefetch: measured faster, session 21)
@@ -468,7 +478,6 @@ class CUDABackend:
         if copied is None:
             yp = self.gemv(down, mats, self._arange(P), h, P, pools=None if pd is None else (pd,), interleaved=il)
         y = xp.empty((n, down.rows), np.float32)
-        gx = max(1, min(64, (down.rows + self.K.THREADS - 1) // self.K.THREADS))
         self.K.combine_kernel(k)[(gx, n), self.K.THREADS, self.S[0]](yp, wd, y, y if plus is None else plus,
                                                                      plus is not None)
         self.launches += 1
@@ -490,32 +499,39 @@ class CUDABackend:
         picks for this layer's input (`next_experts`; consecutive layers' inputs are close), so their copies
         overlap this layer's experts and the next attention."""
         ids_h = self._to_host_later(ids, ("ids", layer))
-        nxt = self._guess(layer, x, ids.shape[1], 1)
-        if nxt is not None:
-            guess_h = self._to_host_later(nxt[4], ("guess", layer))
+        ahead = self._ahead(layer, 1)
+        if ahead:
+            guess_h = self._to_host_later(self._guess(ahead, x, ids.shape[1])[0], ("guess", layer))
 
         def fetch(readers_done=None):
             return self.streamer.fetch(layer, gate, up, down, ids_h, readers_done)[3]
 
         def prefetch():
-            if nxt is not None:
-                self.streamer.prefetch(*nxt[:4], guess_h)
+            for j, ex in ahead:
+                self.streamer.prefetch(j, ex.gate, ex.up, ex.down, guess_h)
         return fetch, prefetch
 
-    def _guess(self, layer: int, x, k: int, layers: int | None = None):
-        """(the next MoE layer, its gate, up and down, its router's k picks for x) where streaming prefetches
-        (`next_experts`), else None: this layer's input x is close to the next one's. Up to `layers`
-        (guess_layers) such fives in a row, for the MoE layers after it (the device mode prefetches the second
-        where the first finds nothing missing: recall ~0.6 on the demo against ~0.7, bench_cuda's guess_table)."""
-        out, at, rows = (), layer, self._slot_rows      # (the layer's own route's rows: expert_ffn reads them after)
-        for d in range(1, (self.guess_layers if layers is None else layers) + 1):
+    def _ahead(self, layer: int, layers: int | None = None) -> list:
+        """[(the next MoE layer, its Experts)] where streaming prefetches (`next_experts`), else []; up to `layers`
+        (guess_layers) in a row, the MoE layers after it (the device mode prefetches the second's guess where
+        the first's finds nothing missing)."""
+        out, at = [], layer
+        for _ in range(self.guess_layers if layers is None else layers):
             nxt = self.next_experts.get(at) if self.next_experts else None
             if nxt is None:
                 break
-            at, ex = nxt
-            out += (at, ex.gate, ex.up, ex.down, self.guess_route(self.linear(ex.router, x), k, d))
+            out.append(nxt)
+            at = nxt[0]
+        return out
+
+    def _guess(self, ahead: list, x, k: int) -> list:
+        """Each layer of `ahead`'s router's k picks for x (int32 device ids [n, k]): a layer's state is close to
+        the next ones'. The host mode guesses from the layer's input, the device mode from its output so far
+        (the input plus the hits and the shared expert, after they ran; bench/bench_guess.py measures both)."""
+        rows = self._slot_rows                          # (the layer's own route's rows: expert_ffn reads them after)
+        out = [self.guess_route(self.linear(ex.router, x), k, d) for d, (_, ex) in enumerate(ahead, 1)]
         self._slot_rows = rows
-        return out or None
+        return out
 
     def guess_route(self, logits, k: int, layers: int = 1):
         """The ids route() picks for a guess `layers` MoE layers ahead: a method of its own, so

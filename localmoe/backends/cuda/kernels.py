@@ -759,6 +759,14 @@ def ld_acquire(typingctx, addr):
 
 
 @_intrinsic
+def globaltimer(typingctx):
+    """The GPU's clock in ns (%globaltimer): the copy kernel's bounded wait, bench_cuda.py's timeline."""
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _I64, [], "mov.u64 $0, %globaltimer;", "=l", [], side_effect=True)
+    return _t.int64(), codegen
+
+
+@_intrinsic
 def stgf(typingctx, addr, v):
     """Store the float32 v at global byte address addr (int64): st.global."""
     def codegen(context, builder, sig, args):
@@ -1550,24 +1558,26 @@ def route_warp_kernel(E: int):
     return _compiled(_make_route_warp, (E + 31) // 32)
 
 
-def _make_combine(k: int):
+def _make_combine(k: int, masked: bool = False):
     """y[t, c] = sum_j wts[t, j] * yp[t * k + j, c] (+ plus[t, c] when add: the shared expert's output, when
     it ran apart), the k weights and each column's k values loaded before the sum (a loop over a run-time k
-    would load them one after another)."""
-    src = ["def kern(yp, wts, y, plus, add):",
+    would load them one after another). masked: only the products whose sel[t * k + j] >= 0 (the hits, before
+    the misses are in: their rows of yp are not written yet)."""
+    src = ["def kern(yp, wts, y, plus, add" + (", sel):" if masked else "):"),
            "    t = cuda.blockIdx.y"]
     src += [f"    w{j} = wts[t, {j}]" for j in range(k)]
+    src += [f"    m{j} = sel[t * {k} + {j}] >= 0" for j in range(k) if masked]
     src += ["    for c in range(cuda.blockIdx.x * THREADS + cuda.threadIdx.x, y.shape[1], cuda.gridDim.x * THREADS):"]
-    src += [f"        v{j} = yp[t * {k} + {j}, c]" for j in range(k)]
+    src += [f"        v{j} = yp[t * {k} + {j}, c]" + (f" if m{j} else float32(0.0)" if masked else "") for j in range(k)]
     src += ["        b = plus[t, c] if add else float32(0.0)", "        a = float32(0.0)"]
     src += [f"        a += w{j} * v{j}" for j in range(k)]
     src += ["        y[t, c] = a + b if add else a"]
-    return _jit_source(src, f"combine k={k}")
+    return _jit_source(src, f"combine k={k}" + (" masked" if masked else ""))
 
 
-def combine_kernel(k: int):
-    """The combine of k products per token."""
-    return _compiled(_make_combine, k)
+def combine_kernel(k: int, masked: bool = False):
+    """The combine of k products per token (masked: of those sel marks)."""
+    return _compiled(_make_combine, k, masked)
 
 
 # -- the expert cache decided on the device (streaming.py's device mode) ----------------------------------
@@ -1589,6 +1599,9 @@ CACHE_STATE = 12           # int64 words of the state array (one spare)         
 # item to copy (NEXT), and per target t at PF_TARGET + 4 t its key, slot, expert and whether that layer's lookup
 # asked for it (REQ).
 PREFETCH_TARGETS = 2       # experts a guess may start per layer (its window, ~100 us, is ~40% of one)
+TARGETS_WAIT_NS = 2_000_000  # the copy kernel waits at most this long for the targets, then skips its prefetch:
+                             # the host enqueues them after its copy kernel, and an eager host that synchronizes
+                             # before (a first upload or module load) must not wait on the copy kernel forever
 PF_STOP, PF_READY, PF_DONE, PF_TARGETED, PF_HEAD = 0, 1, 2, 3, 4
 PF_GEN, PF_NT, PF_NEXT, PF_TARGET = 0, 1, 2, 4
 PF_KEY, PF_SLOT, PF_EXPERT, PF_REQ = range(4)
@@ -1990,13 +2003,14 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
     last lookup's guess two layers ahead), keep what got in (have), and DEMAND_VECS / PREFETCH_VECS count the
     vectors each moved.
     nxt >= 0: then the blocks prefetch the targets cache_target_kernel picks after this lookup (they wait for
-    its PF_TARGETED), record nxt's (nsrc_j: that layer's sources), or where it picked its guess for layer nxt2
+    its PF_TARGETED, at most TARGETS_WAIT_NS), record nxt's (nsrc_j: that layer's sources), or where it picked its guess for layer nxt2
     instead, record L + nxt2's (fsrc_j; _prefetch), once the last of them past its misses has raised PF_READY to
     this lookup's number: the compute stream's join is `await_ready_kernel`, not the kernel's end. The copy SMs go from the misses to the guesses with no
     launch in between, and no other kernel's blocks in between. Launched on COPY_BLOCKS blocks: a block of
     the fused gemvs takes a whole SM's registers, so the hits can run beside the copy only on SMs it leaves
     free (CUDABackend.expert_ffn sizes their grids to those)."""
     grid_dependency()
+    placed = cuda.shared.array(1, int32)
     t0, step = cuda.grid(1), cuda.gridsize(1)
     nv0, nv1, nv2 = words[0] >> 2, words[1] >> 2, words[2] >> 2
     n0, n01 = _items(nv0), _items(nv0) + _items(nv1)
@@ -2031,10 +2045,14 @@ def expert_copy_kernel(miss, nmiss, src0, src1, src2, pool0, pool1, pool2, words
             if cuda.atomic.add(pf, PF_DONE, 1) == cuda.gridDim.x - 1:
                 cuda.threadfence()
                 cuda.atomic.max(pf, PF_READY, lk)
-            while _pf_now(pf, PF_TARGETED) < lk:      # cache_target_kernel has placed the guesses' targets
+            end = globaltimer() + TARGETS_WAIT_NS
+            while _pf_now(pf, PF_TARGETED) < lk and globaltimer() < end:   # cache_target_kernel placed them
                 pass
+            placed[0] = _pf_now(pf, PF_TARGETED) >= lk
         cuda.syncthreads()
         rn, rf = _record(pf, nxt, 0), _record(pf, nxt2, 1)
+        if not placed[0]:
+            return
         if _pf_now(pf, rn + PF_GEN) == lk:
             _prefetch(pf, rn, nsrc0, nsrc1, nsrc2, pool0, pool1, pool2, words, uvs, n0, n01, full)
         elif nxt2 >= 0 and _pf_now(pf, rf + PF_GEN) == lk:

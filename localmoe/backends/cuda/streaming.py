@@ -56,17 +56,19 @@ is registered mapped as well as read-only, so the SMs can read it. Per MoE layer
   `overlap`, it runs on the copy stream on `copy_blocks()` SMs: the layer's hits (and the shared expert,
   which sits in a slot of its own after the cache's, `_shared_slot`, and runs in the same launches) run
   meanwhile on the other SMs, and the misses after the compute stream waits for it.
-- for one token, the next MoE layer's router on this layer's input guesses its experts (`ahead`, enqueued
-  after the lookup, so the misses' copy starts without waiting for it); kernels.cache_target_kernel gives
-  those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy kernel's blocks, past the
-  misses and once it has (a flag), copy them 32 KB item by item while the misses compute and the next layer's attention
+- for one token, the next MoE layer's router guesses its experts from this layer's output so far: its input
+  plus the hits and the shared expert, which run while the misses copy (`ahead`, `place`: on the demo the
+  first target is asked for 0.71 of the time, against 0.58 from the input alone, bench/bench_guess.py);
+  kernels.cache_target_kernel gives those not resident slots (at most kernels.PREFETCH_TARGETS), and the copy
+  kernel's blocks, past the misses and once it has (a flag, waited for at most kernels.TARGETS_WAIT_NS), copy
+  them 32 KB item by item while the misses compute and the next layer's attention
   runs: the link is otherwise idle then (the join is then a flag the blocks raise past the misses,
   kernels.await_ready_kernel, not the kernel's end). The next lookup stops them (a flag checked before each
   item) and copies only what its layer needs of them: a target it asks for is a miss that keeps
   its slot and resumes where the prefetch stopped; one it does not ask for keeps its prefix (`have`) for
   a later lookup to finish. A wrong guess thus costs no link time a demand copy needed, only the slot it
   took. Where none of the next layer's guesses is missing (its window would idle), the guess for the layer
-  after it (that layer's router on the same input: recall ~0.6 against ~0.7 on the demo) picks the targets
+  after it (that layer's router on the same state: its first target is asked for 0.50 of the time) picks the targets
   instead; they stay pinned through the next lookup, and the lookup of their layer finishes them.
 Stream order is the ordering needed: the victims are never this layer's hits, and every earlier
 layer's kernels are done before the lookup starts (a prefetch writes only its targets' slots, which no
@@ -261,24 +263,25 @@ class ExpertStreamer:
         self._wait_flag(flag, value)
 
     def lookup_on_device(self, layer: int, gate: Weight, up: Weight, down: Weight, ids, shared=None,
-                         overlap: bool = False, ahead=None):
+                         overlap: bool = False, ahead=()):
         """The device mode: enqueue on the compute stream the cache's lookup of `ids` [n, k] (the int32 device
         array a router kernel wrote: nothing waits for the host), then the copies of its misses, both by kernels
         (kernels.cache_lookup_kernel, expert_copy_kernel). shared: the layer's shared expert (a DenseFFN), run
         as each token's product k + 1 from a slot of its own when it is stored like the routed experts (the
         first call uploads it). overlap: the copies go to the copy stream (after the lookup), so the compute
         stream can run the hits meanwhile; it must `join` before it reads the misses.
-        ahead: for one token with overlap, a function that enqueues the guesses and returns (the next MoE layer,
-        its gate, up and down, the guess: int32 device ids [1, k] its router picks for this layer's input), or
-        None; called after the lookup's launch, so the guesses' routers run while the misses copy. Then
-        kernels.cache_target_kernel gives the guessed experts that are not resident slots, and the copy kernel
-        copies them after the misses, until the next lookup stops it; that lookup finishes what it needs of
-        them. The five may go on with the same for the MoE layer after that: where none of the next layer's
-        guesses is missing, that layer's guess is the one prefetched.
+        ahead: for one token with overlap, the MoE layers the caller will guess the experts of, each (layer, its
+        gate, up and down): the next one, and the one after it. Then the copy kernel goes on from the misses to
+        the guessed experts that are not resident, until the next lookup stops it (that lookup finishes what it
+        needs of them), and the caller gets `place`: it must call it once, before `join`, with the guesses (int32
+        device ids [1, k] per layer of ahead), which enqueues kernels.cache_target_kernel: it gives those experts
+        slots, and the copy kernel waits for it. So the guesses may come from what the caller computes while
+        the misses copy (the hits). Where none of the next layer's guesses is missing, the layer after it's is
+        the one prefetched.
         Returns the device int32 arrays (fixed per layer and size: a captured step replays them) mats (each
         product's slot) and split [2, len(mats)] (only the hits' and the shared expert's slots; only the
-        misses'), what `join` waits for (None without overlap) and whether the shared expert is in them; None
-        when the host decides (`fetch`)."""
+        misses'), what `join` waits for (None without overlap), whether the shared expert is in them, and
+        `place` (None: no guesses); None when the host decides (`fetch`)."""
         ws = self._check(layer, gate, up, down)
         if not self.on_device:
             return None
@@ -296,32 +299,31 @@ class ExpertStreamer:
             ids.reshape(-1), k, sslot, layer * self.n_experts, self.n_experts, self.policy == "lfu", d["slot_of"],
             d["key_of"], d["score"], d["last"], d["pin"], d["state"], d["wt"], mats, split.reshape(-1), miss, nmiss,
             d["have"], self._items, d["pf"], layer)
-        looked_up = self._record(on_copy=False) if overlap else None
-        guesses = [(-1, None, miss)] * 2       # (no guess: an unread placeholder)
+        guessed = [(-1, (0, 0, 0))] * 2        # (layer, its sources) of each guess; -1: none
         # (the copy kernel waits for the targets: with every SM its own, the kernel placing them could not run)
-        five = ahead() if ahead is not None and overlap and n == 1 and self.copy_blocks() < self.be.sms else None
-        if five:
-            for i in range(len(five) // 5):
-                j = five[5 * i]
-                guesses[i] = j, self._mapped_sources(j, self._check(j, *five[5 * i + 1:5 * i + 4])), \
-                    five[5 * i + 4].reshape(-1)
-            K.cache_target_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
-                self.policy == "lfu", d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"],
-                d["have"], d["pf"], layer,
-                *(a for j, _, g in guesses for a in (g, g.size if j >= 0 else 0, max(j, 0) * self.n_experts, j)))
-            self.be.launches += 1
-        done = None
+        if ahead and overlap and n == 1 and self.copy_blocks() < self.be.sms:
+            for i, (j, *w) in enumerate(ahead):
+                guessed[i] = j, self._mapped_sources(j, self._check(j, *w))
+        done = place = None
         if overlap:
-            self._wait(looked_up, on_copy=True)
+            self._wait(self._record(on_copy=False), on_copy=True)
         # beside the hits: copy_blocks SMs (bench_zero_copy.py: as fast as all of them); alone: every SM
         K.expert_copy_kernel[self.copy_blocks() if overlap else self.be.sms, K.COPY_THREADS,
                              self._copy_launch if overlap else K.STREAM[0]](
             miss, nmiss, *self._mapped_sources(layer, ws), *self._pool_words, self._words, self._uvs, d["state"],
-            d["pf"], layer, d["key_of"], d["have"], *(a for j, src, _ in guesses for a in (j, *(src or (0, 0, 0)))))
+            d["pf"], layer, d["key_of"], d["have"], *(a for j, src in guessed for a in (j, *src)))
         self.be.launches += 2
         if overlap:
-            done = "ready" if guesses[0][0] >= 0 else self._record(on_copy=True)
-        return mats, split, done, sslot >= 0
+            done = "ready" if guessed[0][0] >= 0 else self._record(on_copy=True)
+        if guessed[0][0] >= 0:
+            def place(guesses):
+                gs = [(j, g.reshape(-1)) for (j, _), g in zip(guessed, guesses)] + [(-1, miss)] * 2  # (unread)
+                K.cache_target_kernel[1, K.LOOKUP_THREADS, K.STREAM[0]](
+                    self.policy == "lfu", d["slot_of"], d["key_of"], d["score"], d["last"], d["pin"], d["state"],
+                    d["have"], d["pf"], layer,
+                    *(a for j, g in gs[:2] for a in (g, g.size if j >= 0 else 0, max(j, 0) * self.n_experts, j)))
+                self.be.launches += 1
+        return mats, split, done, sslot >= 0, place
 
     def copy_blocks(self) -> int:
         """Blocks of the device mode's copy kernel beside the hits, at most one an SM: the SMs the hits' gemvs
