@@ -118,8 +118,9 @@ def main() -> None:
                     "(convert.synthetic.SMALL4 keys; for smoke runs)")
     ap.add_argument("--kernel-times", action="store_true", help="GPU time of each backend call of a decode step")
     ap.add_argument("--profile", action="store_true", help="cProfile 8 decode steps: where the host time goes")
-    ap.add_argument("--timeline", action="store_true",
-                    help="--gpu-mem's device mode: GPU timestamps around each MoE layer's lookup, copy and hits")
+    ap.add_argument("--timeline", nargs="?", const=True, metavar="NPZ",
+                    help="--gpu-mem's device mode: GPU timestamps around each MoE layer's lookup, copy and hits, and "
+                    "the link's account of a step (the stamps saved to NPZ, if given)")
     ap.add_argument("--prefill-budget", type=float, default=300.0, help="seconds after which prefill stops")
     ap.add_argument("--gpu-mem", help="stream the routed experts through a VRAM cache of this size (e.g. 24G)")
     ap.add_argument("--zipf", type=float, default=0.6, help="--gpu-mem's replayed routing: Zipf exponent")
@@ -623,8 +624,11 @@ def stream_bench(args, m) -> None:
             rates[on_device, mode, pipelined, name.split(" (")[0] + ("" if recall is None else f" {recall}"), cb] = 1 / dt
             if args.profile and name.startswith("Zipf"):
                 profile_decode(m, cache, rng, 8)
+            if on_device and recall is not None:
+                step_gaps(m, cache, rng, 16)
             if args.timeline and on_device:
-                stream_timeline(m, cache, rng)
+                stream_timeline(m, cache, rng, dump=None if args.timeline is True else
+                                f"{args.timeline}.{len(rates)}.npz")
             print(f"  {name}: {1 / dt:.2f} tok/s ({dt * 1e3:.1f} ms/token) over {args.tokens} tokens after {warm:.0f} s of "
                   f"warm-up; {s1['slots']} slots ({s1['pool_bytes'] / 2 ** 30:.1f} GiB) hit rate {hits / max(1, hits + misses):.1%}"
                   f"; misses {need / 1e6:.0f} MB/token, host->GPU {h2d / 1e6:.0f} MB/token ({direct / max(h2d, 1):.0%} "
@@ -645,12 +649,59 @@ def stream_bench(args, m) -> None:
                       f"{rates[True, True, None, name, cb] / max(host):.2f}x", flush=True)
 
 
-def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
+def step_gaps(m, cache, rng, tokens: int) -> None:
+    """The GPU's time of each decode step (stamps at the step's first and last kernel, in its graph) and the idle
+    between two steps (the host's part: waiting for the step, copying the logits out, embedding the next token,
+    launching), over the same `tokens` steps (after one that captures the stamped graph)."""
+    from localmoe.backends.cuda import kernels as K
+    from localmoe.backends.cuda._numba import cuda
+    be, net = m.backend, m.net
+
+    @cuda.jit
+    def stamp(buf, n, end):
+        K.grid_dependency()
+        buf[n[0], end] = K.globaltimer()
+        if end:
+            n[0] += 1
+
+    buf, n = be.xp.zeros((tokens + 2, 2), np.int64), be.xp.zeros(1, np.int64)   # (the capture runs the step twice)
+    step0 = net.step
+
+    def step(*a, **kw):
+        stamp[1, 1, K.STREAM[0]](buf, n, 0)
+        out = step0(*a, **kw)
+        stamp[1, 1, K.STREAM[0]](buf, n, 1)
+        return out
+
+    net.step = step
+    be._graphs.clear()
+    try:
+        first, *toks = rng.integers(1000, m.config.vocab_size, tokens + 1)
+        net.forward(np.array([int(first)]), cache, last_only=True)     # captures the stamped graph: not timed
+        t0 = time.perf_counter()
+        for t in toks:
+            net.forward(np.array([int(t)]), cache, last_only=True)
+        cuda_sync(be)
+        wall = (time.perf_counter() - t0) / tokens
+    finally:
+        del net.step
+        be._graphs.clear()
+    s = be.to_host(buf)[2:].astype(np.float64) / 1e3                    # us, the replayed steps
+    busy, idle = s[:, 1] - s[:, 0], s[1:, 0] - s[:-1, 1]
+    print(f"  {tokens} more steps, {wall * 1e3:.2f} ms each: the GPU {busy.mean() / 1e3:.2f} ms (step's first to "
+          f"last kernel), idle between steps {idle.mean():.0f} us (median {np.median(idle):.0f}: the host's part)",
+          flush=True)
+
+
+def stream_timeline(m, cache, rng, tokens: int = 4, dump: str | None = None) -> None:
     """The device mode's MoE layers on the GPU's clock (%globaltimer), for the last of `tokens` decode steps
     captured with one-thread stamp kernels (each after the kernel before it, PDL's wait) at: the router done
     (the lookup starts), the lookup and copy launched (the hits start), the copy done (on the copy stream; not where a
     prefetch follows the misses), the hits and guesses done (the join), the join done (the misses are in), the
-    layer done, and the guesses' targets placed (after the hits). The stamps cost ~a few us each."""
+    layer done, and the guesses' targets placed (after the hits); and on the copy stream before each lookup, where
+    the last copy kernel (misses, then its prefetch until this lookup stops it) has ended. From those, the link's
+    account of a step: demand copies, prefetch, and the time it idles (a copy kernel waiting for its targets, one
+    with nothing to prefetch, the kernel boundaries, the token boundary). The stamps cost ~a few us each."""
     from localmoe.backends.cuda import kernels as K
     from localmoe.backends.cuda._numba import cuda
     be, st = m.backend, m.backend.streamer
@@ -660,14 +711,24 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         K.grid_dependency()
         buf[i] = K.globaltimer()
 
+    @cuda.jit
+    def keep(buf, src, dst):
+        K.grid_dependency()
+        buf[dst] = buf[src]
+
     L = st.n_layers
-    W = 7                                         # stamps per layer
+    W = 9                                         # stamps per layer (7: the copy stream free; 8: the last step's end)
     buf = be.xp.zeros(W * L, np.int64)
     lookup0, join0, ffn0 = st.lookup_on_device, st.join, be.expert_ffn
     cur = [0]
+    first, last = min(ly for ly, _ in st._bufs), max(ly for ly, _ in st._bufs)
 
     def lookup(layer, *a, **kw):
         cur[0] = layer
+        if layer == first:                        # the last step's last layer's end, before this step overwrites it
+            keep[1, 1, K.STREAM[0]](buf, W * last + 4, W * first + 8)
+        st._wait(st._record(on_copy=False), on_copy=True)
+        stamp[1, 1, st._copy_launch](buf, W * layer + 7)   # the copy stream is free: the last copy kernel ended
         stamp[1, 1, K.STREAM[0]](buf, W * layer)
         r = lookup0(layer, *a, **kw)
         stamp[1, 1, K.STREAM[0]](buf, W * layer + 1)
@@ -696,6 +757,7 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
 
     st.lookup_on_device, st.join, be.expert_ffn = lookup, join, ffn
     be._graphs.clear()
+    c0 = st._dstate["state"].get()
     try:
         t0 = time.perf_counter()
         for tok in rng.integers(1000, m.config.vocab_size, tokens):
@@ -704,6 +766,7 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
     finally:
         del st.lookup_on_device, st.join, be.expert_ffn
         be._graphs.clear()
+    c1 = st._dstate["state"].get()
     s = be.to_host(buf).reshape(L, W).astype(np.float64) / 1e3          # us
     moe = [i for i in range(L) if s[i, 0] > 0]
     s = s[moe]
@@ -722,12 +785,45 @@ def stream_timeline(m, cache, rng, tokens: int = 4) -> None:
         print(f"   {what}: mean {np.nanmean(v):.1f} us, median {np.nanmedian(v):.1f}, sum {np.nansum(v):.0f} us")
     nm = {layer: int(be.to_host(b[3])[0]) for (layer, Q), b in st._bufs.items() if Q <= 8}   # the decode steps' lookups
     misses = np.array([nm.get(i, -1) for i in moe])
+    if dump:
+        np.savez(dump, stamps=s, misses=misses)
+    link_account(s, [c1[K.DEMAND_VECS] - c0[K.DEMAND_VECS], c1[K.PREFETCH_VECS] - c0[K.PREFETCH_VECS]], tokens, misses)
     copy = np.where(s[:, 2] > 0, s[:, 2], s[:, 5]) - s[:, 1]
     print("   copy time by the layer's misses (the last step): " + "; ".join(
         f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
     head = "   first 6 layers (us from the first stamp: start, lookup done, copy done, hits done, misses in, end): "
     print(head + "; ".join(", ".join(f"{x - s[0, 0]:.0f}" if x > 0 else "-" for x in r[[0, 1, 2, 3, 5, 4]])
                            for r in s[:6]), flush=True)
+
+
+def link_account(s, vecs, tokens: int, misses) -> None:
+    """What the link did in the timeline's last step (stamps s [layers, 9] in us, see stream_timeline; misses: each
+    layer's count). Copy kernel j starts once its lookup is done and kernel j - 1 has ended (the copy stream free),
+    copies its misses until the join, then prefetches (from when its targets are placed) until lookup j + 1 stops it
+    and its blocks finish their items. The link idles where kernel j - 1 ended before lookup j was done, while a
+    kernel with no misses waits for its targets, and between the steps (no guess crosses a token)."""
+    # kernel j - 1's end: the copy stream's stamp, unless that only waited for the compute stream (the kernel had
+    # ended before: it had nothing to prefetch), then its misses' join
+    ended = np.where(s[:, 7] > s[:, 0] + 3, s[:, 7], np.concatenate([[np.nan], np.maximum(s[:-1, 5], s[:-1, 6])]))
+    start = np.maximum(s[:, 1], ended)                     # each kernel's start (its launch latency not included)
+    end = np.append(ended[1:], np.nan)
+    has = misses > 0
+    demand = np.where(has, s[:, 5] - start, 0.0)
+    wait = np.where(has, 0.0, np.maximum(s[:, 6] - start, 0.0))   # no misses: waits for its targets
+    ahead = np.where(has, np.maximum(end - np.maximum(s[:, 5], s[:, 6]), 0.0), np.maximum(end - s[:, 6], 0.0))
+    idle_before = np.maximum(s[:, 1] - ended, 0.0)         # kernel j - 1 ended before lookup j was done
+    drain = np.maximum(ended - s[:, 1], 0.0)               # ... or after it: its blocks finishing their items
+    step = s[-1, 4] - s[0, 8] if s[0, 8] > 0 else np.nan
+    last_tail = s[-1, 4] - s[-1, 5]                        # the last layer after its misses (no prefetch follows)
+    head = s[0, 1] - s[0, 8]                               # the head, the next step's launch, layer 0 to its lookup
+    d_mb, p_mb = 16 * vecs[0] / tokens / 1e6, 16 * vecs[1] / tokens / 1e6
+    print(f"   link account of a step ({step:.0f} us, last step's end -> this one's): demand copies {np.nansum(demand):.0f} us"
+          f" ({d_mb:.0f} MB/token: {d_mb / max(np.nansum(demand), 1) * 1e3:.1f} GB/s); prefetch {np.nansum(ahead):.0f} us "
+          f"({p_mb:.0f} MB: {p_mb / max(np.nansum(ahead), 1) * 1e3:.1f} GB/s); idle: no-miss layers waiting for their "
+          f"targets {wait.sum():.0f} us ({int((~has).sum())} layers), a kernel done before the next lookup "
+          f"{idle_before[1:].sum():.0f} us, the step boundary {last_tail + head:.0f} us (last layer's tail "
+          f"{last_tail:.0f}, head + layer 0 {head:.0f}); drains after a lookup {drain[1:].sum():.0f} us "
+          f"(mean {drain[1:].mean():.1f})", flush=True)
 
 
 def profile_decode(m, cache, rng, steps: int) -> None:

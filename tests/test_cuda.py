@@ -388,6 +388,9 @@ def test_streamed_experts_match_resident(case, mode):
     moe = [L for L in streamed.net.layers if L.experts is not None]
     if mode == "device":
         assert len(segments) == 1      # nothing read back: the whole step is one graph
+        st = streamed.backend.streamer  # LFU's clock: one tick a token, inside the replayed graph, none twice
+        assert st.policy == "lfu" and st.cache._p.weight > 1
+        assert float(st._dstate["wt"].get()[0]) == pytest.approx(st.cache._p.weight, rel=1e-12)
     else:
         per_layer = 2 if getattr(moe[0], "shared", None) is not None else 1   # the shared expert: while the host fetches
         assert len(segments) == per_layer * len(moe) + 1

@@ -626,8 +626,8 @@ class CUDABackend:
             meanwhile()
             self.stream.synchronize()
             out = tuple(p.copy() for p in pins_out)
-        if self.streamer is not None:
-            self.streamer.end_token(len(inputs[0]))     # the cache's clock: one tick per token
+        if self.streamer is not None:                   # the cache's clock: one tick per token (a graph's is in it)
+            self.streamer.end_token(len(inputs[0]), ticked=g is not None)
         return out
 
     def _run_segments(self, segments) -> None:
@@ -682,6 +682,8 @@ class CUDABackend:
                 for pin, a in zip(pins_in, static):
                     rt.memcpyAsync(a.data.ptr, pin.ctypes.data, a.nbytes, rt.memcpyHostToDevice, self.stream.ptr)
                 out = [self.xp.ascontiguousarray(o) for o in step(*static)]
+                if self.streamer is not None:
+                    self.streamer.tick(len(static[0]))
                 for pin, o in zip(pins_out, out):
                     rt.memcpyAsync(pin.ctypes.data, o.data.ptr, o.nbytes, rt.memcpyDeviceToHost, self.stream.ptr)
             finally:

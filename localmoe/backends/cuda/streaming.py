@@ -349,10 +349,16 @@ class ExpertStreamer:
         """Load experts outside the demand path, e.g. the hot policy's `cache.hot_keys` at start."""
         self._load(self._host_decides(layer, gate, up, down), layer, ids_host, self.cache.admit)
 
-    def end_token(self, n: int = 1) -> None:
-        """A token (or a prefill batch of n) passed every layer: per-token counters, LFU aging."""
+    def end_token(self, n: int = 1, ticked: bool = False) -> None:
+        """A token (or a prefill batch of n) passed every layer: per-token counters, LFU aging (`tick`, unless the
+        step did it: a captured step ticks in its graph, so the host launches nothing between two steps)."""
         if self.cache is not None:
             self.cache.end_token(n)
+        if not ticked:
+            self.tick(n)
+
+    def tick(self, n: int = 1) -> None:
+        """The device mode's LFU aging for n tokens: a kernel on the compute stream (no-op otherwise)."""
         if self.on_device and self.policy == "lfu":
             K = self.be.K
             K.cache_tick_kernel[1, K.THREADS, K.STREAM[0]](self._dstate["score"], self._dstate["wt"],
