@@ -757,7 +757,6 @@ def stream_timeline(m, cache, rng, tokens: int = 4, dump: str | None = None) -> 
 
     st.lookup_on_device, st.join, be.expert_ffn = lookup, join, ffn
     be._graphs.clear()
-    c0 = st._dstate["state"].get()
     try:
         t0 = time.perf_counter()
         for tok in rng.integers(1000, m.config.vocab_size, tokens):
@@ -766,7 +765,6 @@ def stream_timeline(m, cache, rng, tokens: int = 4, dump: str | None = None) -> 
     finally:
         del st.lookup_on_device, st.join, be.expert_ffn
         be._graphs.clear()
-    c1 = st._dstate["state"].get()
     s = be.to_host(buf).reshape(L, W).astype(np.float64) / 1e3          # us
     moe = [i for i in range(L) if s[i, 0] > 0]
     s = s[moe]
@@ -787,7 +785,7 @@ def stream_timeline(m, cache, rng, tokens: int = 4, dump: str | None = None) -> 
     misses = np.array([nm.get(i, -1) for i in moe])
     if dump:
         np.savez(dump, stamps=s, misses=misses)
-    link_account(s, [c1[K.DEMAND_VECS] - c0[K.DEMAND_VECS], c1[K.PREFETCH_VECS] - c0[K.PREFETCH_VECS]], tokens, misses)
+    link_account(s, misses)
     copy = np.where(s[:, 2] > 0, s[:, 2], s[:, 5]) - s[:, 1]
     print("   copy time by the layer's misses (the last step): " + "; ".join(
         f"{m}: {np.mean(copy[misses == m]):.0f} us x {int(np.sum(misses == m))}" for m in sorted(set(misses.tolist()))))
@@ -796,7 +794,7 @@ def stream_timeline(m, cache, rng, tokens: int = 4, dump: str | None = None) -> 
                            for r in s[:6]), flush=True)
 
 
-def link_account(s, vecs, tokens: int, misses) -> None:
+def link_account(s, misses) -> None:
     """What the link did in the timeline's last step (stamps s [layers, 9] in us, see stream_timeline; misses: each
     layer's count). Copy kernel j starts once its lookup is done and kernel j - 1 has ended (the copy stream free),
     copies its misses until the join, then prefetches (from when its targets are placed) until lookup j + 1 stops it
@@ -816,10 +814,8 @@ def link_account(s, vecs, tokens: int, misses) -> None:
     step = s[-1, 4] - s[0, 8] if s[0, 8] > 0 else np.nan
     last_tail = s[-1, 4] - s[-1, 5]                        # the last layer after its misses (no prefetch follows)
     head = s[0, 1] - s[0, 8]                               # the head, the next step's launch, layer 0 to its lookup
-    d_mb, p_mb = 16 * vecs[0] / tokens / 1e6, 16 * vecs[1] / tokens / 1e6
     print(f"   link account of a step ({step:.0f} us, last step's end -> this one's): demand copies {np.nansum(demand):.0f} us"
-          f" ({d_mb:.0f} MB/token: {d_mb / max(np.nansum(demand), 1) * 1e3:.1f} GB/s); prefetch {np.nansum(ahead):.0f} us "
-          f"({p_mb:.0f} MB: {p_mb / max(np.nansum(ahead), 1) * 1e3:.1f} GB/s); idle: no-miss layers waiting for their "
+          f"; prefetch {np.nansum(ahead):.0f} us; idle: no-miss layers waiting for their "
           f"targets {wait.sum():.0f} us ({int((~has).sum())} layers), a kernel done before the next lookup "
           f"{idle_before[1:].sum():.0f} us, the step boundary {last_tail + head:.0f} us (last layer's tail "
           f"{last_tail:.0f}, head + layer 0 {head:.0f}); drains after a lookup {drain[1:].sum():.0f} us "
